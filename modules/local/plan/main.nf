@@ -1,0 +1,43 @@
+// Validate the input and the parameters, fix the chunk grid and write RUN/run.json; emits
+// plan.json ({"run": ..., "nchunks": N, "grid": {...}}), from which the workflow makes the shards.
+process ZSEG_PLAN {
+    tag "${meta.id}"
+    label 'process_low'
+    containerOptions "${meta.container_options}"
+
+    input:
+    tuple val(meta), val(input), val(flows)
+    val run_params
+
+    output:
+    tuple val(meta), path('plan.json'), emit: manifest
+
+    script:
+    def args = task.ext.args ?: ''
+    """
+    zseg plan '${input}' '${meta.run}' --flows '${flows}' ${planFlags(run_params)} --emit plan.json ${args}
+    """
+
+    stub:
+    """
+    echo '{"run": "${meta.run}", "nchunks": 8, "grid": {}, "stub": true}' > plan.json
+    """
+}
+
+// RunParams values as `zseg plan` flags, each the field's name in kebab case: a list becomes
+// "a,b,c", a boolean --name or --no-name; null values are left out, so zseg's defaults apply.
+def planFlags(Map values) {
+    return values
+        .findAll { name, value -> value != null }
+        .collect { name, value -> planFlag(name, value) }
+        .join(' ')
+}
+
+def planFlag(String name, value) {
+    def flag = '--' + name.replace('_', '-')
+    if (value instanceof Boolean) {
+        return value ? flag : '--no-' + flag.substring(2)
+    }
+    def text = value instanceof List ? value.join(',') : value.toString()
+    return flag + " '" + text.replace("'", "'\\''") + "'"
+}

@@ -1,0 +1,27 @@
+// Follow the flows of every foreground voxel of one shard of chunks to its end point.
+process ZSEG_SEEDS_FOLLOW {
+    tag "${meta.id} shard ${index}/${count}"
+    label 'process_high'
+    containerOptions "${meta.container_options}"
+
+    input:
+    // upstream: the manifest(s) of the stage before (a reduce's one file, or every shard of a map
+    // stage: a barrier), so -resume re-runs this task when that stage did new work. The data
+    // itself is read and written in place, at the URI meta.run.
+    tuple val(meta), val(index), val(count), path(upstream, stageAs: 'upstream/*')
+
+    output:
+    tuple val(meta), path("seeds_follow.${index}.json"), emit: manifest
+
+    script:
+    def args = task.ext.args ?: ''
+    """
+    export OMP_NUM_THREADS=${task.cpus} NUMBA_NUM_THREADS=${task.cpus}
+    zseg seeds --run '${meta.run}' --stage follow --shard ${index}/${count} --emit seeds_follow.${index}.json ${args}
+    """
+
+    stub:
+    """
+    echo '{"run": "${meta.run}", "stage": "seeds:follow", "shard": "${index}/${count}", "stub": true}' > seeds_follow.${index}.json
+    """
+}

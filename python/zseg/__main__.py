@@ -1,0 +1,3 @@
+from zseg.pipeline.cli import entry
+
+entry()

@@ -1,0 +1,1 @@
+"""Engine: pure functions on numpy arrays. No paths, no stores, no configuration objects."""

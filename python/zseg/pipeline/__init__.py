@@ -1,0 +1,1 @@
+"""Phases and orchestration: parameters, the run manifest, one module per phase, the runner, the CLI."""

@@ -1,0 +1,237 @@
+"""The ``zseg`` command line: one subcommand per phase, plus ``run`` and ``synth``.
+
+Command bodies are thin: build the parameters, call one pipeline function. Options of
+``plan`` and ``run`` are generated from :class:`zseg.pipeline.params.RunParams`, so the CLI,
+the config file and ``nextflow_schema.json`` cannot drift apart.
+
+Exit codes: 0 success, 2 bad input or parameters (one line per problem), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import logging
+import sys
+import typing
+from typing import Optional
+
+import click
+import typer
+
+from zseg import __version__
+from zseg.errors import UserError
+from zseg.pipeline.params import RunParams
+
+app = typer.Typer(
+    name="zseg",
+    help="Cellpose segmentation of microscopy volumes of any size, identical whatever the chunking.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+log = logging.getLogger("zseg")
+
+RunOpt = typer.Option(..., "--run", help="Run folder written by `zseg plan` (holds run.json).")
+ChunksOpt = typer.Option(None, "--chunks", help="Chunk indices and inclusive ranges, e.g. 0-99,105 (default: all).")
+ShardOpt = typer.Option(None, "--shard", help="i/N: the i-th (0-based) of N equal shares of the chunks.")
+EmitOpt = typer.Option(None, "--emit", help="Also write a small JSON summary of this task to this local file.")
+
+
+def _option_type(annotation):
+    """The CLI type of a model field: numbers and flags typed, everything else text."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    base = args[0] if len(args) == 1 else annotation
+    if base is bool:
+        return Optional[bool]
+    if base in (int, float):
+        return Optional[base]
+    if typing.get_origin(base) is typing.Literal and all(isinstance(v, int) for v in typing.get_args(base)):
+        return Optional[int]
+    return Optional[str]
+
+
+def param_options(exclude=("input", "output")):
+    """Decorator: add one ``--kebab-case`` option per parameter-model field to a command.
+
+    The wrapped function receives ``flags``: the options the user gave (None for the others).
+    """
+
+    def deco(fn):
+        sig = inspect.signature(fn)
+        own = [p for p in sig.parameters.values() if p.name != "flags"]
+        extra = []
+        for name, field in RunParams.model_fields.items():
+            if name in exclude:
+                continue
+            flag = "--" + name.replace("_", "-")
+            decls = [f"{flag}/--no-{flag[2:]}"] if _option_type(field.annotation) is Optional[bool] else [flag]
+            extra.append(
+                inspect.Parameter(
+                    name, inspect.Parameter.KEYWORD_ONLY, default=typer.Option(None, *decls, help=field.description),
+                    annotation=_option_type(field.annotation),
+                )
+            )
+
+        @functools.wraps(fn)
+        def wrapper(**kwargs):
+            flags = {n: kwargs.pop(n) for n in list(kwargs) if n in RunParams.model_fields and n not in exclude}
+            return fn(flags=flags, **kwargs)
+
+        wrapper.__signature__ = sig.replace(parameters=own + extra)
+        return wrapper
+
+    return deco
+
+
+def _emit(path: Optional[str], payload: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=2)
+
+
+def _params(input: str, output: str, config: Optional[str], flags: dict) -> RunParams:
+    from zseg.pipeline.params import build_params
+
+    return build_params(config, input=input, output=output, **flags)
+
+
+@app.callback()
+def _root(
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More log output (-v INFO, -vv DEBUG)."),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+):
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if version:
+        typer.echo(f"zseg {__version__}")
+        raise typer.Exit(0)
+
+
+@app.command()
+@param_options()
+def plan(
+    input: str = typer.Argument(..., help="Input volume (path or s3:// URI)."),
+    output: str = typer.Argument(..., help="Output/run folder (path or s3:// URI)."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML/JSON parameter file; flags win."),
+    emit: Optional[str] = EmitOpt,
+    *,
+    flags: dict,
+):
+    """Validate input and parameters, fix the chunk grid, write OUTPUT/run.json."""
+    from zseg.pipeline.plan import plan as do_plan
+
+    run = do_plan(_params(input, output, config, flags))
+    summary = {"run": run.root, "nchunks": run.grid.nchunks, "grid": run.manifest["grid"]}
+    _emit(emit, summary)
+    typer.echo(json.dumps(summary))
+
+
+@app.command()
+@param_options()
+def run(
+    input: str = typer.Argument(..., help="Input volume (path or s3:// URI)."),
+    output: str = typer.Argument(..., help="Output folder (path or s3:// URI)."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML/JSON parameter file; flags win."),
+    *,
+    flags: dict,
+):
+    """Every phase in this process (a pool of --workers), resuming an unfinished run."""
+    from zseg.pipeline.local import run_local
+
+    result = run_local(_params(input, output, config, flags))
+    typer.echo(json.dumps(result))
+
+
+def _map_or_reduce(phase: str, run: str, chunks, shard, stage: Optional[str], reduce: bool, emit):
+    from zseg.pipeline.local import run_phase
+
+    summary = run_phase(run, phase, stage=stage, chunks=chunks, shard=shard, reduce=reduce)
+    _emit(emit, summary)
+    typer.echo(json.dumps(summary))
+
+
+@app.command()
+def percentiles(run: str = RunOpt, chunks: Optional[str] = ChunksOpt, shard: Optional[str] = ShardOpt,
+                reduce: bool = typer.Option(False, "--reduce", help="Merge all chunk histograms (after the map)."),
+                emit: Optional[str] = EmitOpt):
+    """Exact global intensity percentiles: per-chunk histograms (map), then --reduce."""
+    _map_or_reduce("percentiles", run, chunks, shard, None, reduce, emit)
+
+
+@app.command()
+def seeds(run: str = RunOpt, chunks: Optional[str] = ChunksOpt, shard: Optional[str] = ShardOpt,
+          stage: str = typer.Option(..., "--stage", help="follow (flows -> end points), then find (histogram -> seeds)."),
+          emit: Optional[str] = EmitOpt):
+    """Follow the flows of every foreground voxel once, then find the seeds each core owns."""
+    _map_or_reduce("seeds", run, chunks, shard, stage, False, emit)
+
+
+@app.command()
+def number(run: str = RunOpt, emit: Optional[str] = EmitOpt):
+    """Global seed IDs from per-chunk seed counts (a reduce)."""
+    _map_or_reduce("number", run, None, None, None, True, emit)
+
+
+@app.command()
+def masks(run: str = RunOpt, chunks: Optional[str] = ChunksOpt, shard: Optional[str] = ShardOpt,
+          emit: Optional[str] = EmitOpt):
+    """Label each core voxel by the seed region its trajectory ends in."""
+    _map_or_reduce("masks", run, chunks, shard, None, False, emit)
+
+
+@app.command()
+def finalize(run: str = RunOpt, chunks: Optional[str] = ChunksOpt, shard: Optional[str] = ShardOpt,
+             stage: str = typer.Option(..., "--stage", help="sizes (map), number (reduce), labels (map), report (reduce)."),
+             emit: Optional[str] = EmitOpt):
+    """Per-cell size decisions, consecutive IDs, hole filling, labels.zarr, the run report."""
+    _map_or_reduce("finalize", run, chunks, shard, stage, stage in ("number", "report"), emit)
+
+
+@app.command()
+def synth(
+    output: str = typer.Argument(..., help="Folder to write image.ome.zarr (with labels/cells) and flows.zarr into."),
+    shape: str = typer.Option("64,128,128", "--shape", help="Z,Y,X voxels of the volume."),
+    diameter: float = typer.Option(16.0, "--diameter", help="Mean cell diameter in YX voxels."),
+    anisotropy: float = typer.Option(1.0, "--anisotropy", help="Z spacing over YX spacing (>= 1)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    flows: bool = typer.Option(True, "--flows/--no-flows", help="Also write exact Cellpose flows of the ground truth."),
+    zarr_format: int = typer.Option(3, "--zarr-format", help="3 (OME-Zarr 0.5) or 2 (OME-Zarr 0.4)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing files."),
+):
+    """A synthetic volume of touching cells with ground truth (and its exact flows)."""
+    from zseg.pipeline.synth import synth as do_synth
+
+    typer.echo(json.dumps(do_synth(output, shape=shape, diameter=diameter, anisotropy=anisotropy, seed=seed,
+                                   flows=flows, zarr_format=zarr_format, overwrite=overwrite)))
+
+
+def main(argv=None) -> int:
+    """Entry point: map errors to exit codes (2 for the user's, 1 for the rest)."""
+    try:
+        rv = app(args=argv, standalone_mode=False, prog_name="zseg")
+        return rv if isinstance(rv, int) else 0
+    except UserError as e:
+        for line in e.problems or [str(e)]:
+            click.echo(f"zseg: error: {line}", err=True)
+        return 2
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.exceptions.Abort:
+        click.echo("zseg: aborted", err=True)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # a bug or an environment failure: one line, the traceback at -vv
+        log.debug("traceback", exc_info=True)
+        click.echo(f"zseg: failed: {type(e).__name__}: {e} (run with -vv for the traceback)", err=True)
+        return 1
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""What the CLI calls: a whole run in-process, or one phase (stage) on a set of chunks."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from zseg.errors import UserError
+from zseg.pipeline.manifest import Run
+from zseg.pipeline.params import RunParams
+from zseg.pipeline.runner import run_all, run_map, run_reduce
+from zseg.pipeline.stages import STAGES
+from zseg.storage.grid import select_chunks
+
+log = logging.getLogger(__name__)
+
+
+def run_local(params: RunParams) -> dict:
+    """Plan (or resume) and run every stage; returns the run report."""
+    from zseg.pipeline.finalize import REPORT_RESULT
+    from zseg.pipeline.plan import plan
+    from zseg.storage import uri as U
+
+    t0 = time.perf_counter()
+    if params.flows is None:
+        raise UserError(
+            "this zseg has no network phase yet: give a precomputed flow store with --flows FLOWS "
+            "(zseg synth writes one for its synthetic volume)."
+        )
+    run = plan(params)
+    timings = run_all(run, workers=params.workers)
+    report = U.read_json(run.path(REPORT_RESULT))
+    report["wall_seconds"] = round(time.perf_counter() - t0, 3)
+    report["stage_seconds"] = timings
+    return report
+
+
+def _stage(phase: str, stage: str | None, reduce: bool):
+    names = [n for n, s in STAGES.items() if s.phase == phase]
+    if stage is not None:
+        name = f"{phase}:{stage}"
+        if name not in STAGES:
+            options = ", ".join(n.split(":", 1)[1] for n in names if ":" in n)
+            raise UserError(f"--stage {stage!r} is not a stage of {phase}; use one of: {options}.")
+        return STAGES[name]
+    kinds = [STAGES[n] for n in names if (STAGES[n].kind == "reduce") == reduce]
+    return kinds[0]
+
+
+def run_phase(root: str, phase: str, *, stage=None, chunks=None, shard=None, reduce=False) -> dict:
+    """One stage of ``phase`` on the selected chunks (map) or once (reduce), skipping done work."""
+    run = Run.open(root)
+    st = _stage(phase, stage, reduce)
+    if st.kind == "reduce":
+        ran = run_reduce(run, st)
+        return {"run": root, "stage": st.name, "ran": ran}
+    selected = select_chunks(run.grid.nchunks, chunks, shard)
+    ran = run_map(run, st, selected, workers=1)
+    return {"run": root, "stage": st.name, "chunks": len(selected), "ran": ran, "skipped": len(selected) - len(ran)}

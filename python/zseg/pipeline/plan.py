@@ -1,0 +1,139 @@
+"""Phase 0, ``plan``: validate the input and parameters, fix the chunk grid, write ``run.json``.
+
+Everything is checked before anything is written, so a refused run leaves no trace.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+
+from zseg.errors import UserError
+from zseg.pipeline.flowstore import create_ends
+from zseg.pipeline.manifest import MANIFEST, Run, versions, write_manifest
+from zseg.pipeline.params import RunParams
+from zseg.storage import uri as U
+from zseg.storage.grid import ChunkGrid
+
+log = logging.getLogger(__name__)
+
+# Parameters that change how a run executes but not what it computes: a run may be resumed
+# with other values of these.
+EXECUTION_ONLY = ("workers", "device", "overwrite")
+
+
+def default_halo(diameter: float, anisotropy: float) -> tuple[int, int, int]:
+    """2 x diameter in Y and X, and in Z the same physical length in Z voxels."""
+    yx = int(math.ceil(2 * diameter))
+    return (int(math.ceil(2 * diameter / anisotropy)), yx, yx)
+
+
+def _result_params(params: RunParams) -> dict:
+    return params.model_dump(mode="json", exclude=set(EXECUTION_ONLY))
+
+
+def _check_flows(params: RunParams, shape) -> dict | None:
+    if params.flows is None:
+        return None
+    from zseg.storage.arrays import open_array
+
+    if not U.exists(params.flows):
+        raise UserError(f"flow store {params.flows!r} does not exist; give the path of a zarr array (4, Z, Y, X).")
+    try:
+        arr = open_array(params.flows)
+    except Exception as e:
+        raise UserError(f"flow store {params.flows!r} is not a zarr array ({e}); give a zarr array (4, Z, Y, X).") from None
+    expected = (len(shape) + 1, *shape)
+    if tuple(arr.shape) != expected:
+        raise UserError(
+            f"flow store {params.flows!r} has shape {tuple(arr.shape)} but the input needs {expected} "
+            "(dZ, dY, dX, cellprob over the input's Z, Y, X); give the flows computed for this input."
+        )
+    return {"uri": params.flows, "shape": list(arr.shape), "dtype": str(arr.dtype)}
+
+
+def _existing_output(params: RunParams) -> Run | None:
+    """Decide what to do with an existing output folder; return the run to resume, if any."""
+    out = params.output
+    if not U.exists(out):
+        return None
+    entries = U.listdir(out)
+    if not entries:
+        return None
+    if params.overwrite:
+        log.info("--overwrite: deleting the existing output folder %s", out)
+        U.remove(out)
+        return None
+    if MANIFEST not in entries:
+        raise UserError(
+            f"output {out!r} exists and is not a zseg run folder; choose a new folder or pass --overwrite to replace it."
+        )
+    old = Run.open(out)
+    if old.manifest.get("complete"):
+        raise UserError(
+            f"output {out!r} already holds a finished run; pass --overwrite to recompute it or choose a new folder."
+        )
+    before, now = _result_params(old.params), _result_params(params)
+    changed = sorted(k for k in now if before.get(k) != now[k])
+    if changed:
+        raise UserError(
+            f"output {out!r} holds an unfinished run with other parameters ({', '.join(changed)} differ); "
+            "pass --overwrite to start again or choose a new folder."
+        )
+    return old
+
+
+def plan(params: RunParams) -> Run:
+    """Validate ``params`` against the input and write the run manifest (or resume an unfinished run)."""
+    from zseg.storage.volume import open_volume
+
+    if not U.exists(params.input):
+        raise UserError(f"input {params.input!r} does not exist; give the path or s3:// URI of a volume.")
+    volume = open_volume(
+        params.input, axes=params.axes, level=params.level, channels=params.channels, timepoint=params.timepoint
+    )
+    shape = tuple(volume.shape)
+    voxel_size = params.voxel_size or volume.voxel_size
+    if params.anisotropy is not None:
+        anisotropy = params.anisotropy
+    elif voxel_size is not None:
+        anisotropy = voxel_size[0] / voxel_size[1]
+    else:
+        anisotropy = 1.0
+    halo = params.halo or default_halo(params.diameter, anisotropy)
+    grid = ChunkGrid(shape, params.chunk_shape, halo)
+    flows = _check_flows(params, shape)
+
+    resumed = _existing_output(params)
+    if resumed is not None:
+        log.info("resuming the unfinished run in %s", params.output)
+        return resumed
+
+    manifest = {
+        "zseg_version": versions()["zseg"],
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "params": params.model_dump(mode="json"),
+        "input": volume.describe(),
+        "voxel_size": list(voxel_size) if voxel_size else None,
+        "anisotropy": anisotropy,
+        "niter": params.effective_niter(),
+        "grid": {
+            "shape": list(grid.shape),
+            "chunk_shape": list(grid.chunk_shape),
+            "halo": list(grid.halo),
+            "grid_shape": list(grid.grid_shape),
+            "nchunks": grid.nchunks,
+        },
+        "flows": flows,
+        "versions": versions(),
+        "complete": False,
+    }
+    write_manifest(params.output, manifest)
+    run = Run(params.output, manifest)
+    create_ends(run)
+    log.info(
+        "planned %s: volume %s, %d chunks of %s with halo %s",
+        params.output, shape, grid.nchunks, grid.chunk_shape, grid.halo,
+    )
+    return run

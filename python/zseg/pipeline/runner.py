@@ -1,0 +1,123 @@
+"""The local runner: every stage of every phase, in order, over a process pool.
+
+A *map* stage runs once per chunk and leaves a per-chunk marker; a *reduce* stage runs once
+and leaves one result file. Both are skipped when their marker/result exists, so a killed
+``zseg run`` resumes where it stopped. Nextflow runs the same stages as separate tasks
+(``zseg <phase> --run RUN [--stage S] [--chunks|--shard]``).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import sys
+import time
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from zseg.errors import UserError
+from zseg.pipeline.manifest import Run
+from zseg.pipeline.stages import STAGES, Stage
+from zseg.storage import uri as U
+
+log = logging.getLogger(__name__)
+
+_RUNS: dict[str, Run] = {}
+
+
+def _worker_init(threads: int) -> None:
+    os.environ["NUMBA_NUM_THREADS"] = str(threads)
+    try:
+        import numba
+
+        numba.set_num_threads(threads)
+    except Exception:  # numba not importable or already fixed: keep its default
+        pass
+
+
+def _run_chunk(root: str, stage_name: str, index: int) -> tuple[int, dict]:
+    run = _RUNS.get(root)
+    if run is None:
+        run = _RUNS[root] = Run.open(root)
+    return index, STAGES[stage_name].run_chunk(run, index)
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description:<18}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        transient=False,
+    )
+
+
+def run_map(run: Run, stage: Stage, chunks, *, workers: int = 1, progress: Progress | None = None) -> list[int]:
+    """Run a map stage on the pending chunks of ``chunks``; return the chunks it ran."""
+    todo = run.pending(stage.marker_dir, chunks, ext="json")
+    skipped = len(list(chunks)) - len(todo)
+    if skipped:
+        log.info("%s: %d chunk(s) already done, skipped", stage.name, skipped)
+    task = progress.add_task(stage.name, total=len(todo)) if progress else None
+    if workers <= 1 or len(todo) <= 1:
+        for i in todo:
+            stage.run_chunk(run, i)
+            if progress:
+                progress.advance(task)
+        return todo
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as pool:
+        futures = {pool.submit(_run_chunk, run.root, stage.name, i) for i in todo}
+        while futures:
+            done, futures = wait(futures, return_when=FIRST_EXCEPTION)
+            for f in done:
+                f.result()  # re-raise a worker's error here
+                if progress:
+                    progress.advance(task)
+    return todo
+
+
+def run_reduce(run: Run, stage: Stage) -> bool:
+    """Run a reduce stage unless its result exists; True when it ran."""
+    if U.exists(run.path(stage.result)):
+        log.info("%s: already done, skipped", stage.name)
+        return False
+    stage.run_reduce(run)
+    return True
+
+
+def run_all(run: Run, *, workers: int = 1, show_progress: bool | None = None) -> dict:
+    """Every stage in order; returns seconds per stage (stages skipped as done count 0)."""
+    if show_progress is None:
+        show_progress = sys.stderr.isatty()
+    timings: dict[str, float] = {}
+    with _progress(show_progress) as progress:
+        for stage in STAGES.values():
+            if not stage.applies(run):
+                continue
+            t0 = time.perf_counter()
+            if stage.kind == "map":
+                run_map(run, stage, range(run.grid.nchunks), workers=workers, progress=progress)
+            else:
+                run_reduce(run, stage)
+            timings[stage.name] = round(time.perf_counter() - t0, 3)
+    return timings
+
+
+def check_complete(run: Run, stage: Stage) -> None:
+    """Refuse a reduce while chunks of the map stage it gathers are missing."""
+    before = stage.requires
+    if before is None:
+        return
+    missing = run.pending(STAGES[before].marker_dir, range(run.grid.nchunks), ext="json")
+    if missing:
+        raise UserError(
+            f"{stage.name}: {len(missing)} chunk(s) of {before} are not done "
+            f"(first: {', '.join(map(str, missing[:10]))}); run them first."
+        )

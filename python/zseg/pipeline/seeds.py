@@ -1,0 +1,103 @@
+"""Phase 3, ``seeds``: follow the flows once per voxel, then find the seeds each core owns.
+
+Stage ``follow`` (map): every foreground voxel of the core is followed through the flows of
+its block (core + halo) for ``niter`` steps; its integer end displacement goes to
+``work/ends.zarr``. Trajectories are integrated as displacements from the voxel's own integer
+start (:func:`zseg.engine.dynamics.follow_flows`), so they are bitwise the same in every chunk
+frame: this is what makes the labels independent of the chunking.
+
+Stage ``find`` (map, after every ``follow``): the end points of all voxels of the block are
+histogrammed over the core grown by ``MARGIN``; the histogram's local maxima that lie in the
+core are the chunk's seeds, and each seed's region is grown as Cellpose grows it. Exact as
+long as no trajectory is longer than ``halo - MARGIN`` (counted and reported otherwise).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from zseg.engine import dynamics as D
+from zseg.pipeline import flowstore as FS
+from zseg.pipeline.manifest import Run
+from zseg.storage import uri as U
+from zseg.storage.grid import box_shape, grow, relative
+
+MARGIN = 5  # radius of Cellpose's seed window (11 voxels wide)
+WINDOW = 2 * MARGIN + 1
+
+
+def smoothing_radius(sigmas) -> tuple[int, ...]:
+    """Voxels a Gaussian of ``sigmas`` reaches (scipy's default truncate of 4)."""
+    return tuple(int(4.0 * float(s) + 0.5) if s > 0 else 0 for s in sigmas)
+
+
+def _starts(box) -> np.ndarray:
+    return np.array([s.start for s in box], dtype=np.int64)
+
+
+def follow_chunk(run: Run, index: int) -> dict:
+    g, p = run.grid, run.params
+    core, block = g.core(index), g.block(index)
+    sigmas = p.flow3D_smooth[-g.ndim:]
+    read_box = grow(block, smoothing_radius(sigmas), g.shape)
+    raw = np.asarray(FS.flows(run)[(slice(None), *read_box)])
+    flow, fg = D.prepare_flows(
+        raw[:-1], raw[-1], cellprob_threshold=p.cellprob_threshold, flow3D_smooth=sigmas
+    )
+    crop = relative(block, read_box)
+    flow = np.ascontiguousarray(flow[(slice(None), *crop)])
+    fg = fg[crop]
+    cib = g.core_in_block(index)
+    local = np.argwhere(fg[cib])  # (N, ndim) in core coordinates
+    starts = local + _starts(cib)
+    disp, escaped = D.follow_flows(
+        flow, starts, niter=int(run.manifest["niter"]), origin=_starts(block), volume_shape=g.shape
+    )
+    step = np.floor(disp).astype(np.int64)
+    reach = np.asarray(g.halo) - MARGIN
+    long = escaped | (np.abs(step) > reach).any(axis=1)
+    dt = FS.ends_dtype(g.shape)
+    out = np.full((g.ndim, *box_shape(core)), np.iinfo(dt).min, dtype=dt)
+    out[(slice(None), *local.T)] = step.T
+    FS.ends(run, mode="r+")[(slice(None), *core)] = out
+    return {
+        "foreground": int(len(local)),
+        "escaped": int(escaped.sum()),
+        "long": int(long.sum()),
+        "max_step": [int(v) for v in (np.abs(step).max(axis=0) if len(step) else np.zeros(g.ndim))],
+    }
+
+
+def block_end_points(run: Run, box) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end points (volume coordinates) of the followed voxels of ``box``."""
+    e = np.asarray(FS.ends(run)[(slice(None), *box)])
+    valid = e[0] != np.iinfo(e.dtype).min
+    starts = np.argwhere(valid) + _starts(box)
+    return starts, starts + e[:, valid].T.astype(np.int64)
+
+
+def find_chunk(run: Run, index: int) -> dict:
+    g = run.grid
+    core = g.core(index)
+    hbox = grow(core, MARGIN, g.shape)
+    _, ends = block_end_points(run, g.block(index))
+    lo, hi = _starts(hbox), np.array([s.stop for s in hbox])
+    inside = np.all((ends >= lo) & (ends < hi), axis=1)
+    h = D.histogram(ends[inside] - lo, box_shape(hbox))
+    seeds, counts = D.find_seeds(h, within=relative(core, hbox))
+    regions = D.grow_seeds(h, seeds)
+    U.write_npz(
+        run.chunk_file("seeds", index),
+        seeds=(seeds + lo).astype(np.int64),
+        counts=counts.astype(np.int32),
+        regions=np.packbits(regions.reshape(len(seeds), WINDOW**g.ndim), axis=1),
+    )
+    return {"seeds": int(len(seeds))}
+
+
+def load_seeds(run: Run, index: int) -> dict[str, np.ndarray]:
+    d = U.read_npz(run.chunk_file("seeds", index))
+    k, nd = len(d["seeds"]), run.grid.ndim
+    bits = np.unpackbits(d["regions"], axis=1, count=WINDOW**nd) if k else np.zeros((0, WINDOW**nd), np.uint8)
+    d["regions"] = bits.astype(bool).reshape(k, *(WINDOW,) * nd)
+    return d

@@ -1,0 +1,1 @@
+"""Stores and geometry: URIs, input volumes, zarr arrays, the chunk grid. No phase logic."""

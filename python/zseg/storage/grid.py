@@ -1,0 +1,206 @@
+"""The chunk grid: cores, halos, ownership.
+
+All intervals are half-open ``[start, stop)`` in voxel indices of the whole volume unless a
+name says otherwise. The grid is N-dimensional (3D volumes and 2D slides use the same code).
+
+- A **core** is one cell of a regular grid with ``chunk_shape`` (clipped at the volume end). The
+  cores tile the volume: every voxel lies in exactly one core (:meth:`ChunkGrid.owner`). Output
+  arrays are chunked with ``chunk_shape``, so a task that writes its cores writes whole zarr
+  chunks that no other task writes.
+- A **block** is a core grown by ``halo`` voxels on each side, clipped at the volume border. A
+  task reads its block and writes its core.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from itertools import product
+
+import numpy as np
+
+from zseg.errors import UserError
+
+Box = tuple[slice, ...]
+
+
+@dataclass(frozen=True)
+class ChunkGrid:
+    """A regular grid of cores over ``shape`` with a halo around each.
+
+    Parameters
+    ----------
+    shape : tuple of int, (ndim,)
+        Shape of the volume (spatial axes only), in voxels.
+    chunk_shape : tuple of int, (ndim,)
+        Shape of a core, in voxels; also the chunk shape of every array the phases write.
+    halo : tuple of int, (ndim,)
+        Voxels added on each side of a core to make its block (clipped at the volume border).
+    """
+
+    shape: tuple[int, ...]
+    chunk_shape: tuple[int, ...]
+    halo: tuple[int, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        object.__setattr__(self, "chunk_shape", tuple(int(s) for s in self.chunk_shape))
+        object.__setattr__(self, "halo", tuple(int(s) for s in self.halo))
+        nd = len(self.shape)
+        if len(self.chunk_shape) != nd or len(self.halo) != nd:
+            raise UserError(
+                f"chunk shape {self.chunk_shape} and halo {self.halo} must have one value per axis "
+                f"of the volume {self.shape}: give {nd} values."
+            )
+        if any(s <= 0 for s in self.shape):
+            raise UserError(f"volume shape {self.shape} has an empty axis; nothing to segment.")
+        if any(c <= 0 for c in self.chunk_shape):
+            raise UserError(
+                f"chunk shape {self.chunk_shape}: every side must be at least 1 voxel; "
+                "set --chunk-shape to positive integers such as 128,256,256."
+            )
+        if any(h < 0 for h in self.halo):
+            raise UserError(f"halo {self.halo}: a halo cannot be negative; use 0 or more voxels.")
+
+    # -- the grid of cores ------------------------------------------------------------------
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def grid_shape(self) -> tuple[int, ...]:
+        """Number of cores along each axis."""
+        return tuple(math.ceil(s / c) for s, c in zip(self.shape, self.chunk_shape))
+
+    @property
+    def nchunks(self) -> int:
+        return math.prod(self.grid_shape)
+
+    def coords(self, index: int) -> tuple[int, ...]:
+        """Grid coordinates of chunk ``index`` (C order, the last axis fastest)."""
+        if not 0 <= index < self.nchunks:
+            raise IndexError(f"chunk {index} is outside the grid of {self.nchunks} chunks")
+        return tuple(int(c) for c in np.unravel_index(index, self.grid_shape))
+
+    def index(self, coords) -> int:
+        """Chunk index of grid coordinates ``coords``."""
+        return int(np.ravel_multi_index(tuple(coords), self.grid_shape))
+
+    def core(self, index: int) -> Box:
+        """The core of chunk ``index`` in volume coordinates."""
+        return tuple(
+            slice(g * c, min((g + 1) * c, s))
+            for g, c, s in zip(self.coords(index), self.chunk_shape, self.shape)
+        )
+
+    def block(self, index: int) -> Box:
+        """The core of chunk ``index`` grown by the halo, clipped to the volume."""
+        return grow(self.core(index), self.halo, self.shape)
+
+    def core_in_block(self, index: int) -> Box:
+        """The core of chunk ``index`` in the coordinates of its block."""
+        return tuple(
+            slice(c.start - b.start, c.stop - b.start)
+            for c, b in zip(self.core(index), self.block(index))
+        )
+
+    # -- ownership ---------------------------------------------------------------------------
+    def owner(self, points) -> np.ndarray:
+        """Index of the chunk whose core holds each voxel.
+
+        Parameters
+        ----------
+        points : (N, ndim) array of int
+            Voxel coordinates in the volume.
+
+        Returns
+        -------
+        (N,) ndarray of int64
+        """
+        pts = np.asarray(points, dtype=np.int64).reshape(-1, self.ndim)
+        if pts.size and ((pts < 0).any() or (pts >= np.asarray(self.shape)).any()):
+            raise ValueError("points outside the volume have no owner")
+        g = pts // np.asarray(self.chunk_shape, dtype=np.int64)
+        if len(g) == 0:
+            return np.zeros(0, np.int64)
+        return np.ravel_multi_index(tuple(g.T), self.grid_shape).astype(np.int64)
+
+    def intersecting(self, box: Box) -> list[int]:
+        """Indices (ascending) of the chunks whose core intersects ``box`` (volume coordinates)."""
+        ranges = []
+        for sl, c, s in zip(box, self.chunk_shape, self.shape):
+            lo, hi = max(sl.start, 0), min(sl.stop, s)
+            if hi <= lo:
+                return []
+            ranges.append(range(lo // c, (hi - 1) // c + 1))
+        return sorted(self.index(g) for g in product(*ranges))
+
+
+def grow(box: Box, margin, shape) -> Box:
+    """``box`` grown by ``margin`` voxels per side (an int or one per axis), clipped to ``shape``."""
+    if np.isscalar(margin):
+        margin = (int(margin),) * len(box)
+    return tuple(
+        slice(max(sl.start - m, 0), min(sl.stop + m, s)) for sl, m, s in zip(box, margin, shape)
+    )
+
+
+def box_shape(box: Box) -> tuple[int, ...]:
+    return tuple(sl.stop - sl.start for sl in box)
+
+
+def relative(box: Box, frame: Box) -> Box:
+    """``box`` in the coordinates of ``frame`` (both in volume coordinates)."""
+    return tuple(slice(b.start - f.start, b.stop - f.start) for b, f in zip(box, frame))
+
+
+_RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+
+
+def select_chunks(nchunks: int, chunks: str | None = None, shard: str | None = None) -> list[int]:
+    """The chunk indices a task works on.
+
+    Parameters
+    ----------
+    nchunks : int
+        Number of chunks in the grid.
+    chunks : str, optional
+        Comma-separated indices and inclusive ranges, e.g. ``"0-99,105"``.
+    shard : str, optional
+        ``"i/N"``: the i-th (0-based) of N contiguous, near-equal shares of the chunks
+        (after ``chunks`` when both are given).
+
+    Returns
+    -------
+    list of int, ascending and without repeats.
+    """
+    selected = list(range(nchunks))
+    if chunks is not None and chunks.strip() not in ("", "all"):
+        picked: set[int] = set()
+        for part in chunks.split(","):
+            m = _RANGE.match(part)
+            if not m:
+                raise UserError(
+                    f"--chunks {chunks!r}: {part!r} is not an index or a range; "
+                    "write indices and inclusive ranges such as 0-99,105."
+                )
+            lo = int(m.group(1))
+            hi = int(m.group(2)) if m.group(2) is not None else lo
+            if hi < lo or hi >= nchunks:
+                raise UserError(
+                    f"--chunks {chunks!r}: {part!r} is outside 0-{nchunks - 1} "
+                    f"(this run has {nchunks} chunks)."
+                )
+            picked.update(range(lo, hi + 1))
+        selected = sorted(picked)
+    if shard is not None:
+        m = re.match(r"^\s*(\d+)\s*/\s*(\d+)\s*$", shard)
+        if not m or int(m.group(2)) < 1 or int(m.group(1)) >= int(m.group(2)):
+            raise UserError(
+                f"--shard {shard!r}: write i/N with 0 <= i < N, e.g. 0/8 for the first of 8 shards."
+            )
+        i, n = int(m.group(1)), int(m.group(2))
+        k = len(selected)
+        selected = selected[i * k // n : (i + 1) * k // n]
+    return selected

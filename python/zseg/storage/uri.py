@@ -1,0 +1,111 @@
+"""One funnel from a URI (local path or ``s3://...``) to a file system, plus small-file I/O.
+
+Small files (manifests, per-chunk results, done markers) are written atomically: on a local
+file system to a temporary name that is then renamed into place; on object stores a PUT is
+already all-or-nothing. A reader therefore never sees half a file.
+
+S3 credentials and endpoints come from the standard AWS variables and profiles
+(``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, ``AWS_ENDPOINT_URL`` ...), never from parameters.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+import uuid
+
+import fsspec
+import numpy as np
+from fsspec.core import url_to_fs
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in str(uri) and not str(uri).startswith("file://")
+
+
+def storage_options(uri: str) -> dict:
+    """fsspec options for ``uri``: the S3 endpoint from ``AWS_ENDPOINT_URL`` when set."""
+    if str(uri).startswith("s3://"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            return {"client_kwargs": {"endpoint_url": endpoint}}
+    return {}
+
+
+def filesystem(uri: str):
+    """``(fs, path)`` for ``uri``."""
+    return url_to_fs(str(uri), **storage_options(uri))
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI with ``/`` (works for local paths and ``s3://``)."""
+    uri = str(uri)
+    if is_remote(uri):
+        return posixpath.join(uri.rstrip("/"), *parts)
+    return os.path.join(uri, *parts)
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    return fs.cat_file(path)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write ``data`` to ``uri`` so that readers see either nothing or all of it."""
+    fs, path = filesystem(uri)
+    if is_remote(str(uri)):
+        fs.pipe_file(path, data)
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    tmp = f"{path}.{uuid.uuid4().hex}.partial"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_json(uri: str):
+    return json.loads(read_bytes(uri))
+
+
+def write_json(uri: str, obj) -> None:
+    write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def read_npz(uri: str) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(read_bytes(uri)), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def write_npz(uri: str, **arrays) -> None:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    write_bytes(uri, buf.getvalue())
+
+
+def remove(uri: str, recursive: bool = True) -> None:
+    fs, path = filesystem(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=recursive)
+
+
+def listdir(uri: str) -> list[str]:
+    """Names (not paths) of the entries directly under ``uri``; empty when it does not exist."""
+    fs, path = filesystem(uri)
+    if not fs.exists(path):
+        return []
+    return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+
+
+def open_file(uri: str, mode: str = "rb"):
+    return fsspec.open(str(uri), mode, **storage_options(uri))

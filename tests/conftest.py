@@ -1,0 +1,41 @@
+"""Shared fixtures: a local S3 endpoint (moto) for tests that read or write ``s3://``."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on 127.0.0.1 with one empty bucket; yields ``"s3://<bucket>"``.
+
+    ``AWS_ENDPOINT_URL`` and test credentials are set for the session (s3fs and boto read
+    them), and restored afterwards. Give each test its own prefix inside the bucket.
+    """
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    bucket = f"zseg-test-{uuid.uuid4().hex[:8]}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
+        mp.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+        mp.delenv("AWS_PROFILE", raising=False)
+        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        mp.delenv("AWS_SESSION_TOKEN", raising=False)
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()
+        s3fs.S3FileSystem(client_kwargs={"endpoint_url": f"http://{host}:{port}"}).mkdir(bucket)
+        try:
+            yield f"s3://{bucket}"
+        finally:
+            s3fs.S3FileSystem.clear_instance_cache()
+            server.stop()

@@ -1,0 +1,507 @@
+"""Tests of zseg.engine.dynamics: chunk invariance of trajectories, Cellpose fidelity, units."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from zseg.engine import dynamics as D
+from zseg.errors import UserError
+
+# --------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------
+
+
+def smooth_field(shape, *, seed, magnitude, sink=0.0, quantize=False):
+    """Random smooth float32 flow field (ndim, *shape), optionally with a sink at a random
+    point and values rounded to multiples of 1/4 (trajectories then hit exact integers)."""
+    rng = np.random.default_rng(seed)
+    ndim = len(shape)
+    f = np.stack([ndi.gaussian_filter(rng.normal(size=shape), 1.5) for _ in range(ndim)])
+    f *= magnitude / max(np.abs(f).max(), 1e-9)
+    if sink:
+        centre = rng.uniform(0, np.array(shape) - 1)
+        grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"))
+        to_c = centre.reshape((ndim,) + (1,) * ndim) - grid
+        f += sink * np.clip(to_c, -1.5, 1.5)
+    if quantize:
+        f = np.round(f * 4) / 4
+    return np.ascontiguousarray(f, dtype=np.float32)
+
+
+def all_voxels(shape):
+    return np.argwhere(np.ones(shape, bool)).astype(np.int64)
+
+
+def reference_follow(flow, starts, niter):
+    """Plain numpy version of the trajectory rule, whole volume (origin 0), every step
+    computed (no cycle skipping), same float32 operation order as the kernel."""
+    ndim = flow.shape[0]
+    L = np.array(flow.shape[1:])
+    s = starts.astype(np.int64)
+    d = np.zeros(s.shape, np.float32)
+    lo = (-s).astype(np.float32)
+    hi = (L - 1 - s).astype(np.float32)
+    one = np.float32(1)
+    for _ in range(niter):
+        f = np.floor(d)
+        a = s + f.astype(np.int64)
+        b = np.minimum(a + 1, L - 1)
+        u = d - f
+        v = one - u
+        g = np.empty_like(d)
+        for c in range(ndim):
+            F = flow[c]
+            if ndim == 3:
+                c00 = F[a[:, 0], a[:, 1], a[:, 2]] * v[:, 2] + F[a[:, 0], a[:, 1], b[:, 2]] * u[:, 2]
+                c01 = F[a[:, 0], b[:, 1], a[:, 2]] * v[:, 2] + F[a[:, 0], b[:, 1], b[:, 2]] * u[:, 2]
+                c10 = F[b[:, 0], a[:, 1], a[:, 2]] * v[:, 2] + F[b[:, 0], a[:, 1], b[:, 2]] * u[:, 2]
+                c11 = F[b[:, 0], b[:, 1], a[:, 2]] * v[:, 2] + F[b[:, 0], b[:, 1], b[:, 2]] * u[:, 2]
+                g[:, c] = ((c00 * v[:, 1] + c01 * u[:, 1]) * v[:, 0]
+                           + (c10 * v[:, 1] + c11 * u[:, 1]) * u[:, 0])
+            else:
+                g[:, c] = ((F[a[:, 0], a[:, 1]] * v[:, 1] + F[a[:, 0], b[:, 1]] * u[:, 1]) * v[:, 0]
+                           + (F[b[:, 0], a[:, 1]] * v[:, 1] + F[b[:, 0], b[:, 1]] * u[:, 1]) * u[:, 0])
+        d = np.minimum(np.maximum(d + g, lo), hi)
+    return d
+
+
+def whole(flow, starts, niter):
+    shape = flow.shape[1:]
+    return D.follow_flows(flow, starts, niter=niter, origin=(0,) * len(shape),
+                          volume_shape=shape)
+
+
+def make_cells(shape, n, radius, seed):
+    """Touching blob cells: each voxel goes to its nearest centre (anisotropic metric per
+    cell) when closer than ``radius``, else background."""
+    rng = np.random.default_rng(seed)
+    ndim = len(shape)
+    centres = []
+    while len(centres) < n:
+        c = rng.uniform(3, np.array(shape) - 3)
+        if all(np.linalg.norm(c - e) > 1.2 * radius for e in centres):
+            centres.append(c)
+    centres = np.array(centres)
+    scale = rng.uniform(0.8, 1.25, size=(n, ndim))
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1)
+    dist = np.sqrt((((grid[..., None, :] - centres) * scale) ** 2).sum(-1))
+    lab = (dist.argmin(-1) + 1).astype(np.int32)
+    lab[dist.min(-1) > radius] = 0
+    return lab
+
+
+def voxel_agreement(ref, ours):
+    """Fraction of voxels (foreground in either) whose labels agree after mapping each of
+    our labels to the reference label it overlaps most."""
+    fg = (ref > 0) | (ours > 0)
+    pairs, counts = np.unique(np.stack([ours[fg], ref[fg]]), axis=1, return_counts=True)
+    best = {}
+    for (o, r), c in zip(pairs.T, counts):
+        if o and (o not in best or c > best[o][1]):
+            best[o] = (r, c)
+    lut = np.zeros(int(ours.max()) + 1, dtype=np.int64)
+    for o, (r, _) in best.items():
+        lut[o] = r
+    return float((lut[ours[fg]] == ref[fg]).mean())
+
+
+# --------------------------------------------------------------------------------------
+# follow_flows
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(9, 11, 13), (17, 19)])
+def test_follow_flows_matches_plain_numpy_rule(shape):
+    """The kernel (with its cycle skipping) gives exactly the values of the plain rule."""
+    flow = smooth_field(shape, seed=3, magnitude=1.5, sink=0.8)
+    starts = all_voxels(shape)
+    for niter in (0, 1, 7, 60):
+        disp, escaped = whole(flow, starts, niter)
+        assert disp.dtype == np.float32 and disp.shape == starts.shape
+        assert not escaped.any()
+        np.testing.assert_array_equal(disp, reference_follow(flow, starts, niter))
+
+
+def test_follow_flows_samples_at_the_position_itself():
+    shape = (6, 7, 8)
+    rng = np.random.default_rng(0)
+    flow = rng.uniform(-0.4, 0.4, size=(3, *shape)).astype(np.float32)
+    starts = all_voxels(shape)
+    disp, _ = whole(flow, starts, 1)  # one step from an integer voxel: its own flow value,
+    own = flow[(slice(None), *starts.T)].T  # clamped to the volume
+    np.testing.assert_array_equal(disp, np.clip(own, -starts, np.array(shape) - 1 - starts))
+    assert (disp != 0).mean() > 0.8
+    # constant drift along x: 0.25 per step, clamped at the volume's last voxel
+    drift = np.zeros((3, *shape), np.float32)
+    drift[2] = 0.25
+    disp, _ = whole(drift, starts, 10)
+    np.testing.assert_array_equal(disp[:, 2], np.minimum(2.5, 7 - starts[:, 2]))
+    np.testing.assert_array_equal(disp[:, :2], 0)
+
+
+def test_follow_flows_stays_inside_the_volume():
+    shape = (7, 8, 9)
+    flow = smooth_field(shape, seed=1, magnitude=4.0)
+    starts = all_voxels(shape)
+    disp, escaped = whole(flow, starts, 30)
+    ends = D.end_points(starts, disp)
+    assert not escaped.any()
+    assert (ends >= 0).all() and (ends < np.array(shape)).all()
+    assert np.abs(disp).max() > 1  # the field really moves points to the borders
+
+
+def _check_block_invariance(shape, seed, magnitude, sink, quantize, niter, data):
+    flow = smooth_field(shape, seed=seed, magnitude=magnitude, sink=sink, quantize=quantize)
+    ndim = len(shape)
+    starts = all_voxels(shape)
+    ref, ref_esc = whole(flow, starts, niter)
+    assert not ref_esc.any()
+    # corners each whole-volume trajectory needs, from its displacement before each step
+    amin = starts.copy()
+    amax = starts.copy()
+    for t in range(1, niter):
+        a = D.end_points(starts, whole(flow, starts, t)[0])
+        amin = np.minimum(amin, a)
+        amax = np.maximum(amax, a)
+    L = np.array(shape)
+    for _ in range(3):
+        origin = np.array([data.draw(st.integers(0, n - 1)) for n in shape])
+        extent = np.array([data.draw(st.integers(1, n - o)) for n, o in zip(shape, origin)])
+        box = tuple(slice(o, o + e) for o, e in zip(origin, extent))
+        sub_starts = all_voxels(tuple(extent))
+        disp, esc = D.follow_flows(np.ascontiguousarray(flow[(slice(None), *box)]), sub_starts,
+                                   niter=niter, origin=origin, volume_shape=shape)
+        vol_idx = np.ravel_multi_index(tuple((sub_starts + origin).T), shape)
+        inner = (origin + extent < L)  # block sides that are not the volume's border
+        needs_out = ((amin[vol_idx] < origin).any(1)
+                     | ((amax[vol_idx] + 1 > origin + extent - 1) & inner).any(1))
+        # escaped exactly when the whole-volume trajectory needs a corner outside the block
+        np.testing.assert_array_equal(esc, needs_out if niter else np.zeros_like(esc))
+        ok = ~esc
+        np.testing.assert_array_equal(disp[ok].view(np.uint32), ref[vol_idx][ok].view(np.uint32))
+        # escaped trajectories are clamped into the block
+        pos = sub_starts + disp
+        assert ((pos >= 0) & (pos <= extent - 1)).all()
+        assert ndim == len(extent)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shape=st.tuples(st.integers(3, 12), st.integers(3, 12), st.integers(3, 12)),
+    seed=st.integers(0, 2**32 - 1),
+    magnitude=st.floats(0.1, 3.0),
+    sink=st.sampled_from([0.0, 0.5, 1.0]),
+    quantize=st.booleans(),
+    niter=st.integers(0, 25),
+    data=st.data(),
+)
+def test_follow_flows_is_block_invariant_3d(shape, seed, magnitude, sink, quantize, niter, data):
+    _check_block_invariance(shape, seed, magnitude, sink, quantize, niter, data)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shape=st.tuples(st.integers(3, 20), st.integers(3, 20)),
+    seed=st.integers(0, 2**32 - 1),
+    magnitude=st.floats(0.1, 3.0),
+    sink=st.sampled_from([0.0, 1.0]),
+    quantize=st.booleans(),
+    niter=st.integers(0, 25),
+    data=st.data(),
+)
+def test_follow_flows_is_block_invariant_2d(shape, seed, magnitude, sink, quantize, niter, data):
+    _check_block_invariance(shape, seed, magnitude, sink, quantize, niter, data)
+
+
+def test_follow_flows_rejects_bad_arguments():
+    flow = np.zeros((3, 4, 4, 4), np.float32)
+    starts = np.zeros((1, 3), np.int64)
+    kw = dict(origin=(0, 0, 0), volume_shape=(4, 4, 4))
+    with pytest.raises(UserError, match="niter=-1"):
+        D.follow_flows(flow, starts, niter=-1, **kw)
+    with pytest.raises(ValueError, match="inside the block"):
+        D.follow_flows(flow, starts + 4, niter=1, **kw)
+    with pytest.raises(ValueError, match="inside the volume"):
+        D.follow_flows(flow, starts, niter=1, origin=(1, 0, 0), volume_shape=(4, 4, 4))
+    with pytest.raises(ValueError, match="shape"):
+        D.follow_flows(flow, starts[:, :2], niter=1, **kw)
+
+
+# --------------------------------------------------------------------------------------
+# prepare_flows, end_points, histogram
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_prepare_flows_masks_and_scales(dtype):
+    rng = np.random.default_rng(0)
+    dP = rng.normal(scale=5, size=(3, 5, 6, 7)).astype(dtype)
+    cellprob = rng.normal(size=(5, 6, 7)).astype(np.float32)
+    flow, fg = D.prepare_flows(dP, cellprob, cellprob_threshold=0.3)
+    np.testing.assert_array_equal(fg, cellprob > 0.3)
+    expected = (dP.astype(np.float32) * fg) / np.float32(5)
+    assert flow.dtype == np.float32 and flow.flags.c_contiguous
+    np.testing.assert_array_equal(flow, expected)
+
+
+def test_prepare_flows_smooths_per_axis():
+    rng = np.random.default_rng(1)
+    dP = rng.normal(size=(3, 8, 9, 10)).astype(np.float32)
+    cellprob = np.ones((8, 9, 10), np.float32)
+    flow, _ = D.prepare_flows(dP, cellprob, flow3D_smooth=(0, 0, 2))
+    for c in range(3):
+        expected = ndi.gaussian_filter1d(dP[c], 2, axis=2, mode="reflect") / np.float32(5)
+        np.testing.assert_allclose(flow[c], expected, rtol=1e-5, atol=1e-6)
+    # a scalar sigma smooths every axis alike
+    flow1, _ = D.prepare_flows(dP, cellprob, flow3D_smooth=1.5)
+    expected = ndi.gaussian_filter(dP[1], 1.5, mode="reflect") / np.float32(5)
+    np.testing.assert_allclose(flow1[1], expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(UserError, match="flow3D_smooth"):
+        D.prepare_flows(dP, cellprob, flow3D_smooth=(1, 2))
+    with pytest.raises(UserError, match="flow3D_smooth"):
+        D.prepare_flows(dP, cellprob, flow3D_smooth=-1)
+    with pytest.raises(UserError, match="cellprob"):
+        D.prepare_flows(dP, cellprob[1:])
+
+
+def test_end_points_and_histogram():
+    starts = np.array([[5, 5], [5, 5], [0, 3]], np.int64)
+    disp = np.array([[-0.5, 2.999], [0.0, -0.0], [0.25, -3.0]], np.float32)
+    ends = D.end_points(starts, disp)
+    np.testing.assert_array_equal(ends, [[4, 7], [5, 5], [0, 0]])
+    assert ends.dtype == np.int64
+    h = D.histogram(np.array([[4, 7], [4, 7], [0, 0]]), (6, 8))
+    assert h.dtype == np.int32 and h.shape == (6, 8)
+    assert h[4, 7] == 2 and h[0, 0] == 1 and h.sum() == 3
+    with pytest.raises(ValueError):
+        D.histogram(np.array([[6, 0]]), (6, 8))
+    with pytest.raises(ValueError):
+        D.histogram(np.array([[0, -1]]), (6, 8))
+
+
+# --------------------------------------------------------------------------------------
+# seeds, growth, painting, holes
+# --------------------------------------------------------------------------------------
+
+
+def test_find_seeds_hand_made():
+    h = np.zeros((20, 20), np.int32)
+    h[2, 2] = 10  # not above 10: no seed
+    h[2, 10] = 11  # a seed
+    h[8, 3] = h[8, 4] = 15  # a plateau: both are maxima of their window
+    h[15, 10] = 30
+    h[15, 12] = 29  # within 2 voxels of a larger count: no seed
+    h[15, 15] = 29  # 5 voxels away (3 from the window edge): a seed
+    h[19, 19] = 12  # at the corner: window clipped
+    seeds, counts = D.find_seeds(h)
+    assert seeds.dtype == np.int64 and counts.dtype == np.int32
+    np.testing.assert_array_equal(seeds, [[2, 10], [8, 3], [8, 4], [15, 10], [15, 15], [19, 19]])
+    np.testing.assert_array_equal(counts, [11, 15, 15, 30, 29, 12])
+    # `within` restricts where seeds may be, but the window still looks outside it
+    h2 = h.copy()
+    h2[17, 19] = 50
+    seeds, counts = D.find_seeds(h2, within=(slice(0, 19), slice(0, 20)))
+    np.testing.assert_array_equal(seeds, [[2, 10], [8, 3], [8, 4], [15, 10], [15, 15], [17, 19]])
+    seeds, _ = D.find_seeds(h2, within=(slice(10, None), slice(12, 20)))
+    np.testing.assert_array_equal(seeds, [[15, 15], [17, 19]])
+
+
+def test_find_seeds_3d_matches_maximum_filter():
+    rng = np.random.default_rng(5)
+    h = rng.poisson(4, size=(9, 10, 11)).astype(np.int32) * rng.integers(0, 4, size=(9, 10, 11))
+    hmax = ndi.maximum_filter(h, size=5, mode="constant", cval=0)
+    expected = np.argwhere((h == hmax) & (h > 10))
+    seeds, counts = D.find_seeds(h)
+    np.testing.assert_array_equal(seeds, expected)
+    np.testing.assert_array_equal(counts, h[tuple(expected.T)])
+    assert len(seeds) > 3
+
+
+def reference_grow(h, seeds):
+    """Cellpose's growth with scipy: 11^ndim zero-padded window, 5 dilations, keep h > 2."""
+    ndim = h.ndim
+    hp = np.pad(h, 5)
+    out = []
+    for s in seeds:
+        win = hp[tuple(slice(c, c + 11) for c in s)]
+        m = np.zeros((11,) * ndim, bool)
+        m[(5,) * ndim] = True
+        for _ in range(5):
+            m = ndi.binary_dilation(m, structure=np.ones((3,) * ndim, bool)) & (win > 2)
+        out.append(m)
+    return np.array(out).reshape((len(seeds),) + (11,) * ndim)
+
+
+@pytest.mark.parametrize("shape", [(30, 31), (14, 15, 16)])
+def test_grow_seeds_matches_reference(shape):
+    rng = np.random.default_rng(2)
+    h = (rng.poisson(3, size=shape) * (rng.random(shape) < 0.7)).astype(np.int32)
+    seeds = np.array([[0] * len(shape), [s - 1 for s in shape], [s // 2 for s in shape],
+                      [2] + [s - 3 for s in shape[1:]]], np.int64)
+    h[tuple(seeds.T)] = 20
+    regions = D.grow_seeds(h, seeds)
+    assert regions.shape == (4,) + (11,) * len(shape) and regions.dtype == bool
+    np.testing.assert_array_equal(regions, reference_grow(h, seeds))
+
+
+def test_grow_seeds_respects_threshold_and_connectivity():
+    h = np.zeros((21, 21), np.int32)
+    h[10, 10] = 20
+    h[10, 11:18] = 3  # a chain of bins above 2: reached up to 5 steps
+    h[9, 9] = h[8, 8] = 3  # diagonal neighbours count (full 3x3 neighbourhood)
+    h[12, 10] = 3  # behind a bin with count 2: not reached
+    h[11, 10] = 2
+    h[13, 13] = 9  # populated but not connected
+    (reg,) = D.grow_seeds(h, np.array([[10, 10]]))
+    got = {tuple(p) for p in np.argwhere(reg) + 5}  # window -> array coordinates
+    expected = {(10, 10), (9, 9), (8, 8)} | {(10, x) for x in range(11, 16)}
+    assert got == expected
+
+
+def test_paint_regions_priority_and_clipping():
+    seeds = np.array([[10, 10], [10, 12], [3, 3]], np.int64)
+    regions = np.zeros((3, 11, 11), bool)
+    regions[:, 3:8, 3:8] = True  # a 5x5 square around each seed
+    labels = np.array([7, 8, 9], np.uint32)
+    out = D.paint_regions((12, 16), (2, 1), seeds, regions, labels, np.array([5, 3, 1]))
+    assert out.dtype == np.uint32 and out.shape == (12, 16)
+    # seed 0 (priority 5) wins the overlap with seed 1 (priority 3)
+    assert out[10 - 2, 11 - 1] == 7 and out[10 - 2, 14 - 1] == 8 and out[10 - 2, 8 - 1] == 7
+    # seed 2's square is clipped by the box's origin (2, 1)
+    np.testing.assert_array_equal(np.argwhere(out == 9).min(0), [0, 0])
+    assert (out == 9).sum() == 4 * 5  # rows 2..5, columns 1..5
+    # equal priorities: the later seed is painted last and wins
+    out = D.paint_regions((20, 20), (0, 0), seeds, regions, labels, np.array([1, 1, 1]))
+    assert out[10, 11] == 8
+    out = D.paint_regions((20, 20), (0, 0), seeds[::-1], regions, labels[::-1], np.ones(3))
+    assert out[10, 11] == 7
+
+
+def test_fill_holes_fills_voids_and_keeps_inner_cells():
+    lab = np.zeros((12, 12, 12), np.uint32)
+    lab[1:11, 1:11, 1:11] = 4  # a hollow cube ...
+    lab[3:9, 3:9, 3:9] = 0
+    lab[4:7, 4:7, 4:7] = 9  # ... holding another cell, and an empty void around it
+    lab[0:2, 5, 5] = 0  # a notch open to the outside is not a hole
+    lab[1, 1, 1] = 0
+    before = lab.copy()
+    out = D.fill_holes(lab)
+    np.testing.assert_array_equal(lab, before)  # input untouched
+    assert (out[4:7, 4:7, 4:7] == 9).all()  # inner cell kept (Cellpose would overwrite it)
+    hole = (before[3:9, 3:9, 3:9] == 0)
+    assert (out[3:9, 3:9, 3:9][hole] == 4).all()
+    assert out[1, 5, 5] == 0 and out[1, 1, 1] == 0
+    np.testing.assert_array_equal(out[before != 0], before[before != 0])
+    # 2D ring
+    ring = np.zeros((7, 7), np.int64)
+    ring[1:6, 1:6] = 2
+    ring[3, 3] = 0
+    assert D.fill_holes(ring)[3, 3] == 2
+
+
+# --------------------------------------------------------------------------------------
+# compute_masks: Cellpose fidelity
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cells3d():
+    torch = pytest.importorskip("torch")
+    from cellpose import dynamics as cpd
+
+    lab = make_cells((48, 64, 64), 30, 11, seed=0)
+    mu = cpd.masks_to_flows_gpu_3d(lab, device=torch.device("cpu"))
+    dP = (5 * mu).astype(np.float32)
+    cellprob = np.where(lab > 0, 5.0, -5.0).astype(np.float32)
+    return lab, dP, cellprob
+
+
+@pytest.fixture(scope="module")
+def cells2d():
+    torch = pytest.importorskip("torch")
+    from cellpose import dynamics as cpd
+
+    lab = make_cells((160, 192), 45, 13, seed=1)
+    mu, _ = cpd.masks_to_flows_gpu(lab, device=torch.device("cpu"))
+    dP = (5 * mu).astype(np.float32)
+    cellprob = np.where(lab > 0, 5.0, -5.0).astype(np.float32)
+    return lab, dP, cellprob
+
+
+def _fidelity(lab, dP, cellprob, do_3D, capsys):
+    from cellpose import dynamics as cpd
+    from cellpose import metrics
+
+    dP_before, cp_before = dP.copy(), cellprob.copy()
+    ours = D.compute_masks(dP, cellprob, niter=200, min_size=15)
+    np.testing.assert_array_equal(dP, dP_before)
+    np.testing.assert_array_equal(cellprob, cp_before)
+    assert ours.dtype == np.uint32 and ours.shape == lab.shape
+    np.testing.assert_array_equal(np.unique(ours), np.arange(ours.max() + 1))
+    # Cellpose's compute_masks already calls fill_holes_and_remove_small_masks (min_size > 0)
+    extra = {} if do_3D else {"flow_threshold": 0.0}  # 2D flow QC is not part of dynamics
+    theirs = cpd.compute_masks(dP, cellprob, niter=200, do_3D=do_3D, min_size=15, **extra)
+    ap_gt = metrics.average_precision([lab], [ours])[0][0]
+    ap_cp = metrics.average_precision([theirs], [ours])[0][0]
+    ap_cp_gt = metrics.average_precision([lab], [theirs])[0][0]
+    agree = voxel_agreement(theirs.astype(np.int64), ours.astype(np.int64))
+    with capsys.disabled():
+        print(f"\n{lab.ndim}D, {lab.max()} cells: AP@0.5/0.75/0.9 ours vs GT {ap_gt}, "
+              f"ours vs Cellpose {ap_cp}, Cellpose vs GT {ap_cp_gt}; voxel agreement with "
+              f"Cellpose {agree:.5f}")
+    assert ap_gt[0] >= 0.95
+    assert ap_cp[0] >= 0.99
+    assert agree >= 0.99
+
+
+def test_compute_masks_matches_cellpose_3d(cells3d, capsys):
+    _fidelity(*cells3d, do_3D=True, capsys=capsys)
+
+
+def test_compute_masks_matches_cellpose_2d(cells2d, capsys):
+    _fidelity(*cells2d, do_3D=False, capsys=capsys)
+
+
+def test_compute_masks_size_limits_and_errors(cells3d):
+    lab, dP, cellprob = cells3d
+    sizes = np.bincount(lab.ravel())[1:]
+    full = D.compute_masks(dP, cellprob)
+    assert full.max() == lab.max()
+    smallest = D.compute_masks(dP, cellprob, max_size=int(np.sort(sizes)[2]))
+    assert 1 <= smallest.max() <= 5
+    assert not D.compute_masks(dP, cellprob, min_size=int(sizes.max()) + 10).any()
+    none = D.compute_masks(dP, np.full_like(cellprob, -1))
+    assert none.dtype == np.uint32 and not none.any()
+    with pytest.raises(UserError, match="niter"):
+        D.compute_masks(dP, cellprob, niter=2.5)
+    with pytest.raises(UserError, match="min_size"):
+        D.compute_masks(dP, cellprob, min_size=-3)
+    with pytest.raises(UserError, match="max_size"):
+        D.compute_masks(dP, cellprob, max_size=0)
+    with pytest.raises(UserError, match="shape"):
+        D.compute_masks(dP[:2], cellprob)
+
+
+def test_compute_masks_is_reproducible_from_its_steps(cells3d):
+    """compute_masks is exactly the documented chain of the public steps."""
+    lab, dP, cellprob = cells3d
+    flow, fg = D.prepare_flows(dP, cellprob)
+    starts = np.argwhere(fg)
+    disp, esc = whole(flow, starts, 200)
+    ends = D.end_points(starts, disp)
+    h = D.histogram(ends, lab.shape)
+    seeds, counts = D.find_seeds(h)
+    regions = D.grow_seeds(h, seeds)
+    painted = D.paint_regions(lab.shape, (0, 0, 0), seeds, regions,
+                              np.arange(1, len(seeds) + 1, dtype=np.uint32), counts)
+    labels = np.zeros(lab.shape, np.uint32)
+    labels[fg] = painted[tuple(ends.T)]
+    labels = D.fill_holes(labels)
+    _, renum = np.unique(labels, return_inverse=True)
+    np.testing.assert_array_equal(D.compute_masks(dP, cellprob, min_size=0),
+                                  renum.reshape(lab.shape).astype(np.uint32))
