@@ -28,7 +28,7 @@ process ZSEG_PLAN {
 // "a,b,c", a boolean --name or --no-name; null values are left out, so zseg's defaults apply.
 def planFlags(Map values) {
     return values
-        .findAll { name, value -> value != null }
+        .findAll { _name, value -> value != null }
         .collect { name, value -> planFlag(name, value) }
         .join(' ')
 }

@@ -28,8 +28,8 @@ import math
 from collections.abc import Sequence
 
 import fastremap
-import numba
 import fill_voids
+import numba
 import numpy as np
 import scipy.ndimage
 from numba import njit, prange
@@ -139,6 +139,12 @@ def prepare_flows(
     fg : (\\*S) ndarray, bool
         Foreground mask ``cellprob > cellprob_threshold``.
 
+    Raises
+    ------
+    UserError
+        If the flows have the wrong shape, ``flow3D_smooth`` is invalid, or the flows
+        hold NaN or infinite values.
+
     Notes
     -----
     Smoothing a block gives the same values as smoothing the whole volume only away
@@ -157,6 +163,12 @@ def prepare_flows(
     fg = cellprob > cellprob_threshold
     np.multiply(flow, fg, out=flow)
     np.divide(flow, np.float32(5.0), out=flow)
+    if not np.isfinite(flow).all():
+        bad = int(np.count_nonzero(~np.isfinite(flow)))
+        raise UserError(
+            f"the flows hold {bad} NaN or infinite values: the prediction is corrupt "
+            "(or overflowed float16); run the predict phase again."
+        )
     return flow, fg
 
 
@@ -258,6 +270,12 @@ def _follow_3d(flow, starts, niter, origin, vshape, max_period, disp, escaped): 
                     lam = 0
                     if power < max_period:
                         power *= 2
+        if not esc:  # the end voxel must lie in the block too
+            q0 = s0 + math.floor(d0)
+            q1 = s1 + math.floor(d1)
+            q2 = s2 + math.floor(d2)
+            esc = (q0 < 0 or q1 < 0 or q2 < 0 or q0 > B0 - 1 or q1 > B1 - 1
+                   or q2 > B2 - 1)
         if esc:
             d0 = min(max(d0, np.float32(-s0)), np.float32(B0 - 1 - s0))
             d1 = min(max(d1, np.float32(-s1)), np.float32(B1 - 1 - s1))
@@ -328,6 +346,10 @@ def _follow_2d(flow, starts, niter, origin, vshape, max_period, disp, escaped): 
                     lam = 0
                     if power < max_period:
                         power *= 2
+        if not esc:
+            q0 = s0 + math.floor(d0)
+            q1 = s1 + math.floor(d1)
+            esc = q0 < 0 or q1 < 0 or q0 > B0 - 1 or q1 > B1 - 1
         if esc:
             d0 = min(max(d0, np.float32(-s0)), np.float32(B0 - 1 - s0))
             d1 = min(max(d1, np.float32(-s1)), np.float32(B1 - 1 - s1))
@@ -392,11 +414,13 @@ def follow_flows(
         ``starts + floor(disp)`` (:func:`end_points`).
     escaped : (N,) ndarray, bool
         True where the trajectory needed a flow value outside the block on a side that
-        is not the volume's border (a corner index ``< 0`` or ``> B - 1`` there); the
-        block's halo was too small for it. Such a trajectory stops at that step and its
-        ``disp`` is clamped so that ``starts + disp`` lies in ``[0, B - 1]``; its value
-        is meaningless. A trajectory that does not escape has the same ``disp``, bit
-        for bit, in every block (any origin and extent) that it does not escape from.
+        is not the volume's border (a corner index ``< 0`` or ``> B - 1`` there), or
+        where its end voxel lies outside the block; the block's halo was too small for
+        it. Such a trajectory stops at that step and its ``disp`` is clamped so that
+        ``starts + disp`` lies in ``[0, B - 1]``; its value is meaningless. The end
+        voxel of every trajectory therefore lies in the block. A trajectory that does
+        not escape has the same ``disp``, bit for bit, in every block (any origin and
+        extent) that it does not escape from.
 
     Notes
     -----
@@ -898,7 +922,8 @@ def compute_masks(
     starts = np.argwhere(fg).astype(np.int64)
     zeros = np.zeros(ndim, np.int64)
     disp, escaped = follow_flows(flow, starts, niter=niter, origin=zeros, volume_shape=shape)
-    assert not escaped.any()  # the block is the volume: nothing can escape
+    if escaped.any():  # the block is the volume: nothing can escape
+        raise RuntimeError("a trajectory escaped the whole volume; this is a bug in zseg")
     ends = end_points(starts, disp)
     h = histogram(ends, shape)
     seeds, counts = find_seeds(h)

