@@ -239,3 +239,55 @@ def test_config_file_then_flags(tmp_path):
     cfg.write_text("diameter: 20\nniter: 50\nchunk-shape: [8, 16, 16]\n")
     p = build_params(str(cfg), input="a", output="b", niter=70)
     assert p.diameter == 20 and p.niter == 70 and p.chunk_shape == (8, 16, 16)
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_plan_and_percentiles_on_every_format(where, request, tmp_path):
+    """`zseg plan` and `zseg percentiles` on OME-Zarr 0.4/0.5, zarr v2/v3 and TIFF, local and on S3."""
+    from test_storage import FORMATS, SOURCE, VOXEL, _write
+
+    from zseg.pipeline import percentiles as P
+    from zseg.pipeline.manifest import Run
+
+    base = request.getfixturevalue("s3_server") + "/every" if where == "s3" else str(tmp_path)
+    for fmt in FORMATS:
+        src = _write(fmt, base, tmp_path)
+        out = f"{base}/run-{fmt}"
+        assert main(["plan", src, out, "--channels", "1,0", "--chunk-shape", "5,7,9"]) == 0, fmt
+        assert main(["percentiles", "--run", out]) == 0
+        assert main(["percentiles", "--run", out, "--reduce"]) == 0
+        run = Run.open(out)
+        assert run.manifest["input"]["format"] == fmt
+        if fmt != "zarr-v2" and fmt != "zarr-v3":
+            assert run.anisotropy == VOXEL[0] / VOXEL[1], fmt
+        got = P.load(run)
+        for row, channel in zip(got, (1, 0)):
+            np.testing.assert_array_equal(row, np.percentile(SOURCE[channel], (1, 99)))
+
+
+@pytest.mark.slow
+def test_anisotropic_volume_recovers_truth_and_is_chunk_invariant(tmp_path):
+    from cellpose.metrics import average_precision
+
+    image, labels = synth_cells((24, 64, 64), diameter=DIAMETER, anisotropy=2.0, seed=5)
+    src = str(tmp_path / "aniso.ome.zarr")
+    write_ome_zarr(src, image, axes="zyx", voxel_size=(2.0, 1.0, 1.0), chunks=(12, 32, 32))
+    _write_flows(str(tmp_path / "flows.zarr"), flows_from_labels(labels), chunks=(12, 32, 32))
+    vol = {"image": src, "flows": str(tmp_path / "flows.zarr")}
+    whole, report = _segment(vol, tmp_path / "whole", chunk_shape=(24, 64, 64))
+    chunked, chunked_report = _segment(vol, tmp_path / "chunked", chunk_shape=(8, 24, 40))
+    assert report["chunk_exact"] and chunked_report["chunk_exact"]
+    np.testing.assert_array_equal(chunked, whole)
+    ap = average_precision([labels.astype(np.int64)], [whole.astype(np.int64)], threshold=[0.5])[0][0, 0]
+    assert ap >= 0.95, ap
+
+
+def test_a_halo_too_small_is_reported_not_silent(volume, tmp_path):
+    _, report = _segment(volume, tmp_path / "out", chunk_shape=(16, 32, 32), halo=(3, 3, 3))
+    assert not report["chunk_exact"]
+    assert report["long_trajectories"] > 0
+    assert all(s > 3 for s in report["suggested_halo"])
+    from zseg.pipeline.manifest import Run
+
+    assert Run.open(str(tmp_path / "out")).manifest["result"]["suggested_halo"] == report["suggested_halo"]
