@@ -55,5 +55,5 @@ def run_phase(root: str, phase: str, *, stage=None, chunks=None, shard=None, red
         ran = run_reduce(run, st)
         return {"run": root, "stage": st.name, "ran": ran}
     selected = select_chunks(run.grid.nchunks, chunks, shard)
-    ran = run_map(run, st, selected, workers=1)
+    ran = run_map(run, st, selected)
     return {"run": root, "stage": st.name, "chunks": len(selected), "ran": ran, "skipped": len(selected) - len(ran)}

@@ -57,29 +57,36 @@ def _progress(enabled: bool) -> Progress:
     )
 
 
-def run_map(run: Run, stage: Stage, chunks, *, workers: int = 1, progress: Progress | None = None) -> list[int]:
-    """Run a map stage on the pending chunks of ``chunks``; return the chunks it ran."""
+def _pool(workers: int) -> ProcessPoolExecutor:
+    """Worker processes for map stages, started once per run (spawned: no inherited threads)."""
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    return ProcessPoolExecutor(
+        workers, mp_context=mp.get_context("spawn"), initializer=_worker_init, initargs=(threads,)
+    )
+
+
+def run_map(run: Run, stage: Stage, chunks, *, pool: ProcessPoolExecutor | None = None,
+            progress: Progress | None = None) -> list[int]:
+    """Run a map stage on the pending chunks of ``chunks`` (in ``pool`` if given); return them."""
+    chunks = list(chunks)
     todo = run.pending(stage.marker_dir, chunks, ext="json")
-    skipped = len(list(chunks)) - len(todo)
+    skipped = len(chunks) - len(todo)
     if skipped:
         log.info("%s: %d chunk(s) already done, skipped", stage.name, skipped)
     task = progress.add_task(stage.name, total=len(todo)) if progress else None
-    if workers <= 1 or len(todo) <= 1:
+    if pool is None or len(todo) <= 1:
         for i in todo:
             stage.run_chunk(run, i)
             if progress:
                 progress.advance(task)
         return todo
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as pool:
-        futures = {pool.submit(_run_chunk, run.root, stage.name, i) for i in todo}
-        while futures:
-            done, futures = wait(futures, return_when=FIRST_EXCEPTION)
-            for f in done:
-                f.result()  # re-raise a worker's error here
-                if progress:
-                    progress.advance(task)
+    futures = {pool.submit(_run_chunk, run.root, stage.name, i) for i in todo}
+    while futures:
+        done, futures = wait(futures, return_when=FIRST_EXCEPTION)
+        for f in done:
+            f.result()  # re-raise a worker's error here
+            if progress:
+                progress.advance(task)
     return todo
 
 
@@ -97,16 +104,21 @@ def run_all(run: Run, *, workers: int = 1, show_progress: bool | None = None) ->
     if show_progress is None:
         show_progress = sys.stderr.isatty()
     timings: dict[str, float] = {}
-    with _progress(show_progress) as progress:
-        for stage in STAGES.values():
-            if not stage.applies(run):
-                continue
-            t0 = time.perf_counter()
-            if stage.kind == "map":
-                run_map(run, stage, range(run.grid.nchunks), workers=workers, progress=progress)
-            else:
-                run_reduce(run, stage)
-            timings[stage.name] = round(time.perf_counter() - t0, 3)
+    pool = _pool(workers) if workers > 1 else None
+    try:
+        with _progress(show_progress) as progress:
+            for stage in STAGES.values():
+                if not stage.applies(run):
+                    continue
+                t0 = time.perf_counter()
+                if stage.kind == "map":
+                    run_map(run, stage, range(run.grid.nchunks), pool=pool, progress=progress)
+                else:
+                    run_reduce(run, stage)
+                timings[stage.name] = round(time.perf_counter() - t0, 3)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     return timings
 
 
