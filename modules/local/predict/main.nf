@@ -1,0 +1,31 @@
+// The network's flows (dZ, dY, dX, cellprob) of one shard of chunks: normalise with the global
+// percentiles, run Cellpose's network on the YX, ZY and ZX tiles of the whole volume that cover
+// each core, write the cores into RUN/work/flows.zarr. One GPU under -profile gpu; the model is
+// loaded once per task. A run given precomputed --flows has nothing to predict: the task exits at
+// once (leave out -profile gpu then, so that it does not wait for a GPU).
+process ZSEG_PREDICT {
+    tag "${meta.id} shard ${index}/${count}"
+    label 'process_gpu'
+    containerOptions "${meta.container_options}"
+
+    input:
+    // upstream: the manifest(s) of the stage before (a reduce's one file, or every shard of a map
+    // stage: a barrier), so -resume re-runs this task when that stage did new work. The data
+    // itself is read and written in place, at the URI meta.run.
+    tuple val(meta), val(index), val(count), path(upstream, stageAs: 'upstream/*')
+
+    output:
+    tuple val(meta), path("predict.${index}.json"), emit: manifest
+
+    script:
+    def args = task.ext.args ?: ''
+    """
+    export OMP_NUM_THREADS=${task.cpus}
+    zseg predict --run '${meta.run}' --shard ${index}/${count} --emit predict.${index}.json ${args}
+    """
+
+    stub:
+    """
+    echo '{"run": "${meta.run}", "stage": "predict", "shard": "${index}/${count}", "stub": true}' > predict.${index}.json
+    """
+}

@@ -1,0 +1,310 @@
+"""Phase 2, ``predict``: the network's flows for each chunk, equal to Cellpose's whole-volume run.
+
+For each chunk, the block of input its core needs is normalised with the *global* low/high
+values of the percentiles phase, resized with the whole volume's coordinates, cut into the
+tiles of the *whole-volume* tile grid that cover the core, run through the network on the
+YX, ZY and ZX planes, blended with the whole planes' weights, summed over the views and
+resized back; the core is written to the flow store ``work/flows.zarr`` as float16
+``(4, Z, Y, X)`` = dZ, dY, dX, cellprob. :mod:`zseg.engine.network` explains why this equals
+``CellposeModel.eval(do_3D=True)`` on the whole volume whatever the chunk shape.
+
+Chunks are processed in one process per task: the network is loaded once, a reader thread
+reads and normalises the next chunk while the device runs this one, and a writer thread
+stores the previous chunk's result, so the device does not wait on I/O. Each chunk's marker
+(``work/predict/cNNNNNNN.json``) is written after its flows, with the planes and tiles it ran.
+
+A chunk whose block (core plus the dynamics halo) is nowhere above the low percentile in any
+channel (``skip_empty``), or where the user's ``mask`` is zero, is not run: its flows are 0
+and its cellprob :data:`SKIPPED_CELLPROB`, so no threshold makes it foreground; its marker
+records ``"skipped": "empty"`` or ``"mask"``. Skipping depends on the block, i.e. on the
+chunk shape; ``--no-skip-empty`` and no mask give flows that never do.
+
+With ``keep_views``, each view's own output (its two flows and its cellprob, at the volume's
+resolution) goes to ``work/views.zarr`` ``(3, 3, Z, Y, X)``, views in the order YX, ZY, ZX.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from zseg.errors import UserError
+from zseg.pipeline import flowstore as FS
+from zseg.pipeline import percentiles as PCT
+from zseg.pipeline.manifest import Run
+from zseg.storage import uri as U
+from zseg.storage.arrays import create_array, open_array
+
+log = logging.getLogger(__name__)
+
+PHASE = "predict"
+#: cellprob written for a skipped chunk: far below any threshold a user would set.
+SKIPPED_CELLPROB = -100.0
+VIEWS_STORE = "views.zarr"
+
+
+# -- plan time ---------------------------------------------------------------------------------
+def check(params, shape, anisotropy: float) -> dict:
+    """What ``plan`` records for this phase; raises ``UserError`` before anything is written.
+
+    Resolves the model (downloading a missing built-in one) and reads its sizes, and checks
+    the mask and that the network scale keeps every axis.
+    """
+    from zseg.engine import network as N
+    from zseg.pipeline import models
+
+    model = models.inspect_model(params.model)
+    try:
+        N.scaled_shape(shape, diameter=params.diameter, anisotropy=anisotropy)
+    except ValueError as e:
+        raise UserError(f"{e}; use a smaller --diameter.") from None
+    out = {"model": model, "mask": None}
+    if params.mask is not None:
+        out["mask"] = _open_mask(params.mask).describe()
+    return out
+
+
+def _open_mask(uri: str):
+    from zseg.storage.volume import open_volume
+
+    if not U.exists(uri):
+        raise UserError(f"--mask {uri!r} does not exist; give a volume whose nonzero voxels mark where to segment.")
+    vol = open_volume(uri)
+    if vol.nchannels != 1:
+        raise UserError(f"--mask {uri!r} has {vol.nchannels} channels; give a single-channel volume.")
+    return vol
+
+
+def ensure_stores(run: Run) -> None:
+    """Create the flow store (and the view store with ``keep_views``) unless it exists: ``plan``
+    does this once, before any task, for a run without precomputed ``--flows``."""
+    if not applies(run):
+        return
+    g = run.grid
+    p = run.params
+    if not U.exists(FS.flows_uri(run)):
+        _create_flows(run)
+    if p.keep_views and not U.exists(run.path(VIEWS_STORE)):
+        from zseg.engine.network import VIEWS
+
+        create_array(
+            run.path(VIEWS_STORE), shape=(3, 3, *g.shape), chunks=(3, 3, *g.chunk_shape), dtype="float16",
+            zarr_format=p.zarr_format, fill_value=0, overwrite=True,
+            attributes={"zseg": {"views": list(VIEWS), "content": "per view: flow along its first and "
+                                 "second plane axis, cellprob"}},
+        )
+
+
+def _create_flows(run: Run) -> None:
+    g = run.grid
+    p = run.params
+    create_array(
+        FS.flows_uri(run), shape=(4, *g.shape), chunks=(4, *g.chunk_shape), dtype="float16",
+        zarr_format=p.zarr_format, fill_value=0, overwrite=True,
+        attributes={"zseg": {"content": "dZ, dY, dX, cellprob (Cellpose 3D: views summed, network scale)"}},
+    )
+
+
+def applies(run: Run) -> bool:
+    return run.params.flows is None
+
+
+# -- a task -------------------------------------------------------------------------------------
+@dataclass
+class _Task:
+    net: object  # the torch module
+    device: object  # torch.device
+    geometry: object  # zseg.engine.network.Geometry
+    lowhigh: np.ndarray
+    mask: object | None
+
+
+def geometry(run: Run, bsize: int):
+    """The whole volume's network geometry (:class:`zseg.engine.network.Geometry`)."""
+    from zseg.engine import network as N
+
+    p = run.params
+    return N.Geometry.of(run.grid.shape, diameter=p.diameter, anisotropy=run.anisotropy, bsize=bsize,
+                         tile_overlap=p.tile_overlap, augment=p.augment)
+
+
+def _task(run: Run) -> _Task:
+    from zseg.pipeline import models
+
+    p = run.params
+    info = (run.manifest.get("network") or {}).get("model") or {}  # what plan found, if it looked
+    path = info.get("path")
+    if not (isinstance(path, str) and os.path.isfile(path) and os.path.getsize(path) == info.get("bytes")):
+        if path:
+            log.info("model file %s (found at plan) is not here as it was: resolving %s again", path, p.model)
+        path = models.inspect_model(p.model)["path"]
+    device = models.select_device(p.device)
+    net = models.load_network(path, device, use_bfloat16=p.use_bfloat16)
+    lowhigh = PCT.load(run)
+    mask = _open_mask(p.mask) if p.mask else None
+    return _Task(net, device, geometry(run, net.bsize), lowhigh, mask)
+
+
+def _mask_box(core, shape, mshape):
+    """The mask voxels under ``core`` (volume coordinates), for a mask of any resolution."""
+    return tuple(
+        slice(int(math.floor(s.start * m / n)), max(int(math.ceil(s.stop * m / n)), int(math.floor(s.start * m / n)) + 1))
+        for s, n, m in zip(core, shape, mshape)
+    )
+
+
+def _skip_reason(run: Run, task: _Task, index: int) -> str | None:
+    g = run.grid
+    block = g.block(index)
+    if task.mask is not None:
+        m = task.mask.read(_mask_box(block, g.shape, task.mask.shape))
+        if not np.any(m):
+            return "mask"
+    if run.params.skip_empty:
+        data = run.volume.read(block)
+        peak = data.reshape(data.shape[0], -1).max(axis=1).astype(np.float64)
+        if np.all(peak <= task.lowhigh[:, 0]):
+            return "empty"
+    return None
+
+
+def _prepare(run: Run, task: _Task, index: int):
+    """Reader thread: the chunk's plan and each view's normalised input (host memory)."""
+    import torch
+
+    from zseg.engine import network as N
+
+    t0 = time.perf_counter()
+    core = run.grid.core(index)
+    reason = _skip_reason(run, task, index)
+    if reason:
+        return index, core, None, reason, [], time.perf_counter() - t0
+    plan = N.plan_block(task.geometry, core)
+    pin = task.device.type == "cuda"
+    inputs = []
+    for view in plan.views:
+        x = torch.from_numpy(N.normalize(run.volume.read(view.read), task.lowhigh))
+        inputs.append(x.pin_memory() if pin else x)
+    return index, core, plan, None, inputs, time.perf_counter() - t0
+
+
+def _compute(run: Run, task: _Task, plan, inputs) -> tuple[np.ndarray, np.ndarray | None]:
+    """Device: the views of one chunk, summed and resized back to its core (host arrays)."""
+    import torch
+
+    from zseg.engine import network as N
+
+    geo, dev = task.geometry, task.device
+    p = run.params
+    flows = torch.zeros((4, *(s.stop - s.start for s in plan.out)), dtype=torch.float32, device=dev)
+    kept = []
+    for view, x in zip(plan.views, inputs):
+        scaled = N.to_network_scale(x.to(dev, non_blocking=True), view.read, view.region, geo)
+        y = N.run_view(task.net, scaled, view, plan.out, geo, batch_size=p.batch_size, dtype=task.net.dtype)
+        del scaled
+        N.add_view(flows, y, view.view)
+        if p.keep_views:
+            kept.append(N.from_network_scale(y, plan.out, plan.core, geo).to(torch.float16).cpu().numpy())
+        del y
+    out = N.from_network_scale(flows, plan.out, plan.core, geo).to(torch.float16).cpu().numpy()
+    return out, (np.stack(kept) if kept else None)
+
+
+def _write(run: Run, core, flows: np.ndarray, views: np.ndarray | None) -> float:
+    """Writer thread: the core's flows (and views); returns the seconds it took."""
+    t0 = time.perf_counter()
+    open_array(FS.flows_uri(run), mode="r+")[(slice(None), *core)] = flows
+    if views is not None:
+        open_array(run.path(VIEWS_STORE), mode="r+")[(slice(None), slice(None), *core)] = views
+    return time.perf_counter() - t0
+
+
+def _skipped(core, keep_views: bool):
+    shape = tuple(s.stop - s.start for s in core)
+    flows = np.zeros((4, *shape), np.float16)
+    flows[3] = SKIPPED_CELLPROB
+    views = None
+    if keep_views:
+        views = np.zeros((3, 3, *shape), np.float16)
+        views[:, 2] = SKIPPED_CELLPROB / 3
+    return flows, views
+
+
+def predict_chunks(run: Run, indices):
+    """Predict the chunks ``indices`` in order; yield ``(index, stats)`` once each is written.
+
+    Reading and normalising chunk ``i + 1`` (reader thread) and writing chunk ``i - 1`` (writer
+    thread) overlap the network work on chunk ``i``.
+    """
+    indices = list(indices)
+    if not indices:
+        return
+    task = _task(run)
+    reader = ThreadPoolExecutor(1, thread_name_prefix="zseg-read")
+    writer = ThreadPoolExecutor(1, thread_name_prefix="zseg-write")
+    pending = None  # (index, stats, future) of the chunk being written
+    try:
+        ahead = reader.submit(_prepare, run, task, indices[0])
+        for k in range(len(indices)):
+            with _naming(run, indices[k]):
+                index, core, plan, reason, inputs, read_s = ahead.result()
+            if k + 1 < len(indices):
+                ahead = reader.submit(_prepare, run, task, indices[k + 1])
+            t0 = time.perf_counter()
+            if reason:
+                flows, views = _skipped(core, run.params.keep_views)
+                stats = {"skipped": reason, "planes": 0, "tiles": 0}
+            else:
+                with _naming(run, index):
+                    flows, views = _compute(run, task, plan, inputs)
+                stats = {"skipped": None, "planes": plan.planes, "tiles": plan.ntiles}
+            del inputs
+            stats.update(read_seconds=round(read_s, 4), network_seconds=round(time.perf_counter() - t0, 4),
+                         device=str(task.device))
+            future = writer.submit(_write, run, core, flows, views)
+            if pending is not None:
+                yield _finish(*pending)
+            pending = (index, stats, future)
+        yield _finish(*pending)
+        pending = None
+    finally:
+        reader.shutdown(wait=True, cancel_futures=True)
+        writer.shutdown(wait=True, cancel_futures=True)
+
+
+@contextlib.contextmanager
+def _naming(run: Run, index: int):
+    """Say which chunk met a problem the user can fix (as the other stages do); running out of
+    device memory is one (the batch size or the chunk shape is too large for the device)."""
+    where = ", ".join(f"{a} {s.start}:{s.stop}" for a, s in zip("zyx", run.grid.core(index)))
+    try:
+        yield
+    except UserError as e:
+        raise UserError(*(f"{PHASE}, chunk {index} ({where}): {p}" for p in e.problems)) from None
+    except RuntimeError as e:
+        if "out of memory" not in str(e).lower():
+            raise
+        raise UserError(
+            f"{PHASE}, chunk {index} ({where}): out of device memory with --batch-size {run.params.batch_size} "
+            f"and chunks of {run.grid.chunk_shape}; run again with a smaller --batch-size (the run resumes), "
+            "or plan it with a smaller --chunk-shape."
+        ) from None
+
+
+def _finish(index, stats, future):
+    stats["write_seconds"] = round(future.result(), 4)
+    return index, stats
+
+
+def process_chunk(run: Run, index: int) -> dict:
+    """One chunk (the network stays loaded for the next call in this process)."""
+    for _, stats in predict_chunks(run, [index]):
+        return stats
+    return {}
