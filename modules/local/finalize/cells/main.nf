@@ -1,0 +1,28 @@
+// Merge the per-chunk statistics of the cells whose seeds one shard of chunks owns into
+// complete rows of the cell table (after every chunk's labels: a barrier).
+process ZSEG_FINALIZE_CELLS {
+    tag "${meta.id} shard ${index}/${count}"
+    label 'process_low'
+    containerOptions "${meta.container_options}"
+
+    input:
+    // upstream: the manifest(s) of the stage before (a reduce's one file, or every shard of a map
+    // stage: a barrier), so -resume re-runs this task when that stage did new work. The data
+    // itself is read and written in place, at the URI meta.run.
+    tuple val(meta), val(index), val(count), path(upstream, stageAs: 'upstream/*')
+
+    output:
+    tuple val(meta), path("finalize_cells.${index}.json"), emit: manifest
+
+    script:
+    def args = task.ext.args ?: ''
+    """
+    export OMP_NUM_THREADS=${task.cpus} NUMBA_NUM_THREADS=${task.cpus}
+    zseg finalize --run '${meta.run}' --stage cells --shard ${index}/${count} --emit finalize_cells.${index}.json ${args}
+    """
+
+    stub:
+    """
+    echo '{"run": "${meta.run}", "stage": "finalize:cells", "shard": "${index}/${count}", "stub": true}' > finalize_cells.${index}.json
+    """
+}
