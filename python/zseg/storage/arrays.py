@@ -9,6 +9,8 @@ killed task never leaves half a chunk behind.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import zarr
 import zarr.errors
@@ -117,7 +119,7 @@ def create_array(
         ) from e
 
 
-def open_array(uri: str, mode: str = "r") -> zarr.Array:
+def open_array(uri: str, mode: str = "r") -> "CheckedArray":
     """Open the zarr array (v2 or v3) at ``uri``.
 
     Parameters
@@ -129,7 +131,8 @@ def open_array(uri: str, mode: str = "r") -> zarr.Array:
 
     Returns
     -------
-    zarr.Array
+    CheckedArray
+        The zarr array, whose reads name a damaged chunk instead of failing in a codec.
     """
     uri = str(uri)
     if mode not in ("r", "r+"):
@@ -137,7 +140,7 @@ def open_array(uri: str, mode: str = "r") -> zarr.Array:
     if not _exists(uri):
         raise UserError(f"array {uri} does not exist; check the path (was its phase run?).")
     try:
-        return zarr.open_array(store=zarr_store(uri, read_only=mode == "r"), mode=mode)
+        array = zarr.open_array(store=zarr_store(uri, read_only=mode == "r"), mode=mode)
     except (
         zarr.errors.NodeNotFoundError,
         zarr.errors.ContainsGroupError,
@@ -147,6 +150,128 @@ def open_array(uri: str, mode: str = "r") -> zarr.Array:
             f"{uri} is not a zarr array (it is a group or not zarr at all); "
             "give the path of the array itself."
         ) from e
+    return CheckedArray(array, uri)
+
+
+# -- damaged chunks ----------------------------------------------------------------------------
+class CheckedArray:
+    """A :class:`zarr.Array` whose reads name the stored chunk that cannot be decoded.
+
+    zarr reports a truncated or corrupted chunk as a bare codec error ("Zstd decompression
+    error") that names neither the array nor the chunk. On such an error this wrapper reads
+    the chunks under the selection one by one and raises a :class:`~zseg.errors.UserError`
+    naming each stored object that is present but does not decode. Errors that are not about
+    a chunk's bytes (network, permissions) are re-raised unchanged. Everything else is the
+    wrapped array's (``shape``, ``dtype``, writes ...).
+    """
+
+    def __init__(self, array: zarr.Array, uri: str):
+        self._array = array
+        self._uri = str(uri)
+
+    def __getattr__(self, name):
+        return getattr(self._array, name)
+
+    def __repr__(self) -> str:
+        return f"CheckedArray({self._uri!r}, shape={self._array.shape}, dtype={self._array.dtype})"
+
+    @property
+    def array(self) -> zarr.Array:
+        return self._array
+
+    def __array__(self, dtype=None, copy=None):
+        data = self[...]
+        return data if dtype is None else data.astype(dtype, copy=False)
+
+    def __getitem__(self, selection):
+        return self._checked(lambda: self._array[selection], selection)
+
+    def __setitem__(self, selection, value):  # a partial chunk is read before it is written
+        self._checked(lambda: self._array.__setitem__(selection, value), selection)
+
+    @property
+    def oindex(self):
+        return _CheckedIndex(self)
+
+    def _checked(self, op, selection):
+        try:
+            return op()
+        except UserError:
+            raise
+        except Exception as e:
+            bad = damaged_chunks(self._array, self._uri, selection)
+            if not bad:
+                raise
+            raise UserError(damaged_message(self._uri, bad)) from None
+
+
+class _CheckedIndex:
+    def __init__(self, checked: CheckedArray):
+        self._c = checked
+
+    def __getitem__(self, selection):
+        return self._c._checked(lambda: self._c._array.oindex[selection], selection)
+
+
+def chunk_key(array: zarr.Array, coords) -> str:
+    """The store key of the stored object at grid position ``coords``."""
+    return array.metadata.encode_chunk_key(tuple(int(c) for c in coords))
+
+
+def _axis_indices(sel, n: int):
+    if isinstance(sel, slice):
+        return range(*sel.indices(n))
+    if isinstance(sel, (int, np.integer)):
+        return [int(sel) % n] if n else []
+    return [int(v) % n for v in np.asarray(sel).ravel()]
+
+
+def _selected_chunks(array: zarr.Array, selection) -> list[tuple[int, ...]]:
+    """Grid positions of the stored objects a basic/orthogonal ``selection`` touches."""
+    sel = selection if isinstance(selection, tuple) else (selection,)
+    if any(s is Ellipsis for s in sel):
+        i = next(k for k, s in enumerate(sel) if s is Ellipsis)
+        sel = sel[:i] + (slice(None),) * (array.ndim - len(sel) + 1) + sel[i + 1:]
+    sel = sel + (slice(None),) * (array.ndim - len(sel))
+    per = array.shards or array.chunks
+    axes = [sorted({i // c for i in _axis_indices(s, n)}) for s, n, c in zip(sel, array.shape, per)]
+    return list(itertools.product(*axes))
+
+
+def damaged_chunks(array: zarr.Array, uri: str, selection=None) -> list[tuple[str, str]]:
+    """``(key, error)`` of each stored object under ``selection`` that exists but does not decode.
+
+    A missing object is not damage (zarr reads it as the fill value); an object that cannot be
+    fetched at all is an I/O problem, not damage, and is left out too.
+    """
+    from zseg.storage.uri import join, read_bytes
+
+    try:
+        coords = _selected_chunks(array, selection if selection is not None else ())
+    except Exception:  # a selection we cannot map to chunks (fancy indexing): no diagnosis
+        return []
+    bad = []
+    per = array.shards or array.chunks
+    for c in coords:
+        box = tuple(slice(i * s, min((i + 1) * s, n)) for i, s, n in zip(c, per, array.shape))
+        try:
+            array[box]
+        except Exception as e:
+            key = chunk_key(array, c)
+            try:
+                read_bytes(join(uri, key))
+            except Exception:
+                continue
+            bad.append((key, f"{type(e).__name__}: {e}"))
+    return bad
+
+
+def damaged_message(uri: str, bad: list[tuple[str, str]]) -> str:
+    keys = ", ".join(k for k, _ in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    return (
+        f"zarr array {uri}: stored chunk {keys} is truncated or corrupt and cannot be decoded "
+        f"({bad[0][1]}); restore that file from a copy, or write the array again."
+    )
 
 
 def _full_box(array: zarr.Array, box: Box) -> tuple[slice, ...]:

@@ -15,6 +15,7 @@ import json
 import os
 import posixpath
 import uuid
+import zipfile
 
 import fsspec
 import numpy as np
@@ -47,8 +48,15 @@ def join(uri: str, *parts: str) -> str:
     return os.path.join(uri, *parts)
 
 
+def _fresh(fs, path: str, uri: str) -> None:
+    """Forget cached listings of ``path`` and its parents: other tasks write markers meanwhile."""
+    if is_remote(str(uri)):
+        fs.invalidate_cache(path)
+
+
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
+    _fresh(fs, path, uri)
     return fs.exists(path)
 
 
@@ -88,8 +96,14 @@ def read_npz(uri: str) -> dict[str, np.ndarray]:
 
 
 def write_npz(uri: str, **arrays) -> None:
+    """``numpy.savez_compressed`` with fixed zip timestamps: the same arrays give the same bytes."""
     buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
+    with zipfile.ZipFile(buf, mode="w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for key, value in arrays.items():
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with zf.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
     write_bytes(uri, buf.getvalue())
 
 
@@ -102,6 +116,7 @@ def remove(uri: str, recursive: bool = True) -> None:
 def listdir(uri: str) -> list[str]:
     """Names (not paths) of the entries directly under ``uri``; empty when it does not exist."""
     fs, path = filesystem(uri)
+    _fresh(fs, path, uri)
     if not fs.exists(path):
         return []
     return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))

@@ -22,7 +22,7 @@ import zarr
 import zarr.errors
 
 from zseg.errors import UserError
-from zseg.storage.arrays import zarr_store
+from zseg.storage.arrays import CheckedArray, zarr_store
 from zseg.storage.uri import filesystem, is_remote, join
 
 Box = tuple[slice, slice, slice]
@@ -172,7 +172,8 @@ class Volume:
             if src.kind == "tiff":
                 self._open.update(_open_tiff(src.uri, src.level))
             else:
-                self._open["array"] = zarr.open_array(store=zarr_store(src.uri), mode="r")
+                array = zarr.open_array(store=zarr_store(src.uri), mode="r")
+                self._open["array"] = CheckedArray(array, src.uri)  # names a damaged chunk
         return self._open["array"]
 
     def __getstate__(self):
@@ -281,6 +282,8 @@ def _volume(uri: str, meta: dict, level, channels, timepoint) -> Volume:
         _source=source,
     )
     volume._open.update(meta["open"])  # keep what inspection opened
+    if meta["kind"] == "zarr":  # reads name a damaged chunk
+        volume._open["array"] = CheckedArray(volume._open["array"], meta["array_uri"])
     return volume
 
 

@@ -1,0 +1,294 @@
+"""What is done and what is not: the progress of a run, and ``zseg verify OUTPUT``.
+
+Progress is read from the markers the stages leave (``work/<stage dir>/cNNNNNNN.json``, written
+last by a map stage; a reduce's result file): a stage may start only when every applicable
+stage before it is complete (:func:`require_complete`), and a resumed run reports what it
+skipped (:func:`done_work`).
+
+:func:`verify_output` checks a finished output folder on its own (``work/`` may have been
+deleted): the manifest is valid and marked complete; ``labels.zarr`` has valid NGFF metadata and
+the shape and an integer type of the run; every chunk of the segmented level reads back
+exactly what its task wrote (a CRC-32 and a voxel count per chunk, recorded in ``run.json``
+by the report stage), so a missing, truncated or altered stored object is found; and the label
+IDs are exactly ``1..N`` for the ``N`` cells the run recorded (and the cell table, when there is
+one, has one row per cell). Memory: one chunk and one flag per cell.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+
+import numpy as np
+
+from zseg.errors import UserError
+from zseg.pipeline.manifest import MANIFEST, Run
+from zseg.storage import uri as U
+
+log = logging.getLogger(__name__)
+
+#: Key of the per-chunk digests in ``run.json``.
+DIGESTS = "chunk_digests"
+
+
+# -- chunk lists -----------------------------------------------------------------------------------
+def chunk_ranges(indices) -> str:
+    """Indices as the ``--chunks`` syntax: ``[0, 1, 2, 5, 7, 8]`` -> ``"0-2,5,7-8"``."""
+    parts, run = [], None
+    for i in sorted(int(v) for v in indices):
+        if run and i == run[1] + 1:
+            run[1] = i
+            continue
+        if run:
+            parts.append(run)
+        run = [i, i]
+    if run:
+        parts.append(run)
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in parts)
+
+
+def _short(spec: str, limit: int = 120) -> str:
+    if len(spec) <= limit:
+        return spec
+    cut = spec[:limit].rsplit(",", 1)[0]
+    return f"{cut},... ({spec.count(',') - cut.count(',')} more ranges)"
+
+
+# -- progress ------------------------------------------------------------------------------------
+def _stages(run: Run):
+    from zseg.pipeline.stages import STAGES
+
+    return [s for s in STAGES.values() if s.applies(run)]
+
+
+def stage_missing(run: Run, stage) -> list[int] | bool:
+    """For a map stage the chunks without a marker; for a reduce whether its result is missing."""
+    if stage.kind == "map":
+        return run.pending(stage.marker_dir, range(run.grid.nchunks), ext="json")
+    return not U.exists(run.path(stage.result))
+
+
+def done_work(run: Run) -> dict:
+    """The work already done: ``{stage: "0-5,9"}`` for map stages, ``{stage: "done"}`` for reduces."""
+    done = {}
+    for stage in _stages(run):
+        missing = stage_missing(run, stage)
+        if stage.kind == "map":
+            have = sorted(set(range(run.grid.nchunks)) - set(missing))
+            if have:
+                done[stage.name] = chunk_ranges(have)
+        elif not missing:
+            done[stage.name] = "done"
+    return done
+
+
+def command_for(run: Run, stage) -> str:
+    """The ``zseg`` command that runs ``stage`` on every chunk not done yet."""
+    sub = stage.name.partition(":")[2]
+    cmd = f"zseg {stage.phase} --run {run.root}"
+    if sub == "reduce":
+        cmd += " --reduce"
+    elif sub:
+        cmd += f" --stage {sub}"
+    return cmd
+
+
+def require_complete(run: Run, stage) -> None:
+    """Refuse to start ``stage`` while an applicable stage before it is incomplete.
+
+    Names the first incomplete stage, its missing chunks, and the command that runs them. Only
+    the stage just before ``stage`` is listed when all is well: each of its tasks passed this
+    same check when it started, and markers are only ever added, so its being complete means
+    every stage before it is complete too (one listing per task, however many stages).
+    """
+    stages = _stages(run)
+    names = [s.name for s in stages]
+    before = stages[: names.index(stage.name)] if stage.name in names else stages
+    if not before or not _incomplete(run, before[-1]):
+        return
+    first = next(s for s in before if _incomplete(run, s))
+    missing = stage_missing(run, first)
+    if first.kind == "map":
+        raise UserError(
+            f"{stage.name} cannot start: {len(missing)} of {run.grid.nchunks} chunk(s) of {first.name} "
+            f"are not done ({_short(chunk_ranges(missing))}); run `{command_for(run, first)}` first "
+            "(it skips the chunks that are done)."
+        )
+    raise UserError(f"{stage.name} cannot start: {first.name} is not done; run `{command_for(run, first)}` first.")
+
+
+def _incomplete(run: Run, stage) -> bool:
+    return bool(stage_missing(run, stage))
+
+
+# -- digests -------------------------------------------------------------------------------------
+def chunk_digest(core_labels: np.ndarray) -> dict:
+    """What verify compares a chunk of the segmented level with: CRC-32 of its bytes (C order,
+    the array's dtype) and its count of labelled voxels."""
+    data = np.ascontiguousarray(core_labels)
+    return {"crc32": zlib.crc32(data.tobytes()), "labelled_voxels": int(np.count_nonzero(data))}
+
+
+def gather_digests(run: Run, stage_dir: str = "labels") -> dict:
+    """The per-chunk digests from the markers of ``finalize:labels``, for ``run.json``."""
+    crc, count = [], []
+    for i in range(run.grid.nchunks):
+        m = U.read_json(run.chunk_file(stage_dir, i, "json"))
+        crc.append(m.get("crc32"))
+        count.append(m.get("labelled_voxels"))
+    if any(v is None for v in crc):
+        return {}
+    return {"crc32": crc, "labelled_voxels": count}
+
+
+# -- verify --------------------------------------------------------------------------------------
+def _segmented_path(run: Run) -> str:
+    levels = ((run.manifest.get("result") or {}).get("outputs") or {}).get("levels") or []
+    for lv in levels:
+        if isinstance(lv, dict) and lv.get("role") == "segmented":
+            return str(lv["path"])
+    return "0"
+
+
+def _check_ngff(run: Run, uri: str, problems: list[str]) -> list[str]:
+    """Problems of the NGFF metadata of ``labels.zarr``; returns its dataset paths."""
+    import zarr
+
+    try:
+        group = zarr.open_group(uri, mode="r", storage_options=U.storage_options(uri) or None)
+        attrs = group.attrs.asdict()
+    except Exception as e:
+        problems.append(f"{uri}: not a readable zarr group ({type(e).__name__}: {e}); the labels are missing.")
+        return []
+    ome = attrs.get("ome", attrs)
+    ms = ome.get("multiscales")
+    if not isinstance(ms, list) or not ms or not isinstance(ms[0], dict):
+        problems.append(f"{uri}: no OME-Zarr 'multiscales' metadata; viewers cannot open it.")
+        return []
+    axes = [a.get("name") if isinstance(a, dict) else a for a in ms[0].get("axes") or []]
+    if axes != list("zyx"[-run.grid.ndim:]):
+        problems.append(f"{uri}: multiscales axes are {axes}, not {list('zyx'[-run.grid.ndim:])}.")
+    paths = []
+    for d in ms[0].get("datasets") or []:
+        scale = next((t.get("scale") for t in d.get("coordinateTransformations") or []
+                      if isinstance(t, dict) and t.get("type") == "scale"), None)
+        if not (isinstance(scale, list) and len(scale) == run.grid.ndim
+                and all(isinstance(v, (int, float)) and v > 0 for v in scale)):
+            problems.append(f"{uri}: dataset {d.get('path')!r} has no valid scale (got {scale!r}).")
+        paths.append(str(d.get("path")))
+    if not paths:
+        problems.append(f"{uri}: multiscales lists no datasets.")
+    if "image-label" not in ome:
+        problems.append(f"{uri}: no 'image-label' metadata; viewers will not show it as labels.")
+    return paths
+
+
+def verify_output(root: str) -> dict:
+    """Check the output folder ``root``; return a summary, or raise one problem per line.
+
+    Raises
+    ------
+    UserError
+        One line per problem found.
+    """
+    from zseg.storage.arrays import open_array
+
+    if not U.exists(U.join(root, MANIFEST)):
+        raise UserError(f"{root!r} holds no {MANIFEST}: it is not a zseg output folder (or the run never started).")
+    run = Run.open(root)  # a damaged manifest: one line per problem
+    problems: list[str] = []
+    if not run.manifest.get("complete"):
+        lines = [f"{root}: the run is not finished (run.json says complete: false)."]
+        if U.exists(run.work):
+            for stage in _stages(run):
+                missing = stage_missing(run, stage)
+                if stage.kind == "map" and missing:
+                    lines.append(f"{stage.name}: {len(missing)} of {run.grid.nchunks} chunk(s) not done "
+                                 f"({_short(chunk_ranges(missing))}).")
+                elif stage.kind == "reduce" and missing:
+                    lines.append(f"{stage.name}: not done.")
+        lines.append("resume it with the same `zseg run` command, or run the stages listed above.")
+        raise UserError(*lines)
+
+    result = run.manifest.get("result") or {}
+    ncells = int(result["cells"])
+    labels = U.join(run.root, "labels.zarr")
+    paths = _check_ngff(run, labels, problems)
+    seg = _segmented_path(run)
+    if paths and seg not in paths:
+        problems.append(f"{labels}: the segmented level {seg!r} is not among the datasets {paths}.")
+    try:
+        arr = open_array(U.join(labels, seg))
+    except UserError as e:
+        raise UserError(*problems, *e.problems) from None
+    g = run.grid
+    if tuple(arr.shape) != tuple(g.shape):
+        raise UserError(*problems, f"{labels}/{seg}: shape {tuple(arr.shape)} is not the run's {tuple(g.shape)}.")
+    if arr.dtype.kind != "u" or np.iinfo(arr.dtype).max < ncells:
+        problems.append(f"{labels}/{seg}: data type {arr.dtype} cannot hold labels 1..{ncells}.")
+
+    digests = run.manifest.get(DIGESTS) or {}
+    crcs, counts = digests.get("crc32"), digests.get("labelled_voxels")
+    if not (isinstance(crcs, list) and len(crcs) == g.nchunks and isinstance(counts, list) and len(counts) == g.nchunks):
+        crcs = counts = None
+        log.warning("run.json has no per-chunk digests (an older zseg): chunks are read but not compared")
+    seen = np.zeros(ncells + 1, dtype=bool)
+    beyond, altered, unreadable = set(), [], []
+    for i in range(g.nchunks):
+        try:
+            data = np.asarray(arr[g.core(i)])
+        except UserError as e:
+            unreadable.append((i, e.problems[0]))
+            continue
+        ids = np.unique(data)
+        big = ids[ids > ncells]
+        beyond.update(int(v) for v in big[:10])
+        seen[ids[ids <= ncells].astype(np.int64)] = True
+        if crcs is not None:
+            d = chunk_digest(data.astype(arr.dtype, copy=False))
+            if d["crc32"] != crcs[i] or d["labelled_voxels"] != counts[i]:
+                altered.append(i)
+    if unreadable:
+        problems.append(f"{labels}/{seg}: {len(unreadable)} chunk(s) cannot be read "
+                        f"({_short(chunk_ranges([i for i, _ in unreadable]))}): {unreadable[0][1]}")
+    if altered:
+        problems.append(
+            f"{labels}/{seg}: {len(altered)} chunk(s) differ from what the run wrote "
+            f"({_short(chunk_ranges(altered))}): a stored chunk is missing or was changed; "
+            f"re-run `zseg finalize --run {run.root} --stage labels --chunks ...` after deleting their markers, "
+            "or run again."
+        )
+    if beyond:
+        problems.append(f"{labels}/{seg}: label IDs above the run's {ncells} cells, e.g. {sorted(beyond)[:5]}.")
+    absent = np.flatnonzero(~seen[1:]) + 1
+    if len(absent) and not unreadable:
+        problems.append(f"{labels}/{seg}: {len(absent)} of the IDs 1..{ncells} have no voxel "
+                        f"(e.g. {', '.join(map(str, absent[:5]))}); the labels do not match the run's cell count.")
+    problems += _check_table(run, ncells)
+    if problems:
+        raise UserError(*problems)
+    return {"output": run.root, "ok": True, "cells": ncells, "chunks": g.nchunks,
+            "labels": f"{labels}/{seg}", "digests_checked": crcs is not None}
+
+
+def _check_table(run: Run, ncells: int) -> list[str]:
+    """The cell table, when the run wrote one: one row per cell, IDs 1..N."""
+    uri = U.join(run.root, "cells.parquet")
+    if not U.exists(uri):
+        return []
+    try:
+        import pyarrow.parquet as pq
+
+        with U.open_file(uri) as f:
+            table = pq.read_table(f)
+    except Exception as e:
+        return [f"{uri}: cannot be read as Parquet ({type(e).__name__}: {e})."]
+    problems = []
+    if table.num_rows != ncells:
+        problems.append(f"{uri}: {table.num_rows} rows, but the run recorded {ncells} cells.")
+    column = next((c for c in ("label", "label_id", "id") if c in table.column_names), None)
+    if column is not None and table.num_rows == ncells:
+        ids = np.sort(np.asarray(table.column(column).to_numpy(), dtype=np.int64))
+        if not np.array_equal(ids, np.arange(1, ncells + 1)):
+            problems.append(f"{uri}: column {column!r} is not the IDs 1..{ncells}.")
+    return problems

@@ -1,0 +1,712 @@
+"""Reliability (issue 7): S3 end to end, resume after SIGKILL, identical re-runs, `zseg verify`,
+and every bad input of the README's table "What zseg says to bad input" (one test per row).
+
+The volume is small (16 x 48 x 48 voxels, 18 chunks of 8 x 16 x 16) and segmented from its
+exact flows, so a whole run takes about two seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from zseg.engine.synth import flows_from_labels, synth_cells
+from zseg.errors import UserError
+from zseg.pipeline.cli import main
+from zseg.pipeline.local import run_local, run_phase
+from zseg.pipeline.manifest import Run
+from zseg.pipeline.params import build_params
+from zseg.pipeline.plan import plan
+from zseg.pipeline.verify import chunk_ranges, verify_output
+from zseg.storage.arrays import create_array, open_array
+from zseg.storage.omezarr import write_ome_zarr
+
+SHAPE = (16, 48, 48)
+CHUNK = (8, 16, 16)  # 2 x 3 x 3 = 18 chunks
+NCHUNKS = 18
+DIAMETER = 8.0
+MARKER = re.compile(r"^c(\d{7})\.json$")
+
+
+# -- data ------------------------------------------------------------------------------------------
+def write_volume(base: str, image: np.ndarray, flows: np.ndarray | None = None) -> dict:
+    """``base``/image.ome.zarr (and ``base``/flows.zarr): local paths or s3:// URIs."""
+    out = {"image": f"{base}/image.ome.zarr"}
+    write_ome_zarr(out["image"], image, axes="zyx", voxel_size=(1.0, 1.0, 1.0), chunks=CHUNK)
+    if flows is not None:
+        out["flows"] = f"{base}/flows.zarr"
+        arr = create_array(out["flows"], shape=flows.shape, chunks=(flows.shape[0], *CHUNK), dtype="float16")
+        arr[...] = flows.astype(np.float16)
+    return out
+
+
+@pytest.fixture(scope="module")
+def cells():
+    image, labels = synth_cells(SHAPE, diameter=DIAMETER, seed=7)
+    return image, flows_from_labels(labels)
+
+
+@pytest.fixture(scope="module")
+def data(cells, tmp_path_factory):
+    return write_volume(str(tmp_path_factory.mktemp("data")), *cells)
+
+
+def argv(data: dict, out, *extra: str) -> list[str]:
+    """The `zseg run` arguments of the reference run (and of the killed and resumed ones)."""
+    return ["run", data["image"], str(out), "--flows", data["flows"], "--diameter", str(DIAMETER),
+            "--chunk-shape", ",".join(map(str, CHUNK)), *extra]
+
+
+def labels_of(out) -> np.ndarray:
+    return np.asarray(open_array(f"{out}/labels.zarr/{_segmented(out)}")[...])
+
+
+def _segmented(out) -> str:
+    from zseg.pipeline.verify import _segmented_path
+
+    return _segmented_path(Run.open(str(out)))
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """An uninterrupted run on local files: its output folder and labels."""
+    out = tmp_path_factory.mktemp("ref") / "out"
+    assert main(argv(data, out)) == 0
+    labels = labels_of(out)
+    assert labels.max() > 50  # a real segmentation, not an empty one
+    return out, labels
+
+
+def fresh_copy(reference, tmp_path) -> Path:
+    out = tmp_path / "copy"
+    shutil.copytree(reference[0], out)
+    return out
+
+
+def refused(capsys, args, *expect: str, lines: int | None = 1) -> list[str]:
+    """Run the CLI: exit code 2 and ``lines`` lines of ``zseg: error:``, containing ``expect``."""
+    capsys.readouterr()
+    code = main(args)
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("zseg:")]
+    assert code == 2, err
+    if lines is not None:
+        assert len(err) == lines, err
+    assert all(line.startswith("zseg: error:") for line in err), err
+    text = "\n".join(err)
+    for e in expect:
+        assert e in text, err
+    return err
+
+
+# -- S3 end to end -----------------------------------------------------------------------------------
+@pytest.mark.s3
+@pytest.mark.slow
+def test_s3_run_equals_the_same_run_on_local_files(s3_server, cells, tmp_path):
+    """Input, flows, output and work all on S3 (moto on 127.0.0.1) give the local run's labels."""
+    opts = ["--diameter", str(DIAMETER), "--chunk-shape", "16,24,24", "--workers", "2"]  # 4 chunks: moto is slow
+    local = write_volume(str(tmp_path), *cells)
+    assert main(["run", local["image"], str(tmp_path / "out"), "--flows", local["flows"], *opts]) == 0
+    remote = write_volume(f"{s3_server}/e2e", *cells)
+    out, work = f"{s3_server}/e2e/out", f"{s3_server}/e2e-work"
+    assert main(["run", remote["image"], out, "--flows", remote["flows"], "--work", work, *opts]) == 0
+    np.testing.assert_array_equal(labels_of(out), labels_of(tmp_path / "out"))
+    assert verify_output(out)["ok"]
+    from zseg.storage.uri import exists
+
+    assert exists(f"{work}/ends.zarr") and not exists(f"{out}/work")  # --work honoured on S3
+    from zseg.storage.uri import read_bytes
+
+    manifest = read_bytes(f"{out}/run.json").decode()
+    for secret in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # credentials never reach the outputs
+        assert os.environ[secret] not in manifest
+
+
+# -- resume after SIGKILL --------------------------------------------------------------------------
+SLOW = textwrap.dedent('''
+    # Test-only: slow the stages named in ZSEG_TEST_SLOW down (seconds per chunk, after the
+    # chunk's data is written and before its marker), so a SIGKILL lands inside the stage.
+    import os, time
+    _slow = os.environ.get("ZSEG_TEST_SLOW")
+    if _slow:
+        import zseg.pipeline.stages as _stages
+        _names, _delay = _slow.rsplit("=", 1)
+        for _name in _names.split(","):
+            _stage = _stages.STAGES[_name]
+            def _slowly(run, index, _fn=_stage.fn):
+                out = _fn(run, index)
+                time.sleep(float(_delay))
+                return out
+            object.__setattr__(_stage, "fn", _slowly)
+''')
+
+
+def _markers(out: Path, stage_dir: str) -> list[int]:
+    d = out / "work" / stage_dir
+    return sorted(int(m.group(1)) for m in map(MARKER.match, os.listdir(d)) if m) if d.exists() else []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, stage_dir", [("seeds:follow", "follow"), ("seeds:find", "seeds"), ("masks", "masks")])
+def test_killed_run_resumes_to_identical_labels(data, reference, tmp_path, stage, stage_dir):
+    """`zseg run` killed by SIGKILL inside a stage, then the same command again: same labels,
+    and the summary lists the chunks it skipped."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SLOW)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "zseg", *argv(data, out)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p),
+           "ZSEG_TEST_SLOW": f"{stage}=0.25"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    try:
+        while not 2 <= len(_markers(out, stage_dir)) <= NCHUNKS - 4:
+            assert proc.poll() is None, f"the run ended before it could be killed: {proc.communicate()}"
+            assert time.monotonic() < deadline, "the stage never started"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    done = _markers(out, stage_dir)
+    assert 2 <= len(done) < NCHUNKS
+    assert not json.loads((out / "run.json").read_text())["complete"]
+    assert verify_fails(out, "not finished")
+
+    again = subprocess.run([sys.executable, "-m", "zseg", *argv(data, out)], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    report = json.loads(again.stdout)
+    assert report["skipped"][stage] == chunk_ranges(done)
+    assert report["skipped"]["percentiles"] == f"0-{NCHUNKS - 1}"
+    assert "resumed" in again.stderr and f"{stage} {chunk_ranges(done)}" in again.stderr
+    np.testing.assert_array_equal(labels_of(out), reference[1])
+    assert verify_output(str(out))["ok"]
+
+
+def verify_fails(out, *expect) -> list[str]:
+    with pytest.raises(UserError) as e:
+        verify_output(str(out))
+    text = "\n".join(e.value.problems)
+    for x in expect:
+        assert x in text, text
+    return e.value.problems
+
+
+# -- re-running a task -------------------------------------------------------------------------------
+def _files(root: Path) -> dict[str, bytes]:
+    """Every file but the per-chunk markers (they record the task's time and memory)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and not MARKER.match(p.name) and ".partial" not in p.name}
+
+
+def test_rerunning_a_chunk_gives_identical_bytes(reference, tmp_path):
+    out = fresh_copy(reference, tmp_path)
+    before = _files(out)
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    run = Run.open(str(out))
+    from zseg.pipeline.stages import STAGES
+
+    k = 4
+    maps = [s for s in STAGES.values() if s.kind == "map" and s.applies(run)]
+    for s in maps:
+        (out / "work" / s.marker_dir / f"c{k:07d}.json").unlink()
+    for s in maps:
+        phase, _, sub = s.name.partition(":")
+        r = run_phase(str(out), phase, stage=sub or None, chunks=str(k))
+        assert r["ran"] == [k], (s.name, r)
+    after = _files(out)
+    assert after.keys() == before.keys()
+    changed = [name for name in before if before[name] != after[name]]
+    assert changed == []
+    # the tasks really wrote again: chunk k's objects in the labels and the work arrays are new files
+    rewritten = {str(p.relative_to(out)) for p, t in stamps.items() if p.exists() and p.stat().st_mtime_ns != t}
+    for store in ("labels.zarr", "work/ends.zarr", "work/masks.zarr"):
+        assert any(name.startswith(store + "/") and not name.endswith("zarr.json") for name in rewritten), store
+    assert verify_output(str(out))["ok"]
+
+
+# -- finalize refuses while chunks are missing -------------------------------------------------------
+def test_finalize_refuses_while_chunks_are_incomplete_and_lists_them(data, tmp_path, capsys):
+    out = str(tmp_path / "o")
+    plan(build_params(input=data["image"], output=out, flows=data["flows"], diameter=DIAMETER, chunk_shape=CHUNK))
+    for phase, stage, reduce in (("percentiles", None, False), ("percentiles", None, True),
+                                 ("seeds", "follow", False), ("seeds", "find", False), ("number", None, True)):
+        run_phase(out, phase, stage=stage, reduce=reduce)
+    run_phase(out, "masks", chunks="0-9,12")
+    err = refused(capsys, ["finalize", "--run", out, "--stage", "sizes"],
+                  "finalize:sizes cannot start", "7 of 18 chunk(s) of masks are not done (10-11,13-17)",
+                  f"zseg masks --run {out}")
+    for stage in ("labels", "report"):
+        refused(capsys, ["finalize", "--run", out, "--stage", stage], f"finalize:{stage} cannot start",
+                "masks are not done (10-11,13-17)")
+    # a map task of a later stage is refused too (it would read a half-made input)
+    refused(capsys, ["finalize", "--run", out, "--stage", "labels", "--chunks", "0"], "cannot start")
+    assert not (Path(out) / "labels.zarr").exists() and not (Path(out) / "work" / "sizes").exists()
+    assert "masks" in err[0]
+    run_phase(out, "masks")
+    for stage in ("sizes", "number", "labels"):
+        assert main(["finalize", "--run", out, "--stage", stage]) == 0
+    capsys.readouterr()
+    stages = [n.split(":")[1] for n in _later_finalize_stages(out)]
+    for stage in stages:
+        assert main(["finalize", "--run", out, "--stage", stage]) == 0, capsys.readouterr().err
+    assert verify_output(out)["ok"]
+
+
+def _later_finalize_stages(out) -> list[str]:
+    from zseg.pipeline.stages import STAGES
+
+    names = [n for n in STAGES if n.startswith("finalize:")]
+    return names[names.index("finalize:labels") + 1:]
+
+
+# -- zseg verify -------------------------------------------------------------------------------------
+def test_verify_accepts_a_finished_run(reference, capsys):
+    capsys.readouterr()
+    assert main(["verify", str(reference[0])]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["ok"] and summary["cells"] == int(reference[1].max()) and summary["digests_checked"]
+
+
+def _stored_chunks(out: Path) -> list[Path]:
+    level = out / "labels.zarr" / _segmented(out)
+    return sorted(p for p in (level / "c").rglob("*") if p.is_file())
+
+
+def test_verify_finds_a_missing_chunk(reference, tmp_path, capsys):
+    out = fresh_copy(reference, tmp_path)
+    _stored_chunks(out)[5].unlink()
+    refused(capsys, ["verify", str(out)], "differ from what the run wrote", "missing or was changed", lines=None)
+
+
+def test_verify_finds_a_corrupt_chunk(reference, tmp_path, capsys):
+    out = fresh_copy(reference, tmp_path)
+    victim = _stored_chunks(out)[3]
+    victim.write_bytes(victim.read_bytes()[:20])
+    key = victim.relative_to(out / "labels.zarr" / _segmented(out)).as_posix()
+    refused(capsys, ["verify", str(out)], "cannot be read", key, "truncated or corrupt", lines=None)
+
+
+def test_verify_finds_changed_labels_and_a_wrong_cell_count(reference, tmp_path, capsys):
+    out = fresh_copy(reference, tmp_path)
+    arr = zarr.open_array(str(out / "labels.zarr" / _segmented(out)), mode="r+")
+    block = arr[0:8, 0:16, 0:16]
+    block[block == block.max()] = 0  # a cell's voxels in chunk 0 are lost
+    arr[0:8, 0:16, 0:16] = block
+    err = refused(capsys, ["verify", str(out)], "(0)", lines=None)
+    assert any("differ" in e for e in err)
+    out2 = fresh_copy(reference, tmp_path / "b")
+    manifest = json.loads((out2 / "run.json").read_text())
+    manifest["result"]["cells"] += 3
+    (out2 / "run.json").write_text(json.dumps(manifest))
+    refused(capsys, ["verify", str(out2)], "3 of the IDs", lines=None)
+
+
+def test_verify_finds_broken_metadata(reference, tmp_path, capsys):
+    out = fresh_copy(reference, tmp_path)
+    meta_file = out / "labels.zarr" / "zarr.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["attributes"]["ome"]["multiscales"]
+    meta_file.write_text(json.dumps(meta))
+    refused(capsys, ["verify", str(out)], "multiscales", lines=None)
+
+
+def test_verify_lists_what_an_unfinished_run_lacks(data, tmp_path, capsys):
+    out = str(tmp_path / "o")
+    plan(build_params(input=data["image"], output=out, flows=data["flows"], diameter=DIAMETER, chunk_shape=CHUNK))
+    run_phase(out, "percentiles", chunks="0-4")
+    err = refused(capsys, ["verify", out], "not finished", "percentiles: 13 of 18 chunk(s) not done (5-17)", lines=None)
+    assert len(err) >= 3
+
+
+def test_verify_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
+    refused(capsys, ["verify", str(tmp_path)], "not a zseg output folder")
+
+
+# -- bad input: the README table, row by row ---------------------------------------------------------
+def _nothing_written(out: Path):
+    assert not out.exists() or not (out / "labels.zarr").exists()
+
+
+def test_bad_nan_voxels_in_the_image(cells, tmp_path, capsys):
+    image, flows = cells
+    bad = image.astype(np.float32)
+    bad[3, 20, 30] = np.nan
+    bad[12, 40, 40] = np.inf
+    d = write_volume(str(tmp_path), bad, flows)
+    out = tmp_path / "o"
+    refused(capsys, argv(d, out), "percentiles, chunk", "NaN or infinite")
+    _nothing_written(out)
+    assert not json.loads((out / "run.json").read_text())["complete"]
+
+
+def test_bad_nan_in_the_flows(cells, tmp_path, capsys):
+    image, flows = cells
+    bad = flows.copy()
+    bad[1, 9, 30, 30] = np.nan
+    d = write_volume(str(tmp_path), image, bad)
+    out = tmp_path / "o"
+    refused(capsys, argv(d, out), "seeds:follow, chunk 0 (z 0:8, y 0:16, x 0:16)", "NaN or infinite")
+    _nothing_written(out)
+
+
+def test_bad_all_zero_volume_is_a_valid_empty_result(tmp_path, capsys):
+    d = write_volume(str(tmp_path), np.zeros(SHAPE, np.uint16), np.zeros((4, *SHAPE), np.float32))
+    out = tmp_path / "o"
+    assert main(argv(d, out)) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["cells"] == 0
+    assert not labels_of(out).any()
+    assert verify_output(str(out))["cells"] == 0
+
+
+@pytest.mark.parametrize("which", ["image", "flows"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_bad_damaged_zarr_chunk(cells, tmp_path, capsys, which, damage):
+    d = write_volume(str(tmp_path), *cells)
+    array = Path(d[which]) / ("0" if which == "image" else "")
+    victim = sorted(p for p in (array / "c").rglob("*") if p.is_file())[4]
+    raw = victim.read_bytes()
+    victim.write_bytes(raw[: len(raw) // 2] if damage == "truncated" else b"not a zstd frame" * 4)
+    key = victim.relative_to(array).as_posix()
+    out = tmp_path / "o"
+    err = refused(capsys, argv(d, out), "truncated or corrupt", key, str(array).rstrip("/"))
+    assert "Traceback" not in err[0]
+    _nothing_written(out)
+
+
+@pytest.mark.parametrize("dtype", ["bool", "complex64", "uint64"])
+def test_bad_image_dtype(tmp_path, capsys, dtype):
+    src = str(tmp_path / "v.zarr")
+    create_array(src, shape=SHAPE, chunks=CHUNK, dtype=dtype)
+    out = tmp_path / "o"
+    refused(capsys, ["plan", src, str(out)], "data type", dtype, "supported")
+    assert not out.exists()
+
+
+def test_bad_flows_dtype(cells, tmp_path, capsys):
+    d = write_volume(str(tmp_path), cells[0])
+    flows = str(tmp_path / "iflows.zarr")
+    create_array(flows, shape=(4, *SHAPE), chunks=(4, *CHUNK), dtype="int16")
+    out = tmp_path / "o"
+    refused(capsys, ["run", d["image"], str(out), "--flows", flows], "int16", "floating point")
+    assert not out.exists()
+
+
+def test_bad_single_plane(cells, tmp_path, capsys):
+    """A one-plane volume is a 2D image: refused for the network, segmented from given flows."""
+    image, flows = cells
+    src = str(tmp_path / "one.ome.zarr")
+    write_ome_zarr(src, image[5:6], axes="zyx", voxel_size=(1.0, 1.0, 1.0), chunks=(1, 16, 16))
+    out = tmp_path / "o"
+    refused(capsys, ["plan", src, str(out)], "single z plane", "2D")
+    assert not out.exists()
+    f = str(tmp_path / "one_flows.zarr")
+    create_array(f, shape=(4, 1, *SHAPE[1:]), chunks=(4, 1, 16, 16), dtype="float32")[...] = flows[:, 5:6]
+    assert main(["run", src, str(out), "--flows", f, "--diameter", "8", "--chunk-shape", "1,16,16"]) == 0
+    assert labels_of(out).max() > 10
+    assert verify_output(str(out))["ok"]
+
+
+def test_bad_huge_diameter_clips_the_halo_and_stays_chunk_exact(data, tmp_path, capsys, caplog):
+    """A halo (2 x diameter) larger than the volume is clipped: every block is the whole volume."""
+    common = ["--diameter", "100", "--niter", "40"]
+    whole = argv(data, tmp_path / "whole", *common)
+    whole[whole.index("--chunk-shape") + 1] = ",".join(map(str, SHAPE))
+    assert main(whole) == 0
+    with caplog.at_level("WARNING"):
+        assert main(argv(data, tmp_path / "chunked", *common)) == 0
+    assert "larger than the volume" in caplog.text
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["chunk_exact"]
+    np.testing.assert_array_equal(labels_of(tmp_path / "chunked"), labels_of(tmp_path / "whole"))
+    assert Run.open(str(tmp_path / "chunked")).grid.halo == (200, 200, 200)
+
+
+def _planned(data, tmp_path) -> str:
+    out = str(tmp_path / "o")
+    plan(build_params(input=data["image"], output=out, flows=data["flows"], diameter=DIAMETER, chunk_shape=CHUNK))
+    return out
+
+
+def test_bad_manifest_invalid_json(data, tmp_path, capsys):
+    out = _planned(data, tmp_path)
+    path = Path(out) / "run.json"
+    path.write_text(path.read_text()[:200])
+    refused(capsys, ["percentiles", "--run", out], "run.json", "not valid JSON", "--overwrite")
+    refused(capsys, argv(data, out), "not valid JSON")
+
+
+@pytest.mark.parametrize("edit, expect", [
+    (lambda m: m["params"].update(diameter=-1), "params.diameter = -1"),
+    (lambda m: m["grid"].update(nchunks=5), "nchunks 5 do not follow"),
+    (lambda m: m["grid"].update(chunk_shape=[8, "16", 16]), "grid.chunk_shape"),
+    (lambda m: m["grid"].update(shape=[16, 48, 49], grid_shape=[2, 3, 4], nchunks=24), "not the input's shape"),
+    (lambda m: m.update(niter=0), "niter = 0"),
+    (lambda m: m.update(complete="yes"), "complete = 'yes'"),
+    (lambda m: m.pop("grid"), "grid missing"),
+    (lambda m: m["params"].update(surprise=1), "params.surprise"),
+], ids=["bad-value", "inconsistent-grid", "wrong-type", "grid-vs-input", "niter", "complete", "missing", "unknown-key"])
+def test_bad_manifest_values(data, tmp_path, capsys, edit, expect):
+    out = _planned(data, tmp_path)
+    path = Path(out) / "run.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+    err = refused(capsys, ["seeds", "--run", out, "--stage", "follow"], expect, "edited or damaged", lines=None)
+    assert 1 <= len(err) <= 3
+    assert not (Path(out) / "work" / "follow").exists()
+
+
+def test_bad_output_folder_of_another_run(data, reference, tmp_path, capsys):
+    # a finished run is never overwritten without --overwrite
+    out = fresh_copy(reference, tmp_path)
+    before = _files(out)
+    refused(capsys, argv(data, out), "already holds a finished run", "--overwrite")
+    assert _files(out) == before
+    # an unfinished run with other parameters is not resumed
+    other = _planned(data, tmp_path)
+    run_phase(other, "percentiles", chunks="0-3")
+    refused(capsys, argv(data, other, "--min-size", "40"), "unfinished run with other parameters", "min_size")
+    assert sorted(p.name for p in (Path(other) / "work" / "percentiles").glob("*.json")) == \
+        [f"c{i:07d}.json" for i in range(4)]
+    # any other folder
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "holiday.jpg").write_bytes(b"\xff\xd8")
+    refused(capsys, argv(data, foreign), "not a zseg run folder", "--overwrite")
+    assert (foreign / "holiday.jpg").read_bytes() == b"\xff\xd8"
+    # --overwrite with a bad input is refused before the old run is touched
+    bad = argv(data, out, "--overwrite")
+    bad[bad.index("--flows") + 1] = data["image"] + "/0"  # not flows: the image array
+    refused(capsys, bad, "flow store", "floating point")
+    assert _files(out) == before
+    # with --overwrite the finished run is replaced by a new one
+    assert main(argv(data, out, "--overwrite", "--min-size", "40")) == 0
+    assert Run.open(str(out)).params.min_size == 40
+
+
+def test_paths_from_a_manifest_cannot_send_writes_elsewhere(data, tmp_path, capsys):
+    """Outputs go under the folder the user named; only the user's own --work may lie outside."""
+    out = _planned(data, tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    path = Path(out) / "run.json"
+    manifest = json.loads(path.read_text())
+    manifest["params"]["output"] = str(elsewhere)
+    path.write_text(json.dumps(manifest))
+    assert Run.open(out).params.output == out
+    assert Run.open(out).work == os.path.join(out, "work")
+    for phase, stage, reduce in (("percentiles", None, False), ("percentiles", None, True),
+                                 ("seeds", "follow", False), ("seeds", "find", False), ("number", None, True),
+                                 ("masks", None, False)):
+        run_phase(out, phase, stage=stage, reduce=reduce)
+    from zseg.pipeline.stages import STAGES
+
+    for name in [n for n in STAGES if n.startswith("finalize:")]:
+        st = STAGES[name]
+        run_phase(out, "finalize", stage=name.split(":")[1], reduce=st.kind == "reduce")
+    assert not elsewhere.exists()
+    assert (Path(out) / "labels.zarr").exists()
+    # chunk indices and stage names come from the code and the grid, never as paths
+    refused(capsys, ["masks", "--run", out, "--chunks", "18"], "outside 0-17")
+    refused(capsys, ["masks", "--run", out, "--chunks", "../../x"], "not an index")
+    refused(capsys, ["seeds", "--run", out, "--stage", "../../follow"], "not a stage")
+
+
+def test_user_given_work_folder_elsewhere_is_honoured(data, tmp_path):
+    out, work = tmp_path / "o", tmp_path / "scratch" / "w"
+    run_local(build_params(input=data["image"], output=str(out), flows=data["flows"], work=str(work),
+                           diameter=DIAMETER, chunk_shape=(16, 48, 48)))
+    assert (work / "ends.zarr").exists() and not (out / "work").exists()
+    assert verify_output(str(out))["ok"]
+
+
+def test_corrupt_work_chunk_is_named(reference, tmp_path, capsys):
+    """A damaged intermediate names its store and chunk (and how to redo it)."""
+    out = fresh_copy(reference, tmp_path)
+    victim = sorted((out / "work" / "masks.zarr" / "c").rglob("*"))
+    victim = [p for p in victim if p.is_file()][2]
+    victim.write_bytes(b"\x00" * 7)
+    (out / "work" / "labels" / "c0000002.json").unlink()
+    refused(capsys, ["finalize", "--run", str(out), "--stage", "labels", "--chunks", "2"],
+            "finalize:labels, chunk 2", "masks.zarr", "truncated or corrupt")
+
+
+# -- weights and Nextflow ------------------------------------------------------------------------------
+def test_weights_are_loaded_without_executing_code():
+    """Every torch.load in the package passes weights_only=True (a pickle cannot run code)."""
+    root = Path(__file__).resolve().parents[1] / "python" / "zseg"
+    calls = []
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        for m in re.finditer(r"torch\.load\(", text):
+            depth, i = 1, m.end()
+            while depth and i < len(text):
+                depth += {"(": 1, ")": -1}.get(text[i], 0)
+                i += 1
+            calls.append((path.name, text[m.start():i]))
+    for name, call in calls:
+        assert re.search(r"weights_only\s*=\s*True", call), f"{name}: {call}"
+    assert not re.search(r"\bpickle\.loads?\(", "\n".join(p.read_text() for p in root.rglob("*.py")))
+
+
+
+class _Payload:
+    """A pickle that runs code when loaded: it creates the file ``marker``."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_weights_file_that_runs_code_is_refused_without_running_it(tmp_path, capsys):
+    """The model loader reads weights with torch.load(weights_only=True): a pickle that would
+    execute code is refused with one line, and its code never runs."""
+    torch = pytest.importorskip("torch")
+    models = pytest.importorskip("zseg.pipeline.models")  # issue 4's loader
+    marker = tmp_path / "pwned"
+    weights = tmp_path / "evil.pt"
+    torch.save({"W2": torch.zeros(2), "evil": _Payload(str(marker))}, weights)
+    with pytest.raises(UserError) as e:
+        models.inspect_model(str(weights), download=False)
+    assert not marker.exists()
+    assert len(e.value.problems) == 1 and "not a readable Cellpose weights file" in e.value.problems[0]
+    with pytest.raises(UserError):
+        models.load_network(weights, torch.device("cpu"))
+    assert not marker.exists()
+    # the same file does run code when loaded the unsafe way: the test's payload is real
+    torch.load(weights, weights_only=False)
+    assert marker.exists()
+
+# Every ${...} a process puts into its shell script is one of these. Numbers need no quoting; a
+# value between single quotes is safe when it cannot hold a single quote, which main.nf ensures
+# for the parameters it comes from; planFlags quotes (and escapes) each value itself; task.ext.args
+# holds the pipeline operator's extra words from a config file, split by the shell on purpose.
+NUMBERS = {"task.cpus", "index", "count"}
+SINGLE_QUOTED = {"meta.run": "outdir", "input": "input", "flows": "flows", "shape": "synth"}
+SELF_QUOTING = {"planFlags(run_params)"}
+CONFIG_WORDS = {"args"}
+
+
+def shell_interpolations(template: str) -> list[tuple[str, str]]:
+    """``(expression, context)`` of each Groovy ``${...}`` in a shell template; context is where the
+    shell sees it: ``single`` or ``double`` quoted, or ``none``."""
+    import nextflow_text as NT
+
+    out, state, i = [], None, 0
+    while i < len(template):
+        if template.startswith("${", i):
+            m = NT._INTERP.match(template, i)
+            out.append((m.group(1).strip(), state or "none"))
+            i = m.end()
+            continue
+        c = template[i]
+        if c == "\\" and state != "single":
+            i += 2
+            continue
+        if state is None and c in "'\"":
+            state = "single" if c == "'" else "double"
+        elif (state == "single" and c == "'") or (state == "double" and c == '"'):
+            state = None
+        i += 1
+    return out
+
+
+def _check_quoting(where_from: str, template: str, defs: dict[str, str]) -> int:
+    """Apply the rules above to every ${...} of ``template``; a local ``def name = ...`` of the
+    script block used unquoted is checked through its own string literals. Returns the count."""
+    bare = re.findall(r"(?<![\\$])\$(?![{(])\w+", template)
+    assert not bare, f"{where_from}: write ${{...}} so it can be checked, not {bare}"
+    checked = 0
+    for expr, where in shell_interpolations(template):
+        checked += 1
+        if expr in NUMBERS:
+            continue
+        if where == "single":
+            assert expr in SINGLE_QUOTED, f"{where_from}: '${{{expr}}}' comes from an unchecked value"
+        elif where == "none":
+            if expr in defs and expr not in CONFIG_WORDS:
+                literals = re.findall(r'"((?:[^"\\]|\\.)*)"', defs[expr])
+                assert literals or re.fullmatch(r"\s*''\s*", defs[expr]), f"{where_from}: {expr} = {defs[expr]}"
+                for lit in literals:
+                    checked += _check_quoting(f"{where_from} ({expr})", lit, {})
+                continue
+            assert expr in NUMBERS | SELF_QUOTING | CONFIG_WORDS, \
+                f"{where_from}: ${{{expr}}} reaches the shell unquoted; put it in single quotes"
+        else:
+            pytest.fail(f"{where_from}: ${{{expr}}} is inside double quotes, where the shell expands $ and `")
+    return checked
+
+
+def test_nextflow_scripts_quote_every_parameter_they_pass_to_the_shell():
+    import nextflow_text as NT
+
+    procs = NT.processes()
+    assert procs
+    checked = 0
+    for name, proc in procs.items():
+        defs = dict(re.findall(r"^\s*def\s+(\w+)\s*=\s*(.+?)\s*$", proc.script_groovy, re.M))
+        checked += _check_quoting(f"{name} script", proc.script, defs)
+        checked += _check_quoting(f"{name} stub", proc.stub or "", {})
+    assert checked > 20
+
+
+def test_nextflow_refuses_parameters_that_could_break_the_quoting():
+    """main.nf refuses a quote or a line break in every parameter that ends up single-quoted."""
+    main_nf = (Path(__file__).resolve().parents[1] / "main.nf").read_text()
+    m = re.search(r"\[([^\]]*)\]\.each \{ name ->\s*\n\s*if \(params\[name\] && params\[name\]\.toString\(\) =~ /\['\\n\\r\]/\)",
+                  main_nf)
+    assert m, "the quote guard is missing from main.nf"
+    guarded = set(re.findall(r"'(\w+)'", m.group(1)))
+    assert set(SINGLE_QUOTED.values()) <= guarded
+    plan_nf = (Path(__file__).resolve().parents[1] / "modules/local/plan/main.nf").read_text()
+    assert "replace(\"'\", \"'\\\\''\")" in plan_nf  # planFlag escapes quotes in every value
+
+
+def test_readme_table_names_real_tests():
+    """Each row of README's "What zseg says to bad input" names tests of this file that exist."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### What zseg says to bad input", 1)[1].split("\n## ", 1)[0]
+    rows = [r for r in section.splitlines() if r.startswith("| ") and not r.startswith("| input tried")]
+    assert len(rows) >= 15
+    here = {name for name in globals() if name.startswith("test_")}
+    for row in rows:
+        names = re.findall(r"`(test_\w+)(?:\[[^\]]*\])?`", row.rsplit("|", 2)[-2])
+        assert names, row
+        for name in names:
+            assert name in here, name
+
+
+@pytest.mark.parametrize("template, expect", [
+    ("zseg plan '${input}' --x ${task.cpus}", [("input", "single"), ("task.cpus", "none")]),
+    ('echo "${meta.run}" ${args}', [("meta.run", "double"), ("args", "none")]),
+    ("echo 'it''s' ${flows} \\'${x}", [("flows", "none"), ("x", "none")]),
+])
+def test_the_quote_checker_sees_what_the_shell_sees(template, expect):
+    assert shell_interpolations(template) == expect
+
+
+@pytest.mark.parametrize("template, defs", [
+    ("zseg plan ${input}", {}),  # unquoted value
+    ('zseg plan "${input}"', {}),  # double quotes: the shell still expands $(...) in it
+    ("zseg plan '${meta.secret}'", {}),  # quoted, but from a value main.nf does not check
+    ("zseg plan ${flag}", {"flag": 'flows ? "--flows ${flows}" : \'\''}),  # a helper that does not quote
+    ("zseg plan $input", {}),  # bare $name: not checkable
+])
+def test_the_quote_checker_refuses_unsafe_scripts(template, defs):
+    with pytest.raises((AssertionError, pytest.fail.Exception)):
+        _check_quoting("t", template, defs)
