@@ -2,7 +2,8 @@
 /*
  * zseg: Cellpose segmentation of microscopy volumes of any size, identical whatever the chunking.
  *
- *   nextflow run main.nf --input vol.ome.zarr --flows flows.zarr --outdir results [-profile ...]
+ *   nextflow run main.nf --input vol.ome.zarr --outdir results [--model cpsam] [-profile gpu,...]
+ *   nextflow run main.nf --input vol.ome.zarr --flows flows.zarr --outdir results   (no network)
  *
  * Each process runs one `zseg` phase command; all logic lives there. This file checks the
  * parameters, which are the fields of zseg's parameter model (nextflow_schema.json,
@@ -19,9 +20,12 @@ workflow {
     if (!params.synth && !params.input) {
         error("--input is missing: give the volume to segment (OME-Zarr, zarr array or TIFF; local path or s3:// URI).")
     }
-    if (!params.synth && !params.flows) {
-        error("--flows is missing: this zseg has no network phase yet, so it segments from a precomputed flow store " +
-            "(zarr array (4, Z, Y, X) = dZ, dY, dX, cellprob); `zseg synth` writes one for a synthetic volume, as -profile test does.")
+    // The processes pass these to the shell inside single quotes: a quote or a line break in
+    // one could end the quoting, so such a value is refused (tests/test_reliability.py).
+    ['input', 'flows', 'outdir', 'work', 'synth', 'model', 'mask'].each { name ->
+        if (params[name] && params[name].toString() =~ /['\n\r]/) {
+            error("--${name}: a path with a single quote or a line break cannot be passed to the tasks safely; rename or move it.")
+        }
     }
     if (!(params.shard_size.toString() ==~ /[1-9][0-9]*/)) {
         error("--shard_size ${params.shard_size}: give the number of chunks per task, a whole number of 1 or more.")
@@ -38,7 +42,7 @@ workflow {
     def meta = [
         id: outdir.tokenize('/')[-1],
         run: outdir,
-        container_options: mountOptions([params.input, params.flows, params.outdir, params.work]),
+        container_options: mountOptions([params.input, params.flows, params.outdir, params.work, params.mask, modelPath(params.model)]),
     ]
 
     // Every RunParams field but input, output and flows (given with the data) and workers (a
@@ -51,10 +55,17 @@ workflow {
         timepoint: params.timepoint,
         voxel_size: params.voxel_size,
         anisotropy: params.anisotropy,
-        model: params.model,
+        model: modelPath(params.model) ?: params.model,
         diameter: params.diameter,
         percentiles: params.percentiles,
         exclude_zeros: params.exclude_zeros,
+        tile_overlap: params.tile_overlap,
+        augment: params.augment,
+        batch_size: params.batch_size,
+        use_bfloat16: params.use_bfloat16,
+        skip_empty: params.skip_empty,
+        mask: params.mask ? absoluteUri(params.mask) : null,
+        keep_views: params.keep_views,
         cellprob_threshold: params.cellprob_threshold,
         niter: params.niter,
         flow3D_smooth: params.flow3D_smooth,
@@ -64,6 +75,7 @@ workflow {
         halo: params.halo,
         device: params.device,
         zarr_format: params.zarr_format,
+        cells_csv: params.cells_csv,
         overwrite: params.overwrite,
     ]
 
@@ -73,12 +85,19 @@ workflow {
         ch_data = ZSEG_SYNTH.out.data.map { m, image, flows -> [m, image.toUriString(), flows.toUriString()] }
     }
     else {
-        ch_data = channel.value([meta, absoluteUri(params.input), absoluteUri(params.flows)])
+        ch_data = channel.value([meta, absoluteUri(params.input), params.flows ? absoluteUri(params.flows) : ''])
     }
 
     ZSEG(ch_data, run_params, params.shard_size as Integer)
 
     ZSEG.out.report.view { m, _report -> "zseg: finished; labels in ${m.run}/labels.zarr, run report in ${m.run}/run.json" }
+}
+
+// --model as an absolute path when it names a file (a built-in name such as cpsam is looked up
+// in CELLPOSE_LOCAL_MODELS_PATH by the tasks); null otherwise.
+def modelPath(model) {
+    def text = model ? model.toString() : ''
+    return text.contains('/') || text.endsWith('.pt') || text.endsWith('.pth') ? absoluteUri(text) : null
 }
 
 // A URI (s3://...) as given; a local path made absolute, since each task runs in its own folder.

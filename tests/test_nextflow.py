@@ -33,9 +33,8 @@ import nextflow_text as NT  # noqa: E402
 ROOT = NT.ROOT
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
-#: Processes that run a GPU phase. The network (predict) phase has not landed yet; when it
-#: does, its process joins this set, and only it may carry the process_gpu label.
-GPU_PHASES: set[str] = set()
+#: Processes that run a GPU phase: only they may carry the process_gpu label.
+GPU_PHASES: set[str] = {"ZSEG_PREDICT"}
 
 RESOURCE_LABELS = {"process_low", "process_medium", "process_high", "process_gpu"}
 
@@ -65,6 +64,7 @@ def _values(tmp: Path | str = "/tmp/zseg-run") -> dict[str, str]:
         "shape": "16,48,48",
         "input": "/data/volume.ome.zarr",
         "flows": "/data/flows.zarr",
+        "flows_flag": "--flows '/data/flows.zarr'",
         "task.cpus": "2",
         "args": "",
         "planFlags(run_params)": "",
@@ -246,9 +246,13 @@ def test_main_passes_every_model_field_to_plan(cli):
             assert "--no-" + flag[2:] in plan_opts, f"`zseg plan` has no --no-{flag[2:]}"
 
 
-def test_flows_are_required_with_a_clear_message():
+def test_flows_are_optional_and_passed_only_when_given(procs):
     body = NT.workflow_body(ROOT / "main.nf", "")
-    assert re.search(r"if \(!params\.synth && !params\.flows\) \{\s*error\(\"--flows is missing", body)
+    assert "--flows is missing" not in body  # without flows, the predict stage computes them
+    assert "params.flows ? absoluteUri(params.flows) : ''" in body
+    plan = procs["ZSEG_PLAN"]
+    assert "def flows_flag = flows ? \"--flows '${flows}'\" : ''" in plan.script_groovy
+    assert "--flows" not in NT.render(plan.script, {**_values(), "flows_flag": ""})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -503,7 +507,8 @@ def test_emulated_run_of_the_rendered_scripts(procs, tmp_path):
 
     work = run(procs["ZSEG_SYNTH"], shape="16,48,48", args="--diameter 12 --seed 1")
     data = work / "synth"
-    work = run(procs["ZSEG_PLAN"], input=str(data / "image.ome.zarr"), flows=str(data / "flows.zarr"))
+    work = run(procs["ZSEG_PLAN"], input=str(data / "image.ome.zarr"),
+               flows_flag=f"--flows '{data / 'flows.zarr'}'")
     nchunks = json.loads((work / "plan.json").read_text())["nchunks"]
     assert nchunks == 8
     count = -(-nchunks // 3)  # shard_size 3: shards of 3, 3 and 2 chunks
@@ -571,7 +576,7 @@ def test_nextflow_profile_test(tmp_path):
 
 
 @needs_nextflow
-def test_nextflow_requires_flows(tmp_path):
-    run = _nextflow(tmp_path, "--input", "vol.ome.zarr", "--outdir", str(tmp_path / "results"))
+def test_nextflow_requires_input(tmp_path):
+    run = _nextflow(tmp_path, "--outdir", str(tmp_path / "results"))
     assert run.returncode != 0
-    assert "--flows is missing" in run.stdout + run.stderr
+    assert "--input is missing" in run.stdout + run.stderr

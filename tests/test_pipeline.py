@@ -56,9 +56,8 @@ def reference(volume, tmp_path_factory):
 def test_help_lists_the_phases_that_exist(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for phase in ("plan", "percentiles", "seeds", "number", "masks", "finalize", "run", "synth"):
+    for phase in ("plan", "percentiles", "predict", "seeds", "number", "masks", "finalize", "run", "synth"):
         assert phase in out
-    assert "predict" not in out  # its issue has not landed: absent, not a stub
 
 
 # -- chunk invariance and fidelity (issue 3) ----------------------------------------------------
@@ -135,7 +134,7 @@ def test_percentile_reduce_refuses_missing_chunks(tmp_path, capsys):
     assert main(["plan", src, out, "--chunk-shape", "4,4,4"]) == 0
     assert main(["percentiles", "--run", out, "--chunks", "0-3"]) == 0
     assert main(["percentiles", "--run", out, "--reduce"]) == 2
-    assert "4 chunk(s) of percentiles are not done" in capsys.readouterr().err
+    assert "4 of 8 chunk(s) of percentiles are not done (4-7)" in capsys.readouterr().err
 
 
 @pytest.mark.s3
@@ -229,9 +228,13 @@ def test_refuses_bad_parameter_values_one_line_each(tmp_path, capsys):
     assert not os.path.exists(out)
 
 
-def test_run_without_flows_is_refused(tmp_path, capsys, volume):
+def test_run_without_flows_needs_the_model(tmp_path, capsys, volume, monkeypatch):
+    """Without --flows the network runs: a missing model stops the run before it writes anything
+    (tests/test_predict_pipeline.py tests the network phase itself)."""
+    monkeypatch.setenv("CELLPOSE_LOCAL_MODELS_PATH", str(tmp_path / "models"))
+    monkeypatch.setenv("ZSEG_MODEL_URL", "http://127.0.0.1:9/")  # never download in a test
     out = str(tmp_path / "o")
-    _refused(capsys, ["run", volume["image"], out], out, "--flows")
+    _refused(capsys, ["run", volume["image"], out], out, "put the weights file at")
 
 
 def test_config_file_then_flags(tmp_path):

@@ -11,6 +11,7 @@
 include { ZSEG_PLAN               } from '../modules/local/plan'
 include { ZSEG_PERCENTILES_MAP    } from '../modules/local/percentiles/map'
 include { ZSEG_PERCENTILES_REDUCE } from '../modules/local/percentiles/reduce'
+include { ZSEG_PREDICT            } from '../modules/local/predict'
 include { ZSEG_SEEDS_FOLLOW       } from '../modules/local/seeds/follow'
 include { ZSEG_SEEDS_FIND         } from '../modules/local/seeds/find'
 include { ZSEG_NUMBER             } from '../modules/local/number'
@@ -18,11 +19,12 @@ include { ZSEG_MASKS              } from '../modules/local/masks'
 include { ZSEG_FINALIZE_SIZES     } from '../modules/local/finalize/sizes'
 include { ZSEG_FINALIZE_NUMBER    } from '../modules/local/finalize/number'
 include { ZSEG_FINALIZE_LABELS    } from '../modules/local/finalize/labels'
+include { ZSEG_FINALIZE_CELLS     } from '../modules/local/finalize/cells'
 include { ZSEG_FINALIZE_REPORT    } from '../modules/local/finalize/report'
 
 workflow ZSEG {
     take:
-    ch_data     // channel: [ meta, input URI, flows URI ]; meta.run is the output folder URI
+    ch_data     // channel: [ meta, input URI, flows URI or '' (predict computes them) ]; meta.run is the output folder URI
     run_params  // map: the other RunParams fields (null: zseg's default)
     shard_size  // integer: chunks per map task
 
@@ -40,7 +42,8 @@ workflow ZSEG {
     ZSEG_PERCENTILES_MAP(ch_shards.combine(ch_plan, by: 0))
     ZSEG_PERCENTILES_REDUCE(gather(ZSEG_PERCENTILES_MAP.out.manifest))
 
-    ZSEG_SEEDS_FOLLOW(ch_shards.combine(ZSEG_PERCENTILES_REDUCE.out.manifest, by: 0))
+    ZSEG_PREDICT(ch_shards.combine(ZSEG_PERCENTILES_REDUCE.out.manifest, by: 0))
+    ZSEG_SEEDS_FOLLOW(ch_shards.combine(gather(ZSEG_PREDICT.out.manifest), by: 0))
     ZSEG_SEEDS_FIND(ch_shards.combine(gather(ZSEG_SEEDS_FOLLOW.out.manifest), by: 0))
     ZSEG_NUMBER(gather(ZSEG_SEEDS_FIND.out.manifest))
 
@@ -49,7 +52,8 @@ workflow ZSEG {
     ZSEG_FINALIZE_SIZES(ch_shards.combine(gather(ZSEG_MASKS.out.manifest), by: 0))
     ZSEG_FINALIZE_NUMBER(gather(ZSEG_FINALIZE_SIZES.out.manifest))
     ZSEG_FINALIZE_LABELS(ch_shards.combine(ZSEG_FINALIZE_NUMBER.out.manifest, by: 0))
-    ZSEG_FINALIZE_REPORT(gather(ZSEG_FINALIZE_LABELS.out.manifest))
+    ZSEG_FINALIZE_CELLS(ch_shards.combine(gather(ZSEG_FINALIZE_LABELS.out.manifest), by: 0))
+    ZSEG_FINALIZE_REPORT(gather(ZSEG_FINALIZE_CELLS.out.manifest))
 
     emit:
     report = ZSEG_FINALIZE_REPORT.out.manifest  // channel: [ meta, finalize_report.json ]

@@ -1,11 +1,13 @@
-// Validate the input and the parameters, fix the chunk grid and write RUN/run.json; emits
-// plan.json ({"run": ..., "nchunks": N, "grid": {...}}), from which the workflow makes the shards.
+// Validate the input and the parameters (and, without flows, find and check the network), fix the
+// chunk grid and write RUN/run.json; emits plan.json ({"run": ..., "nchunks": N, "grid": {...}}),
+// from which the workflow makes the shards.
 process ZSEG_PLAN {
     tag "${meta.id}"
     label 'process_low'
     containerOptions "${meta.container_options}"
 
     input:
+    // flows: a precomputed flow store, or '' when the predict stage computes them
     tuple val(meta), val(input), val(flows)
     val run_params
 
@@ -14,8 +16,9 @@ process ZSEG_PLAN {
 
     script:
     def args = task.ext.args ?: ''
+    def flows_flag = flows ? "--flows '${flows}'" : ''
     """
-    zseg plan '${input}' '${meta.run}' --flows '${flows}' ${planFlags(run_params)} --emit plan.json ${args}
+    zseg plan '${input}' '${meta.run}' ${flows_flag} ${planFlags(run_params)} --check-model --emit plan.json ${args}
     """
 
     stub:

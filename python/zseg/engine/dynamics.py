@@ -167,7 +167,7 @@ def prepare_flows(
         bad = int(np.count_nonzero(~np.isfinite(flow)))
         raise UserError(
             f"the flows hold {bad} NaN or infinite values: the prediction is corrupt "
-            "(or overflowed float16); run the predict phase again."
+            "(or overflowed float16); recompute the flows (the predict phase, or the store given with --flows)."
         )
     return flow, fg
 

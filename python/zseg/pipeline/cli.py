@@ -117,13 +117,15 @@ def plan(
     output: str = typer.Argument(..., help="Output/run folder (path or s3:// URI)."),
     config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML/JSON parameter file; flags win."),
     emit: Optional[str] = EmitOpt,
+    check_model: bool = typer.Option(False, "--check-model/--no-check-model",
+                                     help="Also find and check the network now (download a missing built-in one)."),
     *,
     flags: dict,
 ):
     """Validate input and parameters, fix the chunk grid, write OUTPUT/run.json."""
     from zseg.pipeline.plan import plan as do_plan
 
-    run = do_plan(_params(input, output, config, flags))
+    run = do_plan(_params(input, output, config, flags), check_model=check_model)
     summary = {"run": run.root, "nchunks": run.grid.nchunks, "grid": run.manifest["grid"]}
     _emit(emit, summary)
     typer.echo(json.dumps(summary))
@@ -142,6 +144,9 @@ def run(
     from zseg.pipeline.local import run_local
 
     result = run_local(_params(input, output, config, flags))
+    if result.get("skipped"):
+        done = "; ".join(k if v == "done" else f"{k} {v}" for k, v in result["skipped"].items())
+        typer.echo(f"zseg: resumed an unfinished run, skipping the work already done: {done}", err=True)
     typer.echo(json.dumps(result))
 
 
@@ -159,6 +164,13 @@ def percentiles(run: str = RunOpt, chunks: Optional[str] = ChunksOpt, shard: Opt
                 emit: Optional[str] = EmitOpt):
     """Exact global intensity percentiles: per-chunk histograms (map), then --reduce."""
     _map_or_reduce("percentiles", run, chunks, shard, None, reduce, emit)
+
+
+@app.command()
+def predict(run: str = RunOpt, chunks: Optional[str] = ChunksOpt, shard: Optional[str] = ShardOpt,
+            emit: Optional[str] = EmitOpt):
+    """The network's flows (dZ, dY, dX, cellprob) of each chunk, as Cellpose's whole-volume run gives them."""
+    _map_or_reduce("predict", run, chunks, shard, None, False, emit)
 
 
 @app.command()
@@ -184,10 +196,18 @@ def masks(run: str = RunOpt, chunks: Optional[str] = ChunksOpt, shard: Optional[
 
 @app.command()
 def finalize(run: str = RunOpt, chunks: Optional[str] = ChunksOpt, shard: Optional[str] = ShardOpt,
-             stage: str = typer.Option(..., "--stage", help="sizes (map), number (reduce), labels (map), report (reduce)."),
+             stage: str = typer.Option(..., "--stage", help="sizes (map), number (reduce), labels (map), cells (map), report (reduce)."),
              emit: Optional[str] = EmitOpt):
-    """Per-cell size decisions, consecutive IDs, hole filling, labels.zarr, the run report."""
+    """Per-cell size decisions, consecutive IDs, labels.zarr and its pyramid, cells.parquet, the QC report."""
     _map_or_reduce("finalize", run, chunks, shard, stage, stage in ("number", "report"), emit)
+
+
+@app.command()
+def verify(output: str = typer.Argument(..., help="Output folder of a run (path or s3:// URI).")):
+    """Check a finished output: every chunk as written, labels 1..N as recorded, valid metadata."""
+    from zseg.pipeline.verify import verify_output
+
+    typer.echo(json.dumps(verify_output(output)))
 
 
 @app.command()

@@ -7,8 +7,14 @@ Stages:
   once for the whole cell;
 - ``number`` (reduce): final IDs 1..N in C order of the cells' seed positions (independent of
   the chunking); creates ``labels.zarr``;
-- ``labels`` (map): relabels the block, fills each cell's holes over its block, writes the core;
-- ``report`` (reduce): counts, halo warnings and timings into ``run.json``; marks it complete.
+- ``labels`` (map): relabels the block, fills each cell's holes over its block, writes the core
+  into every dataset of ``labels.zarr`` a task can write (segmented level, pyramid levels made
+  from the core, the input's full resolution), measures its cells and keeps its QC pieces
+  (:func:`zseg.pipeline.outputs.finish_chunk`);
+- ``cells`` (map, :mod:`zseg.pipeline.table`): merges the measurements of the cells each chunk
+  owns into complete rows of the cell table;
+- ``report`` (reduce): counts, halo warnings, the coarse pyramid levels, ``cells.parquet``,
+  ``qc/report.html``, time and memory per stage into ``run.json``; marks it complete.
 """
 
 from __future__ import annotations
@@ -22,8 +28,9 @@ from zseg.engine import dynamics as D
 from zseg.pipeline import flowstore as FS
 from zseg.pipeline import number as N
 from zseg.pipeline.manifest import Run, write_manifest
+from zseg.pipeline.verify import DIGESTS, chunk_digest, gather_digests
 from zseg.pipeline.seeds import load_seeds
-from zseg.pipeline.outputs import create_labels, labels_uri, open_labels
+from zseg.pipeline.outputs import create_labels, finish_chunk, finish_run, labels_uri
 from zseg.storage import uri as U
 from zseg.storage.grid import box_shape
 
@@ -120,8 +127,10 @@ def labels_chunk(run: Run, index: int) -> dict:
                 cut.update(np.unique(np.take(filled, side, axis=ax)).tolist())
     cut.discard(0)
     core_ids = set(fastremap.unique(core_labels).tolist())
-    open_labels(run, mode="r+")[g.core(index)] = core_labels
-    return {"cells_in_core": len(core_ids - {0}), "cells_cut_by_block": len(cut & core_ids)}
+    # every dataset of labels.zarr under this core, the cell statistics and the QC pieces
+    written = finish_chunk(run, index, core_labels, new, N.owners(N.load(run)[0], ids))
+    return {"cells_in_core": len(core_ids - {0}), "cells_cut_by_block": len(cut & core_ids), **written,
+            **chunk_digest(core_labels)}  # what `zseg verify` compares the stored chunk with
 
 
 def _sum_markers(run: Run, phase: str, key: str) -> int:
@@ -159,7 +168,11 @@ def report_reduce(run: Run) -> dict:
             list(g.halo), result["long_trajectories"], result["cells_cut_by_block"],
             ",".join(map(str, result["suggested_halo"])),
         )
-    U.write_json(run.path(REPORT_RESULT), result)
-    manifest = dict(run.manifest, complete=True, result=result)
+    result.update(finish_run(run, result))  # coarse pyramid levels, cells.parquet, qc/report.html, usage
+    # run.json's complete flag commits the run: written after every output, and before this
+    # stage's own marker (the report file), so a report stage killed in between left a finished
+    # run, and a re-run of the stage writes both again, identically.
+    manifest = dict(run.manifest, complete=True, result=result, **{DIGESTS: gather_digests(run)})
     write_manifest(run.root, manifest)
+    U.write_json(run.path(REPORT_RESULT), result)
     return result

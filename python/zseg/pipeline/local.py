@@ -22,16 +22,17 @@ def run_local(params: RunParams) -> dict:
     from zseg.storage import uri as U
 
     t0 = time.perf_counter()
-    if params.flows is None:
-        raise UserError(
-            "this zseg has no network phase yet: give a precomputed flow store with --flows FLOWS "
-            "(zseg synth writes one for its synthetic volume)."
-        )
-    run = plan(params)
+    run = plan(params, check_model=True)
+    from zseg.pipeline.verify import done_work
+
+    skipped = done_work(run)  # a resumed run: what it will not redo (the runner skips exactly this)
+    if skipped:
+        log.info("resuming: already done %s", skipped)
     timings = run_all(run, workers=params.workers)
     report = U.read_json(run.path(REPORT_RESULT))
     report["wall_seconds"] = round(time.perf_counter() - t0, 3)
     report["stage_seconds"] = timings
+    report["skipped"] = skipped
     return report
 
 
@@ -51,9 +52,15 @@ def run_phase(root: str, phase: str, *, stage=None, chunks=None, shard=None, red
     """One stage of ``phase`` on the selected chunks (map) or once (reduce), skipping done work."""
     run = Run.open(root)
     st = _stage(phase, stage, reduce)
+    if not st.applies(run):  # e.g. predict in a run given precomputed --flows
+        log.info("%s does not apply to this run: nothing to do", st.name)
+        return {"run": root, "stage": st.name, "applies": False, "ran": []}
     if st.kind == "reduce":
         ran = run_reduce(run, st)
         return {"run": root, "stage": st.name, "ran": ran}
     selected = select_chunks(run.grid.nchunks, chunks, shard)
     ran = run_map(run, st, selected)
-    return {"run": root, "stage": st.name, "chunks": len(selected), "ran": ran, "skipped": len(selected) - len(ran)}
+    from zseg.pipeline.verify import chunk_ranges
+
+    return {"run": root, "stage": st.name, "chunks": len(selected), "ran": ran, "skipped": len(selected) - len(ran),
+            "skipped_chunks": chunk_ranges(sorted(set(selected) - set(ran)))}

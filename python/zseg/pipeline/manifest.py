@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata as md
+import math
 import platform
+
+from pydantic import ValidationError
 
 from zseg import __version__
 from zseg.errors import UserError
@@ -39,6 +42,9 @@ class Run:
         self.root = str(root)
         self.manifest = manifest
         self.params = RunParams.model_validate(manifest["params"])
+        # Outputs go where run.json was found, whatever the manifest says (a moved or edited
+        # manifest cannot send writes elsewhere); only the user's own --work may lie outside.
+        self.params.output = self.root
         g = manifest["grid"]
         self.grid = ChunkGrid(tuple(g["shape"]), tuple(g["chunk_shape"]), tuple(g["halo"]))
 
@@ -49,16 +55,16 @@ class Run:
             raise UserError(
                 f"{root!r} is not a planned zseg run (no {MANIFEST}); run `zseg plan INPUT {root}` first."
             )
+        advice = "restore it, or start the run again with --overwrite"
         try:
             manifest = U.read_json(path)
-            return cls(root, manifest)
-        except UserError:
-            raise
-        except Exception as e:  # a manifest edited by hand or truncated
-            raise UserError(
-                f"{path!r} is not a valid zseg manifest ({type(e).__name__}: {e}); "
-                "re-plan the run with `zseg plan ... --overwrite`."
-            ) from None
+        except Exception as e:  # truncated, or edited by hand
+            reason = " ".join(str(e).split())
+            raise UserError(f"{path!r} is not valid JSON ({reason}): it was truncated or edited; {advice}.") from None
+        problems = check_manifest(manifest)
+        if problems:
+            raise UserError(*(f"{path!r} was edited or damaged: {p}; {advice}." for p in problems))
+        return cls(root, manifest)
 
     # -- layout ------------------------------------------------------------------------------
     @property
@@ -93,6 +99,67 @@ class Run:
     @property
     def anisotropy(self) -> float:
         return float(self.manifest["anisotropy"])
+
+
+def _ints(value, n: int, low: int) -> bool:
+    return (isinstance(value, list) and len(value) == n
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= low for v in value))
+
+
+def check_manifest(m) -> list[str]:
+    """What is wrong with a manifest read from ``run.json`` (empty when it is consistent).
+
+    Types and ranges of every value a phase uses, and agreement between the recorded chunk
+    grid, the input shape and the parameters, so a hand-edited manifest is refused with the
+    value at fault instead of failing deep inside a phase.
+    """
+    if not isinstance(m, dict):
+        return [f"it holds a {type(m).__name__}, not a JSON object"]
+    missing = [k for k in ("params", "input", "grid", "niter", "anisotropy", "complete") if k not in m]
+    if missing:
+        return [f"{', '.join(missing)} missing"]
+    problems = []
+    params = None
+    try:
+        params = RunParams.model_validate(m["params"])
+    except ValidationError as e:
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            problems.append(f"params.{loc} = {err.get('input')!r}: {err['msg'].removeprefix('Value error, ')}")
+    g, shape = m["grid"], (m["input"] or {}).get("shape") if isinstance(m["input"], dict) else None
+    if not isinstance(g, dict):
+        return problems + ["grid is not an object"]
+    nd = len(g.get("shape") or [])
+    bad_grid = [f"grid.{key} = {g.get(key)!r}: need {nd or 3} whole numbers >= {low}"
+                for key, low in (("shape", 1), ("chunk_shape", 1), ("halo", 0), ("grid_shape", 1))
+                if not _ints(g.get(key), nd or 3, low)]
+    if not isinstance(g.get("nchunks"), int) or isinstance(g.get("nchunks"), bool):
+        bad_grid.append(f"grid.nchunks = {g.get('nchunks')!r}: need a whole number")
+    problems += bad_grid
+    if bad_grid:
+        return problems
+    grid = ChunkGrid(tuple(g["shape"]), tuple(g["chunk_shape"]), tuple(g["halo"]))
+    if list(grid.grid_shape) != g["grid_shape"] or grid.nchunks != g["nchunks"]:
+        problems.append(f"grid.grid_shape {g['grid_shape']} / nchunks {g['nchunks']} do not follow from "
+                        f"shape {g['shape']} and chunk_shape {g['chunk_shape']}")
+    if shape != g["shape"]:
+        problems.append(f"grid.shape {g['shape']} is not the input's shape {shape}")
+    if params is not None and list(params.chunk_shape) != g["chunk_shape"]:
+        problems.append(f"grid.chunk_shape {g['chunk_shape']} is not params.chunk_shape {list(params.chunk_shape)}")
+    if params is not None and params.halo is not None and list(params.halo) != g["halo"]:
+        problems.append(f"grid.halo {g['halo']} is not params.halo {list(params.halo)}")
+    niter, aniso = m["niter"], m["anisotropy"]
+    if not isinstance(niter, int) or isinstance(niter, bool) or niter < 1:
+        problems.append(f"niter = {niter!r}: need a whole number >= 1")
+    if not isinstance(aniso, (int, float)) or isinstance(aniso, bool) or not (aniso > 0 and math.isfinite(aniso)):
+        problems.append(f"anisotropy = {aniso!r}: need a positive number")
+    if not isinstance(m["complete"], bool):
+        problems.append(f"complete = {m['complete']!r}: need true or false")
+    elif m["complete"]:
+        cells = (m.get("result") or {}).get("cells") if isinstance(m.get("result"), dict) else None
+        if not isinstance(cells, int) or isinstance(cells, bool) or cells < 0:
+            problems.append(f"result.cells = {cells!r}: a finished run records its cell count")
+    return problems
 
 
 def write_manifest(root: str, manifest: dict) -> None:

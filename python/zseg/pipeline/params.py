@@ -59,13 +59,27 @@ class RunParams(BaseModel):
 
     # -- the network ---------------------------------------------------------------------------
     model: str = "cpsam"
-    """Cellpose model: a built-in name (cpsam, cpsam_v2) found in CELLPOSE_LOCAL_MODELS_PATH, or a path to weights."""
+    """Cellpose model: a path to weights, or a name in CELLPOSE_LOCAL_MODELS_PATH (~/.cellpose/models); cpsam and cpsam_v2 are downloaded there when missing."""
     diameter: float = Field(30.0, gt=0)
     """Typical cell diameter in YX voxels; the volume is rescaled by 30/diameter for the network."""
     percentiles: tuple[float, float] = (1.0, 99.0)
     """Low and high intensity percentiles (0-100) for global normalisation."""
     exclude_zeros: bool = False
     """Leave voxels equal to 0 (padding after stitching) out of the percentiles."""
+    tile_overlap: float = Field(0.1, ge=0.05, le=0.5)
+    """Fraction of a network tile shared with its neighbour (Cellpose's tile_overlap, 0.05-0.5)."""
+    augment: bool = False
+    """Cellpose's test-time augmentation: tiles overlap by half and are flipped (about 4x the tiles)."""
+    batch_size: int = Field(8, ge=1)
+    """Network tiles per forward pass (Cellpose's batch_size); raise it on a large GPU, lower it on out-of-memory."""
+    use_bfloat16: bool = True
+    """Run the network in bfloat16 as Cellpose 4 does (about half the memory); --no-use-bfloat16 for float32."""
+    skip_empty: bool = True
+    """Do not run the network on blocks whose input is nowhere above the low percentile (their flows are 0)."""
+    mask: str | None = None
+    """Only run the network where this volume (any resolution, e.g. a low-resolution foreground mask) is nonzero."""
+    keep_views: bool = False
+    """Also keep the three views' predictions (work/views.zarr) for inspection."""
 
     # -- dynamics ------------------------------------------------------------------------------
     cellprob_threshold: float = 0.0
@@ -90,6 +104,8 @@ class RunParams(BaseModel):
     """Processes for CPU phases in a local run."""
     zarr_format: Literal[2, 3] = 3
     """Zarr format of the arrays written (3 by default; 2 for older readers)."""
+    cells_csv: bool = False
+    """Also write the cell table as OUTPUT/cells.csv (cells.parquet is always written)."""
     overwrite: bool = False
     """Replace an existing output folder (its contents are deleted)."""
 
@@ -192,7 +208,7 @@ class RunParams(BaseModel):
         """Cellpose's default: 200 steps at diameter 30, scaled with the diameter."""
         if self.niter is not None:
             return self.niter
-        return max(1, int(200 * self.diameter / 30.0))
+        return max(1, int(200 / (30.0 / self.diameter)))  # Cellpose's arithmetic: 200 / rescale
 
     def work_uri(self) -> str:
         from zseg.storage.uri import join

@@ -10,6 +10,7 @@ import logging
 import math
 
 from zseg.errors import UserError
+from zseg.pipeline import predict
 from zseg.pipeline.flowstore import create_ends
 from zseg.pipeline.manifest import MANIFEST, Run, versions, write_manifest
 from zseg.pipeline.params import RunParams
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 
 # Parameters that change how a run executes but not what it computes: a run may be resumed
 # with other values of these.
-EXECUTION_ONLY = ("workers", "device", "overwrite")
+EXECUTION_ONLY = ("workers", "device", "overwrite", "batch_size")
 
 
 def default_halo(diameter: float, anisotropy: float) -> tuple[int, int, int]:
@@ -45,6 +46,11 @@ def _check_flows(params: RunParams, shape) -> dict | None:
     except Exception as e:
         raise UserError(f"flow store {params.flows!r} is not a zarr array ({e}); give a zarr array (4, Z, Y, X).") from None
     expected = (len(shape) + 1, *shape)
+    if arr.dtype.kind != "f":
+        raise UserError(
+            f"flow store {params.flows!r} has data type {arr.dtype}, but flows are floating point "
+            "(float16 or float32: dZ, dY, dX, cellprob as the network gives them); give the flows as floats."
+        )
     if tuple(arr.shape) != expected:
         raise UserError(
             f"flow store {params.flows!r} has shape {tuple(arr.shape)} but the input needs {expected} "
@@ -84,8 +90,13 @@ def _existing_output(params: RunParams) -> Run | None:
     return old
 
 
-def plan(params: RunParams) -> Run:
-    """Validate ``params`` against the input and write the run manifest (or resume an unfinished run)."""
+def plan(params: RunParams, *, check_model: bool = False) -> Run:
+    """Validate ``params`` against the input and write the run manifest (or resume an unfinished run).
+
+    ``check_model``: also find the network (downloading a missing built-in one) and read its
+    sizes, so that a missing or wrong model stops the run before anything is written (``zseg run``
+    and Nextflow's plan task do; without it the predict tasks find the model).
+    """
     from zseg.storage.volume import open_volume
 
     if not U.exists(params.input):
@@ -101,13 +112,36 @@ def plan(params: RunParams) -> Run:
         anisotropy = voxel_size[0] / voxel_size[1]
     else:
         anisotropy = 1.0
+    if shape[0] == 1 and params.flows is None:
+        raise UserError(
+            f"input {params.input!r} has a single z plane (shape {shape}): 3D Cellpose would run its ZY and ZX "
+            "views on images one pixel tall; segment it as a 2D image with Cellpose, or give flows computed "
+            "for it with --flows."
+        )
+    if params.diameter > max(shape[1:]):
+        log.warning(
+            "diameter %g is larger than the volume's Y x X extent %d x %d: the halo is clipped to the volume, "
+            "so every task reads the whole volume; is the diameter in voxels?", params.diameter, *shape[1:],
+        )
     halo = params.halo or default_halo(params.diameter, anisotropy)
     grid = ChunkGrid(shape, params.chunk_shape, halo)
     flows = _check_flows(params, shape)
+    network = predict.check(params, shape, anisotropy) if check_model and params.flows is None else None
 
     resumed = _existing_output(params)
     if resumed is not None:
         log.info("resuming the unfinished run in %s", params.output)
+        if not U.exists(resumed.path("ends.zarr")):  # killed between run.json and ends.zarr
+            create_ends(resumed)
+        predict.ensure_stores(resumed)
+        # execution-only settings (device, batch size, ...) are the resuming command's: record
+        # them so that every task of the resumed run uses them (e.g. a smaller --batch-size
+        # after running out of GPU memory)
+        now = params.model_dump(mode="json", include=set(EXECUTION_ONLY))
+        if any(resumed.manifest["params"].get(k) != v for k, v in now.items()):
+            resumed.manifest["params"].update(now)
+            write_manifest(params.output, resumed.manifest)
+            resumed = Run(params.output, resumed.manifest)
         return resumed
 
     manifest = {
@@ -126,12 +160,14 @@ def plan(params: RunParams) -> Run:
             "nchunks": grid.nchunks,
         },
         "flows": flows,
+        "network": network,
         "versions": versions(),
         "complete": False,
     }
     write_manifest(params.output, manifest)
     run = Run(params.output, manifest)
     create_ends(run)
+    predict.ensure_stores(run)
     log.info(
         "planned %s: volume %s, %d chunks of %s with halo %s",
         params.output, shape, grid.nchunks, grid.chunk_shape, grid.halo,

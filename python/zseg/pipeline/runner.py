@@ -17,7 +17,6 @@ from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from zseg.errors import UserError
 from zseg.pipeline.manifest import Run
 from zseg.pipeline.stages import STAGES, Stage
 from zseg.storage import uri as U
@@ -73,10 +72,12 @@ def run_map(run: Run, stage: Stage, chunks, *, pool: ProcessPoolExecutor | None 
     skipped = len(chunks) - len(todo)
     if skipped:
         log.info("%s: %d chunk(s) already done, skipped", stage.name, skipped)
+    if todo:
+        check_complete(run, stage)
     task = progress.add_task(stage.name, total=len(todo)) if progress else None
-    if pool is None or len(todo) <= 1:
-        for i in todo:
-            stage.run_chunk(run, i)
+    if pool is None or len(todo) <= 1 or stage.batch is not None:  # a batch stage runs in this process
+        for i, stats in stage.run_chunks(run, todo):
+            log.debug("%s: chunk %d: %s", stage.name, i, stats)
             if progress:
                 progress.advance(task)
         return todo
@@ -84,7 +85,8 @@ def run_map(run: Run, stage: Stage, chunks, *, pool: ProcessPoolExecutor | None 
     while futures:
         done, futures = wait(futures, return_when=FIRST_EXCEPTION)
         for f in done:
-            f.result()  # re-raise a worker's error here
+            i, stats = f.result()  # re-raise a worker's error here
+            log.debug("%s: chunk %d: %s", stage.name, i, stats)
             if progress:
                 progress.advance(task)
     return todo
@@ -112,10 +114,15 @@ def run_all(run: Run, *, workers: int = 1, show_progress: bool | None = None) ->
                     continue
                 t0 = time.perf_counter()
                 if stage.kind == "map":
-                    run_map(run, stage, range(run.grid.nchunks), pool=pool, progress=progress)
+                    ran = run_map(run, stage, range(run.grid.nchunks), pool=pool, progress=progress)
                 else:
-                    run_reduce(run, stage)
+                    task = progress.add_task(stage.name, total=1)
+                    ran = run_reduce(run, stage)
+                    progress.advance(task)
                 timings[stage.name] = round(time.perf_counter() - t0, 3)
+                if ran:
+                    log.info("%s: %s in %.1f s", stage.name,
+                             f"{len(ran)} chunk(s)" if stage.kind == "map" else "done", timings[stage.name])
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
@@ -123,13 +130,7 @@ def run_all(run: Run, *, workers: int = 1, show_progress: bool | None = None) ->
 
 
 def check_complete(run: Run, stage: Stage) -> None:
-    """Refuse a reduce while chunks of the map stage it gathers are missing."""
-    before = stage.requires
-    if before is None:
-        return
-    missing = run.pending(STAGES[before].marker_dir, range(run.grid.nchunks), ext="json")
-    if missing:
-        raise UserError(
-            f"{stage.name}: {len(missing)} chunk(s) of {before} are not done "
-            f"(first: {', '.join(map(str, missing[:10]))}); run them first."
-        )
+    """Refuse ``stage`` while any stage before it is incomplete; name the missing chunks."""
+    from zseg.pipeline.verify import require_complete
+
+    require_complete(run, stage)

@@ -88,13 +88,14 @@ GROUPS = [
      ["axes", "level", "channels", "timepoint", "voxel_size", "anisotropy"]),
     ("network_options", "Network", "fas fa-brain",
      "The Cellpose network and the intensity normalisation.",
-     ["model", "diameter", "percentiles", "exclude_zeros"]),
+     ["model", "diameter", "percentiles", "exclude_zeros", "tile_overlap", "augment", "batch_size", "use_bfloat16",
+      "skip_empty", "mask", "keep_views"]),
     ("dynamics_options", "Flow dynamics and cell sizes", "fas fa-wind",
      "Turning flows into cells (Cellpose's parameter names).",
      ["cellprob_threshold", "niter", "flow3D_smooth", "min_size", "max_size"]),
     ("chunking_options", "Chunking and execution", "fas fa-th",
      "How the volume is cut into tasks, and what a run writes.",
-     ["chunk_shape", "halo", "shard_size", "device", "zarr_format", "overwrite"]),
+     ["chunk_shape", "halo", "shard_size", "device", "zarr_format", "cells_csv", "overwrite"]),
     ("nextflow_options", "Nextflow", "fas fa-cogs",
      "Queues, accelerators and reports of the Nextflow run.",
      ["queue", "gpu_queue", "gpu_type", "tracedir"]),
@@ -165,10 +166,12 @@ def _property(name: str, field: FieldInfo) -> dict:
             prop["minimum"] = m.ge
         elif isinstance(m, annotated_types.Gt):
             prop["exclusiveMinimum"] = m.gt
+        elif isinstance(m, annotated_types.Le):
+            prop["maximum"] = m.le
     prop["description"] = field.description or ""
     if not field.is_required() and field.default is not None:
         prop["default"] = _default(field.default)
-    if name in ("input",):
+    if name in ("input", "mask"):
         prop["format"] = "path"
     elif name in ("output", "work", "flows"):
         prop["format"] = "directory-path"

@@ -8,10 +8,10 @@ stage it ``requires``, and writes ``work/<result>``.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
+from zseg.errors import UserError
 from zseg.storage import uri as U
 
 
@@ -25,28 +25,64 @@ class Stage:
     result: str | None = None
     requires: str | None = None
     applies: Callable = field(default=lambda run: True)
+    batch: Callable | None = None
+    """Optional ``batch(run, indices)``: yields ``(index, stats)`` as each chunk's data is written,
+    in order. The runner then runs the stage in its own process through :meth:`run_chunks`, so
+    the stage can keep state (a loaded network) and overlap I/O with work across chunks."""
+
+    def run_chunks(self, run, indices):
+        """Run the chunks ``indices`` (through ``batch`` when given), writing each marker as
+        its chunk completes; yields ``(index, stats)``."""
+        from zseg.pipeline.usage import measure
+
+        if self.batch is None:
+            for i in indices:
+                yield i, self.run_chunk(run, i)
+            return
+        chunks = self.batch(run, list(indices))
+        while True:
+            with measure() as used:  # the seconds and peak memory since the previous chunk
+                try:
+                    i, stats = next(chunks)
+                except StopIteration:
+                    return
+            stats = {**stats, **used}
+            U.write_json(run.chunk_file(self.marker_dir, i, "json"), stats)
+            yield i, stats
 
     def run_chunk(self, run, index: int) -> dict:
-        t0 = time.perf_counter()
-        stats = dict(self.fn(run, index) or {})
-        stats["seconds"] = round(time.perf_counter() - t0, 4)
+        from zseg.pipeline.usage import measure
+
+        try:
+            with measure() as used:  # seconds and this task's peak resident memory
+                stats = dict(self.fn(run, index) or {})
+        except UserError as e:  # say which task met the problem
+            where = ", ".join(f"{a} {s.start}:{s.stop}" for a, s in zip("zyx"[-run.grid.ndim:], run.grid.core(index)))
+            raise UserError(*(f"{self.name}, chunk {index} ({where}): {p}" for p in e.problems)) from None
+        stats.update(used)
         U.write_json(run.chunk_file(self.marker_dir, index, "json"), stats)
         return stats
 
     def run_reduce(self, run) -> dict:
         from zseg.pipeline.runner import check_complete
+        from zseg.pipeline.usage import measure, write_reduce
 
         check_complete(run, self)
-        return self.fn(run)
+        with measure() as used:
+            out = self.fn(run)
+        write_reduce(run, self.name, used)
+        return out
 
 
 def _build() -> dict[str, Stage]:
-    from zseg.pipeline import finalize, masks, number, percentiles, seeds
+    from zseg.pipeline import finalize, masks, number, percentiles, predict, seeds, table
 
     stages = [
         Stage("percentiles", "percentiles", "map", percentiles.process_chunk, marker_dir="percentiles"),
         Stage("percentiles:reduce", "percentiles", "reduce", percentiles.reduce,
               result=percentiles.RESULT, requires="percentiles"),
+        Stage("predict", "predict", "map", predict.process_chunk, marker_dir=predict.PHASE,
+              applies=predict.applies, batch=predict.predict_chunks),
         Stage("seeds:follow", "seeds", "map", seeds.follow_chunk, marker_dir="follow"),
         Stage("seeds:find", "seeds", "map", seeds.find_chunk, marker_dir="seeds"),
         Stage("number", "number", "reduce", number.reduce, result=number.RESULT, requires="seeds:find"),
@@ -55,8 +91,9 @@ def _build() -> dict[str, Stage]:
         Stage("finalize:number", "finalize", "reduce", finalize.number_reduce,
               result=finalize.NUMBER_RESULT, requires="finalize:sizes"),
         Stage("finalize:labels", "finalize", "map", finalize.labels_chunk, marker_dir="labels"),
+        Stage("finalize:cells", "finalize", "map", table.cells_chunk, marker_dir=table.CELLS),
         Stage("finalize:report", "finalize", "reduce", finalize.report_reduce,
-              result=finalize.REPORT_RESULT, requires="finalize:labels"),
+              result=finalize.REPORT_RESULT, requires="finalize:cells"),
     ]
     return {s.name: s for s in stages}
 
