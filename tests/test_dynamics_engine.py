@@ -158,7 +158,7 @@ def test_follow_flows_stays_inside_the_volume():
     assert np.abs(disp).max() > 1  # the field really moves points to the borders
 
 
-def _check_block_invariance(shape, seed, magnitude, sink, quantize, niter, data):
+def _check_block_invariance(shape, seed, magnitude, sink, quantize, niter, data, device=None):
     flow = smooth_field(shape, seed=seed, magnitude=magnitude, sink=sink, quantize=quantize)
     ndim = len(shape)
     starts = all_voxels(shape)
@@ -183,6 +183,11 @@ def _check_block_invariance(shape, seed, magnitude, sink, quantize, niter, data)
         sub_starts = all_voxels(tuple(extent))
         disp, esc = D.follow_flows(np.ascontiguousarray(flow[(slice(None), *box)]), sub_starts,
                                    niter=niter, origin=origin, volume_shape=shape)
+        if device is not None:  # the torch path gives the numba kernel's bits, escapes included
+            tdisp, tesc = D.follow_flows(np.ascontiguousarray(flow[(slice(None), *box)]), sub_starts,
+                                         niter=niter, origin=origin, volume_shape=shape, device=device)
+            np.testing.assert_array_equal(tesc, esc)
+            np.testing.assert_array_equal(tdisp.view(np.uint32), disp.view(np.uint32))
         vol_idx = np.ravel_multi_index(tuple((sub_starts + origin).T), shape)
         inner = (origin + extent < L)  # block sides that are not the volume's border
         top = origin + extent - 1
@@ -226,6 +231,21 @@ def test_follow_flows_is_block_invariant_3d(shape, seed, magnitude, sink, quanti
 )
 def test_follow_flows_is_block_invariant_2d(shape, seed, magnitude, sink, quantize, niter, data):
     _check_block_invariance(shape, seed, magnitude, sink, quantize, niter, data)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shape=st.one_of(st.tuples(st.integers(3, 10), st.integers(3, 10), st.integers(3, 10)),
+                    st.tuples(st.integers(3, 16), st.integers(3, 16))),
+    seed=st.integers(0, 2**32 - 1),
+    magnitude=st.floats(0.1, 3.0),
+    sink=st.sampled_from([0.0, 1.0]),
+    niter=st.integers(0, 25),
+    data=st.data(),
+)
+def test_follow_flows_on_torch_equals_the_kernel_and_is_block_invariant(shape, seed, magnitude, sink, niter, data):
+    """The GPU path's arithmetic, run on the CPU: the numba kernel's bits in every block."""
+    _check_block_invariance(shape, seed, magnitude, sink, False, niter, data, device="cpu")
 
 
 def test_follow_flows_rejects_bad_arguments():

@@ -294,3 +294,17 @@ def test_a_halo_too_small_is_reported_not_silent(volume, tmp_path):
     from zseg.pipeline.manifest import Run
 
     assert Run.open(str(tmp_path / "out")).manifest["result"]["suggested_halo"] == report["suggested_halo"]
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _has_cuda(), reason="needs a CUDA device (trajectories then run on it)")
+def test_labels_on_cuda_identical_whatever_the_chunking(volume, tmp_path):
+    whole, _ = _segment(volume, tmp_path / "whole", chunk_shape=SHAPE, device="cuda")
+    chunked, report = _segment(volume, tmp_path / "chunked", chunk_shape=(11, 24, 20), device="cuda")
+    assert report["chunk_exact"]
+    np.testing.assert_array_equal(chunked, whole)

@@ -381,6 +381,7 @@ def follow_flows(
     niter: int,
     origin: Sequence[int],
     volume_shape: Sequence[int],
+    device=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Follow the flow from integer start voxels for ``niter`` steps, inside one block.
 
@@ -406,6 +407,11 @@ def follow_flows(
         Volume coordinates of the block's first voxel.
     volume_shape : (ndim,) ints, keyword-only
         Shape of the whole volume; the block must lie inside it.
+    device : torch.device or str, optional, keyword-only
+        None (default): the numba kernel on the CPU. A torch device (e.g. ``"cuda"``): the
+        same steps as torch tensor operations on that device (:func:`_follow_torch`), the
+        same result on the CPU and identical to itself in every block on any device (a GPU
+        may fuse multiply-adds, so its bits can differ from the CPU's).
 
     Returns
     -------
@@ -463,6 +469,8 @@ def follow_flows(
     escaped = np.zeros(n, dtype=np.bool_)
     if n == 0 or niter == 0:
         return disp, escaped
+    if device is not None:
+        return _follow_torch(flow, starts, niter, origin, vshape, device)
     kernel = _follow_3d if ndim == 3 else _follow_2d
     # Trajectories differ in cost (cycle skipping): hand out points in small chunks.
     previous = numba.set_parallel_chunksize(_CHUNK_POINTS)
@@ -471,6 +479,70 @@ def follow_flows(
     finally:
         numba.set_parallel_chunksize(previous)
     return disp, escaped
+
+
+def _follow_torch(flow, starts, niter, origin, vshape, device):
+    """:func:`follow_flows` as torch tensor operations, all trajectories advancing together.
+
+    The arithmetic of one step is the numba kernel's, in the same order (interpolate along the
+    last axis, then the middle, then the first; clamp to the volume), so on the CPU the result is
+    the kernel's bit for bit. A trajectory that needs a corner outside the block stops there
+    (it escaped). No cycle skipping: every step is computed.
+    """
+    import torch
+
+    dev = torch.device(device)
+    nd = flow.shape[0]
+    shape = flow.shape[1:]
+    f = torch.from_numpy(flow).to(dev).reshape(nd, -1)
+    s = torch.from_numpy(starts).to(dev)
+    org = torch.from_numpy(origin).to(dev)
+    vs = torch.from_numpy(vshape).to(dev)
+    last = torch.tensor(shape, device=dev) - 1
+    top = (org + last) == (vs - 1)
+    lo = (-(org + s)).to(torch.float32)
+    hi = (vs - 1 - org - s).to(torch.float32)
+    strides = [int(np.prod(shape[k + 1:])) for k in range(nd)]
+    d = torch.zeros(s.shape, dtype=torch.float32, device=dev)
+    esc = torch.zeros(s.shape[0], dtype=torch.bool, device=dev)
+    one = torch.tensor(1.0, dtype=torch.float32, device=dev)
+    for _ in range(niter):
+        fl = torch.floor(d)
+        a = s + fl.to(torch.int64)
+        b = a + 1
+        b = torch.where(top & (b > last), last, b)
+        esc |= ((a < 0) | (b > last)).any(dim=1)
+        if bool(esc.all()):
+            break
+        a = torch.minimum(a.clamp(min=0), last)
+        b = torch.minimum(b.clamp(min=0), last)
+        u = d - fl
+        v = one - u
+        corner = [(a[:, k], b[:, k]) for k in range(nd)]
+
+        def at(c, idx):
+            flat = sum(i * st for i, st in zip(idx, strides))
+            return f[c][flat]
+
+        g = []
+        for c in range(nd):
+            if nd == 3:
+                (a0, b0), (a1, b1), (a2, b2) = corner
+                c00 = at(c, (a0, a1, a2)) * v[:, 2] + at(c, (a0, a1, b2)) * u[:, 2]
+                c01 = at(c, (a0, b1, a2)) * v[:, 2] + at(c, (a0, b1, b2)) * u[:, 2]
+                c10 = at(c, (b0, a1, a2)) * v[:, 2] + at(c, (b0, a1, b2)) * u[:, 2]
+                c11 = at(c, (b0, b1, a2)) * v[:, 2] + at(c, (b0, b1, b2)) * u[:, 2]
+                g.append((c00 * v[:, 1] + c01 * u[:, 1]) * v[:, 0] + (c10 * v[:, 1] + c11 * u[:, 1]) * u[:, 0])
+            else:
+                (a0, b0), (a1, b1) = corner
+                g.append((at(c, (a0, a1)) * v[:, 1] + at(c, (a0, b1)) * u[:, 1]) * v[:, 0]
+                         + (at(c, (b0, a1)) * v[:, 1] + at(c, (b0, b1)) * u[:, 1]) * u[:, 0])
+        step = torch.minimum(torch.maximum(d + torch.stack(g, dim=1), lo), hi)
+        d = torch.where(esc[:, None], d, step)
+    q = s + torch.floor(d).to(torch.int64)
+    esc |= ((q < 0) | (q > last)).any(dim=1)
+    d = torch.where(esc[:, None], torch.minimum(torch.maximum(d, (-s).to(torch.float32)), (last - s).to(torch.float32)), d)
+    return d.cpu().numpy(), esc.cpu().numpy()
 
 
 def end_points(starts: np.ndarray, disp: np.ndarray) -> np.ndarray:

@@ -31,6 +31,20 @@ def smoothing_radius(sigmas) -> tuple[int, ...]:
     return tuple(int(4.0 * float(s) + 0.5) if s > 0 else 0 for s in sigmas)
 
 
+def dynamics_device(spec: str):
+    """Where trajectories run: None for the numba CPU kernel, else a torch GPU device.
+
+    ``auto`` takes CUDA when there is one; ``cpu`` (or no GPU) keeps the numba kernel, which
+    is faster than torch on a CPU and gives the same bits.
+    """
+    if spec == "cpu":
+        return None
+    from zseg.pipeline.models import select_device
+
+    dev = select_device(spec)
+    return None if dev.type == "cpu" else dev
+
+
 def _starts(box) -> np.ndarray:
     return np.array([s.start for s in box], dtype=np.int64)
 
@@ -51,7 +65,8 @@ def follow_chunk(run: Run, index: int) -> dict:
     local = np.argwhere(fg[cib])  # (N, ndim) in core coordinates
     starts = local + _starts(cib)
     disp, escaped = D.follow_flows(
-        flow, starts, niter=int(run.manifest["niter"]), origin=_starts(block), volume_shape=g.shape
+        flow, starts, niter=int(run.manifest["niter"]), origin=_starts(block), volume_shape=g.shape,
+        device=dynamics_device(p.device),
     )
     step = np.floor(disp).astype(np.int64)
     reach = np.asarray(g.halo) - MARGIN
