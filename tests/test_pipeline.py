@@ -308,3 +308,21 @@ def test_labels_on_cuda_identical_whatever_the_chunking(volume, tmp_path):
     chunked, report = _segment(volume, tmp_path / "chunked", chunk_shape=(11, 24, 20), device="cuda")
     assert report["chunk_exact"]
     np.testing.assert_array_equal(chunked, whole)
+
+
+@pytest.mark.slow
+def test_cli_run_with_two_workers_and_a_cold_numba_cache(volume, reference, tmp_path):
+    """The README's demo command on a fresh machine: workers compile numba kernels themselves."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "zseg", "run", volume["image"], str(out), "--flows", volume["flows"],
+         "--diameter", str(DIAMETER), "--chunk-shape", "16,32,32", "--workers", "2"],
+        env=env, capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    labels = np.asarray(open_array(os.path.join(out, "labels.zarr", "0"))[...])
+    np.testing.assert_array_equal(labels, reference[0])

@@ -27,7 +27,9 @@ _RUNS: dict[str, Run] = {}
 
 
 def _worker_init(threads: int) -> None:
-    os.environ["NUMBA_NUM_THREADS"] = str(threads)
+    # Only the number of active threads: numba is already imported here (unpickling this
+    # function imports the stages), and changing NUMBA_NUM_THREADS after its threads have
+    # started makes the next compilation (a cold cache) fail.
     try:
         import numba
 
