@@ -14,6 +14,8 @@ long as no trajectory is longer than ``halo - MARGIN`` (counted and reported oth
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from zseg.engine import dynamics as D
@@ -35,9 +37,11 @@ def dynamics_device(spec: str):
     """Where trajectories run: None for the numba CPU kernel, else a torch GPU device.
 
     ``auto`` takes CUDA when there is one; ``cpu`` (or no GPU) keeps the numba kernel, which
-    is faster than torch on a CPU and gives the same bits.
+    is faster than torch on a CPU and gives the same bits. Without an NVIDIA device node,
+    ``auto`` decides without importing torch (hundreds of MiB per worker for nothing).
     """
-    if spec == "cpu":
+    if spec == "cpu" or (spec == "auto" and not any(
+            os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia"))):
         return None
     from zseg.pipeline.models import select_device
 
