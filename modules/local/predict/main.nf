@@ -1,6 +1,6 @@
 // The network's flows (dZ, dY, dX, cellprob) of one shard of chunks: normalise with the global
 // percentiles, run Cellpose's network on the YX, ZY and ZX tiles of the whole volume that cover
-// each core, write the cores into RUN/work/flows.zarr. One GPU under -profile gpu; the model is
+// each core, write the cores into the run's flow store (work folder, flows.zarr). One GPU under -profile gpu; the model is
 // loaded once per task. A run given precomputed --flows has nothing to predict: the task exits at
 // once (leave out -profile gpu then, so that it does not wait for a GPU).
 process ZSEG_PREDICT {
