@@ -22,7 +22,7 @@ workflow {
     }
     // The processes pass these to the shell inside single quotes: a quote or a line break in
     // one could end the quoting, so such a value is refused (tests/test_reliability.py).
-    ['input', 'flows', 'outdir', 'work', 'synth', 'model', 'mask'].each { name ->
+    ['input', 'flows', 'outdir', 'work', 'synth', 'model', 'model_ortho', 'mask'].each { name ->
         if (params[name] && params[name].toString() =~ /['\n\r]/) {
             error("--${name}: a path with a single quote or a line break cannot be passed to the tasks safely; rename or move it.")
         }
@@ -42,7 +42,7 @@ workflow {
     def meta = [
         id: outdir.tokenize('/')[-1],
         run: outdir,
-        container_options: mountOptions([params.input, params.flows, params.outdir, params.work, params.mask, modelPath(params.model)]),
+        container_options: mountOptions([params.input, params.flows, params.outdir, params.work, params.mask, modelPath(params.model), modelPath(params.model_ortho)]),
     ]
 
     // Every RunParams field but input, output and flows (given with the data) and workers (a
@@ -56,6 +56,7 @@ workflow {
         voxel_size: params.voxel_size,
         anisotropy: params.anisotropy,
         model: modelPath(params.model) ?: params.model,
+        model_ortho: modelPath(params.model_ortho) ?: params.model_ortho,
         diameter: params.diameter,
         percentiles: params.percentiles,
         exclude_zeros: params.exclude_zeros,

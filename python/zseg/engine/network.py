@@ -3,7 +3,7 @@
 What Cellpose does (``CellposeModel.eval(do_3D=True)``)
 -------------------------------------------------------
 1. normalise the volume: ``(x - low) / (high - low)`` per channel;
-2. resize it by ``rescale = 30 / diameter`` in Y and X and ``anisotropy * rescale`` in Z
+2. resize it by ``rescale = 30 / diameter`` (Cellpose 3: ``diam_mean / diameter``) in Y and X and ``anisotropy * rescale`` in Z
    (``cv2`` linear), to the *network scale* ``(int(Z*anisotropy*rescale), int(Y*rescale),
    int(X*rescale))``;
 3. run the network on every YX, ZY and ZX plane of the scaled volume: each *whole plane* is
@@ -45,7 +45,7 @@ reports planes and tiles against Cellpose's own count).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -77,23 +77,27 @@ VIEWS = ("YX", "ZY", "ZX")
 VIEW_AXES = {"YX": (0, 1, 2), "ZY": (1, 0, 2), "ZX": (2, 0, 1)}
 
 
-def scaled_shape(shape, *, diameter: float, anisotropy: float = 1.0) -> tuple[int, int, int]:
+def scaled_shape(shape, *, diameter: float, anisotropy: float = 1.0,
+                 diam_mean: float = 30.0) -> tuple[int, int, int]:
     """The network-scale shape of a volume, as Cellpose computes it.
 
     Parameters
     ----------
     shape : (Z, Y, X) tuple of int
     diameter : float
-        Cell diameter in YX voxels; the scale is ``30 / diameter``.
+        Cell diameter in YX voxels; the scale is ``diam_mean / diameter``.
     anisotropy : float
         Z voxel size over YX voxel size.
+    diam_mean : float
+        The network's training diameter: 30 for CPSAM; a Cellpose 3 network stores its own
+        (17 for nuclei).
 
     Returns
     -------
     (Z', Y', X') tuple of int
         ``shape`` unchanged when both scales are 1; ``ValueError`` when an axis would vanish.
     """
-    rescale = 30.0 / diameter
+    rescale = float(diam_mean) / diameter
     lz, ly, lx = (int(s) for s in shape)
     if rescale == 1.0 and anisotropy == 1.0:
         return (lz, ly, lx)
@@ -120,20 +124,39 @@ class Geometry:
         its two axes' tiles (the same for every view that has the axis).
     augment : bool
         Cellpose's test-time augmentation (flipped overlapping tiles).
+    ortho_tiles : tuple of 3 AxisTiles, or None
+        Tiles of the ZY and ZX views when a second network runs them (Cellpose 3's
+        ``pretrained_model_ortho``, :meth:`with_ortho`) and tiles differently; None: ``tiles``.
     """
 
     shape: tuple[int, int, int]
     scaled: tuple[int, int, int]
     tiles: tuple[AxisTiles, AxisTiles, AxisTiles]
     augment: bool = False
+    ortho_tiles: tuple[AxisTiles, AxisTiles, AxisTiles] | None = None
 
     @classmethod
     def of(cls, shape, *, diameter: float = 30.0, anisotropy: float = 1.0, bsize: int = 256,
-           tile_overlap: float = 0.1, augment: bool = False) -> "Geometry":
+           tile_overlap: float = 0.1, augment: bool = False, diam_mean: float = 30.0,
+           pad_to_tile: bool = True) -> "Geometry":
+        """``diam_mean`` and ``pad_to_tile=False`` (tiles shorter than ``bsize`` on short
+        planes) give a Cellpose 3 network's geometry; the defaults are CPSAM's."""
         shape = tuple(int(s) for s in shape)
-        scaled = scaled_shape(shape, diameter=diameter, anisotropy=anisotropy)
-        tiles = tuple(AxisTiles.of(n, bsize, tile_overlap=tile_overlap, augment=augment) for n in scaled)
+        scaled = scaled_shape(shape, diameter=diameter, anisotropy=anisotropy, diam_mean=diam_mean)
+        tiles = tuple(AxisTiles.of(n, bsize, tile_overlap=tile_overlap, augment=augment, pad_to_tile=pad_to_tile)
+                      for n in scaled)
         return cls(shape, scaled, tiles, augment)
+
+    def with_ortho(self, bsize: int, *, tile_overlap: float = 0.1, pad_to_tile: bool = True) -> "Geometry":
+        """This geometry with the ZY and ZX views tiled for an ortho network of tile size
+        ``bsize`` (and its family's padding) on the same network-scale volume."""
+        tiles = tuple(AxisTiles.of(n, bsize, tile_overlap=tile_overlap, augment=self.augment,
+                                   pad_to_tile=pad_to_tile) for n in self.scaled)
+        return replace(self, ortho_tiles=None if tiles == self.tiles else tiles)
+
+    def view_tiles(self, view: str) -> tuple[AxisTiles, AxisTiles, AxisTiles]:
+        """The tiles along each axis for the planes of ``view``."""
+        return self.tiles if view == "YX" or self.ortho_tiles is None else self.ortho_tiles
 
     @property
     def bsize(self) -> int:
@@ -144,7 +167,8 @@ class Geometry:
         out = {}
         for v in VIEWS:
             a, b, c = VIEW_AXES[v]
-            out[v] = (self.scaled[a], self.scaled[a] * len(self.tiles[b]) * len(self.tiles[c]))
+            t = self.view_tiles(v)
+            out[v] = (self.scaled[a], self.scaled[a] * len(t[b]) * len(t[c]))
         return out
 
 
@@ -237,7 +261,7 @@ def plan_block(geometry: Geometry, core: Box, views=VIEWS) -> BlockPlan:
         region[a] = out[a]
         tiles, canvas = [], []
         for ax in (b, c):
-            t = geometry.tiles[ax]
+            t = geometry.view_tiles(v)[ax]
             ks = t.covering(out[ax].start, out[ax].stop)
             lo, hi = t.span(ks)
             tiles.append(ks)
@@ -328,20 +352,22 @@ def from_network_scale(y: torch.Tensor, out: Box, core: Box, geometry: Geometry)
 def _tile_weights(geometry: Geometry, view: ViewPlan, out: Box, device) -> tuple[torch.Tensor, list]:
     """The blending weights' sum over ``out`` in the view's plane, and per tile its cut."""
     a, b, c = view.axes
-    bs = geometry.bsize
-    w1 = torch.from_numpy(taper(bs).astype(np.float32)).to(device)
+    tiles = geometry.view_tiles(view.view)
+    bsb, bsc = tiles[b].bsize, tiles[c].bsize  # differ only for Cellpose 3's short planes
+    wb = torch.from_numpy(taper(bsb).astype(np.float32)).to(device)
+    wc = torch.from_numpy(taper(bsc).astype(np.float32)).to(device)
     ob, oc = out[b], out[c]
     wsum = torch.zeros((ob.stop - ob.start, oc.stop - oc.start), dtype=torch.float32, device=device)
     cuts = []
     for kb in view.tiles[0]:
-        sb = geometry.tiles[b].starts[kb]
-        lo_b, hi_b = max(sb, ob.start), min(sb + bs, ob.stop)
+        sb = tiles[b].starts[kb]
+        lo_b, hi_b = max(sb, ob.start), min(sb + bsb, ob.stop)
         for kc in view.tiles[1]:
-            sc = geometry.tiles[c].starts[kc]
-            lo_c, hi_c = max(sc, oc.start), min(sc + bs, oc.stop)
+            sc = tiles[c].starts[kc]
+            lo_c, hi_c = max(sc, oc.start), min(sc + bsc, oc.stop)
             tile = (slice(lo_b - sb, hi_b - sb), slice(lo_c - sc, hi_c - sc))
             dest = (slice(lo_b - ob.start, hi_b - ob.start), slice(lo_c - oc.start, hi_c - oc.start))
-            mask = w1[tile[0], None] * w1[None, tile[1]]
+            mask = wb[tile[0], None] * wc[None, tile[1]]
             wsum[dest] += mask
             cuts.append((kb, kc, sb, sc, tile, dest, mask))
     return wsum, cuts
@@ -383,7 +409,7 @@ def run_view(net, scaled: torch.Tensor, view: ViewPlan, out: Box, geometry: Geom
     """
     a, b, c = view.axes
     dev = scaled.device
-    bs = geometry.bsize
+    bsb, bsc = geometry.view_tiles(view.view)[b].bsize, geometry.view_tiles(view.view)[c].bsize
     # planes first, then channels and the plane's two axes
     planes = scaled.permute(a + 1, 0, b + 1, c + 1)
     (cb0, cb1), (cc0, cc1) = view.canvas
@@ -398,7 +424,7 @@ def run_view(net, scaled: torch.Tensor, view: ViewPlan, out: Box, geometry: Geom
     for i in range(0, len(jobs), batch_size):
         batch = jobs[i : i + batch_size]
         x = torch.stack([
-            _augment(canvas[p, :, sb - cb0 : sb - cb0 + bs, sc - cc0 : sc - cc0 + bs], kb, kc, geometry.augment)
+            _augment(canvas[p, :, sb - cb0 : sb - cb0 + bsb, sc - cc0 : sc - cc0 + bsc], kb, kc, geometry.augment)
             for p, (kb, kc, sb, sc, *_rest) in batch
         ])
         with torch.inference_mode():
@@ -451,7 +477,7 @@ def add_view(flows: torch.Tensor, view_out: torch.Tensor, view: str) -> None:
 
 def predict_block(net, read, core: Box, geometry: Geometry, lowhigh, *, batch_size: int = 8,
                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                  keep_views: bool = False):
+                  keep_views: bool = False, net_ortho=None):
     """Cellpose's flows of the voxels ``core``, equal to a whole-volume run.
 
     Parameters
@@ -468,6 +494,9 @@ def predict_block(net, read, core: Box, geometry: Geometry, lowhigh, *, batch_si
         See :func:`run_view`.
     keep_views : bool
         Also return each view's output at the core's resolution.
+    net_ortho : callable, optional
+        A second network for the ZY and ZX views (Cellpose 3's ``pretrained_model_ortho``);
+        its tiles are ``geometry``'s ortho tiles (:meth:`Geometry.with_ortho`).
 
     Returns
     -------
@@ -486,7 +515,9 @@ def predict_block(net, read, core: Box, geometry: Geometry, lowhigh, *, batch_si
         x = torch.from_numpy(normalize(read(view.read), lowhigh)).to(device)
         scaled = to_network_scale(x, view.read, view.region, geometry)
         del x
-        y = run_view(net, scaled, view, plan.out, geometry, batch_size=batch_size, dtype=dtype)
+        vnet = net if view.view == "YX" or net_ortho is None else net_ortho
+        y = run_view(vnet, scaled, view, plan.out, geometry, batch_size=batch_size,
+                     dtype=dtype if vnet is net else getattr(vnet, "dtype", dtype))
         add_view(flows, y, view.view)
         if keep_views:
             kept.append(from_network_scale(y, plan.out, plan.core, geometry).cpu().numpy())

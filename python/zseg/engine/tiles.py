@@ -34,8 +34,11 @@ TAPER_MARGIN = 20
 TAPER_SIGMA = 7.5
 
 
-def plane_padding(n: int, bsize: int) -> tuple[int, int]:
+def plane_padding(n: int, bsize: int, *, pad_to_tile: bool = True) -> tuple[int, int]:
     """Zeros Cellpose adds before and after an axis of ``n`` pixels of a plane.
+
+    ``pad_to_tile=False`` is Cellpose 3's padding: never up to ``bsize``; an axis shorter
+    than a tile then gets a tile as long as the padded axis.
 
     Parameters
     ----------
@@ -48,7 +51,7 @@ def plane_padding(n: int, bsize: int) -> tuple[int, int]:
     -------
     (before, after) : tuple of int
     """
-    if n >= bsize:
+    if n >= bsize or not pad_to_tile:
         extra = PAD_MULTIPLE * math.ceil(n / PAD_MULTIPLE) - n
     else:
         extra = max(0, bsize - n - PAD_EXTRA)
@@ -120,11 +123,19 @@ class AxisTiles:
     starts: tuple[int, ...]
 
     @classmethod
-    def of(cls, n: int, bsize: int, *, tile_overlap: float = 0.1, augment: bool = False) -> "AxisTiles":
-        """Cellpose's tiles for an axis of ``n`` pixels."""
+    def of(cls, n: int, bsize: int, *, tile_overlap: float = 0.1, augment: bool = False,
+           pad_to_tile: bool = True) -> "AxisTiles":
+        """Cellpose's tiles for an axis of ``n`` pixels (``pad_to_tile=False``: Cellpose 3's,
+        where an axis padded to fewer than ``bsize`` pixels is one tile of that length)."""
         if n < 1:
             raise ValueError(f"axis length must be >= 1, got {n}")
-        before, after = plane_padding(n, bsize)
+        before, after = plane_padding(n, bsize, pad_to_tile=pad_to_tile)
+        if not pad_to_tile and not augment:
+            bsize = min(bsize, n + before + after)
+        if not pad_to_tile and augment and n + before + after < bsize:
+            # Cellpose 3's augment extends a short padded axis with zeros to one tile, then
+            # cuts two (identical, differently flipped) tiles from it
+            return cls(int(n), int(bsize), (-before, -before))
         starts = tile_starts(n + before + after, bsize, tile_overlap=tile_overlap, augment=augment) - before
         return cls(int(n), int(bsize), tuple(int(s) for s in starts))
 

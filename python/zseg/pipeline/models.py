@@ -10,6 +10,13 @@
    Cellpose's address (``$ZSEG_MODEL_URL`` replaces it, e.g. a mirror), written to a
    temporary name and renamed, so a killed download leaves nothing half-written.
 
+The weights tell the family (:func:`family`): a Cellpose 4 CPSAM state dict has ``W2``; a
+Cellpose 3 one (``cyto``, ``cyto2``, ``cyto3``, ``nuclei`` or a model trained from them, saved as
+Cellpose 3 saves them) has ``downsample.down.res_down_*`` and ``output.2.weight``. Each runs
+with its own module and defaults: CPSAM on 256-pixel tiles, rescaled by ``30 / diameter``;
+Cellpose 3 on 224-pixel tiles (Cellpose 3's padding), rescaled by ``diam_mean / diameter``
+with the ``diam_mean`` stored in the weights, on 2 input channels (cytoplasm, optional nucleus).
+
 Anything else stops with one message that says where to put the weights. There is no
 fallback to another model (Cellpose 4 warns and silently uses ``cpsam_v2`` for a name it
 does not know).
@@ -30,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from zseg.engine.cp3 import CP3Net, cp3_from_state_dict, describe_cp3_state_dict, is_cp3_state_dict
 from zseg.engine.cpsam import CPSAMNet, cpsam_from_state_dict, describe_state_dict
 from zseg.errors import UserError
 
@@ -37,13 +45,19 @@ log = logging.getLogger(__name__)
 
 #: Built-in names zseg can download (CPSAM networks; Cellpose 4.2's default is cpsam_v2).
 BUILTIN = ("cpsam", "cpsam_v2")
+#: Cellpose 3's built-in names and the files Cellpose 3 caches them as in the model folder
+#: (zseg runs them from there but does not download them).
+CP3_FILES = {"cyto3": "cyto3", "cyto2": "cyto2torch_0", "cyto": "cytotorch_0", "nuclei": "nucleitorch_0"}
 #: Cellpose 4.2 models on the DINOv3 backbone, which zseg does not run.
 DINO = ("cpdino", "cpdino-vitb")
 #: Where Cellpose 4.2 downloads its models from.
 CELLPOSE_URL = "https://huggingface.co/mouseland/cellpose-sam/resolve/main/"
 DOWNLOAD_TIMEOUT = 60  # seconds without data before a download is given up
 
-_NETWORKS: dict[tuple, CPSAMNet] = {}
+#: What a ``--model`` file may hold, for messages.
+KINDS = "a Cellpose 4 (cpsam/cpsam_v2) or Cellpose 3 (cyto3, nuclei, ... or a model trained from them) weights file"
+
+_NETWORKS: dict[tuple, "CPSAMNet | CP3Net"] = {}
 
 
 def model_dir() -> Path:
@@ -75,6 +89,14 @@ def resolve_model(model: str, *, download: bool = True) -> Path:
     cached = model_dir() / text
     if cached.is_file():
         return cached
+    if text in CP3_FILES and (model_dir() / CP3_FILES[text]).is_file():
+        return model_dir() / CP3_FILES[text]
+    if text in CP3_FILES:
+        raise UserError(
+            f"--model {text!r} is neither a file nor a model in {model_dir()}: it is a Cellpose 3 model, which zseg "
+            f"runs but does not download; put Cellpose 3's file {CP3_FILES[text]} (from "
+            f"https://www.cellpose.org/models/{CP3_FILES[text]}) at {model_dir() / CP3_FILES[text]}, or give its path."
+        )
     if text in DINO:
         raise UserError(
             f"--model {text!r} is a Cellpose DINOv3 network, which zseg does not run; use cpsam or cpsam_v2."
@@ -118,23 +140,41 @@ def _state_dict(path: Path, *, mmap: bool) -> dict:
     except Exception as e:  # not a torch file, truncated, or pickled objects weights_only refuses
         raise UserError(
             f"--model {str(path)!r} is not a readable Cellpose weights file ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:200] if str(e) else 'unreadable'}); give a cpsam/cpsam_v2 checkpoint."
+            f"{str(e).splitlines()[0][:200] if str(e) else 'unreadable'}); give {KINDS}."
         ) from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise UserError(f"--model {str(path)!r} does not hold a state dict of tensors; give a cpsam/cpsam_v2 checkpoint.")
+        raise UserError(f"--model {str(path)!r} does not hold a state dict of tensors; give {KINDS}.")
     return sd
 
 
+def family(sd: dict) -> str:
+    """``"cpsam"`` (Cellpose 4: the state dict has ``W2``) or ``"cp3"`` (Cellpose 3's CPnet:
+    ``downsample.down.res_down_*``, ``output.2.weight``); ``""`` for neither."""
+    keys = {k.removeprefix("module.") for k in sd}
+    if "W2" in keys:
+        return "cpsam"
+    if is_cp3_state_dict(sd):
+        return "cp3"
+    return ""
+
+
 def _describe(path: Path, sd: dict) -> dict:
+    """The family and sizes of a state dict; ``UserError`` for one zseg cannot run."""
+    kind = family(sd)
+    if not kind:
+        some = ", ".join(sorted(sd)[:3]) or "none"
+        raise UserError(f"--model {str(path)!r} is a state dict of another architecture (tensors {some}, ...), "
+                        f"neither Cellpose 4 nor Cellpose 3; give {KINDS}.")
     try:
-        return describe_state_dict({k.removeprefix("module."): v for k, v in sd.items()})
+        if kind == "cp3":
+            return describe_cp3_state_dict(sd)
+        return {"family": "cpsam", **describe_state_dict({k.removeprefix("module."): v for k, v in sd.items()})}
     except ValueError as e:
-        cp3 = "W2" not in sd and "module.W2" not in sd
-        hint = (" It looks like a Cellpose 3 (CPnet) model such as cyto3 or nuclei, which Cellpose 4 cannot run"
-                if cp3 else "")
-        raise UserError(f"--model {str(path)!r}: {e}.{hint} Give a cpsam/cpsam_v2 checkpoint.") from None
+        name = "Cellpose 3" if kind == "cp3" else "Cellpose 4 (CPSAM)"
+        raise UserError(f"--model {str(path)!r} looks like a {name} network but {e}; "
+                        f"give an unmodified {name} weights file.") from None
 
 
 def inspect_model(model: str, *, download: bool = True) -> dict:
@@ -143,33 +183,53 @@ def inspect_model(model: str, *, download: bool = True) -> dict:
     Returns
     -------
     dict
-        ``name`` (as given), ``path``, ``bytes``, ``bsize`` (tile size) and ``network`` (the
-        sizes of :func:`zseg.engine.cpsam.describe_state_dict`).
+        ``name`` (as given), ``path``, ``bytes``, ``family`` (``cpsam`` or ``cp3``), ``bsize``
+        (tile size), ``diam_mean`` (the diameter the network rescales to) and ``network`` (the
+        sizes of :func:`zseg.engine.cpsam.describe_state_dict` or
+        :func:`zseg.engine.cp3.describe_cp3_state_dict`).
     """
     path = resolve_model(model, download=download)
     sizes = _describe(path, _state_dict(path, mmap=True))
+    if sizes["family"] == "cp3":
+        bsize, diam_mean = CP3Net.bsize, sizes["diam_mean"]
+    else:
+        bsize, diam_mean = sizes["tokens"] * sizes["ps"], 30.0
     return {
-        "name": str(model), "path": str(path), "bytes": path.stat().st_size,
-        "bsize": sizes["tokens"] * sizes["ps"], "network": sizes,
+        "name": str(model), "path": str(path), "bytes": path.stat().st_size, "family": sizes["family"],
+        "bsize": bsize, "diam_mean": diam_mean, "network": sizes,
     }
 
 
-def load_network(path: str | Path, device: torch.device, *, use_bfloat16: bool = True) -> CPSAMNet:
-    """The network of the weights at ``path`` on ``device`` (bfloat16 weights by default, as
-    Cellpose 4 runs them); built once per process and reused."""
+def load_network(path: str | Path, device: torch.device, *, use_bfloat16: bool = True,
+                 keep: int = 1) -> "CPSAMNet | CP3Net":
+    """The network of the weights at ``path`` on ``device``, of the family the weights show
+    (:func:`family`); built once per process and reused (the last ``keep`` networks).
+
+    A CPSAM network runs with bfloat16 weights by default, as Cellpose 4 runs it; a Cellpose 3
+    network always in float32, as Cellpose 3 runs it. Every network has ``family``, ``bsize``
+    (tile size) and ``diam_mean``.
+    """
     path = Path(path)
     key = (str(path.resolve()), str(device), use_bfloat16)
     if key not in _NETWORKS:
         sd = _state_dict(path, mmap=False)
-        _describe(path, sd)
+        kind = _describe(path, sd)["family"]
+        name = "Cellpose 3" if kind == "cp3" else "cpsam/cpsam_v2"
         try:
-            net = cpsam_from_state_dict(sd)
+            net = cp3_from_state_dict(sd) if kind == "cp3" else cpsam_from_state_dict(sd)
         except ValueError as e:
-            raise UserError(f"--model {str(path)!r}: {e}; give an unmodified cpsam/cpsam_v2 checkpoint.") from None
+            raise UserError(f"--model {str(path)!r}: {e}; give an unmodified {name} weights file.") from None
         del sd
-        net = net.to(device=device, dtype=torch.bfloat16 if use_bfloat16 else torch.float32).eval()
-        log.info("loaded %s (%d blocks) on %s in %s", path, net.depth, device, net.dtype)
-        _NETWORKS.clear()  # one network per process: a new one replaces the last
+        if kind == "cp3":
+            net = net.to(device=device, dtype=torch.float32).eval()
+            log.info("loaded %s (Cellpose 3, nbase %s, diam_mean %g) on %s", path, net.nbase,
+                     float(net.diam_mean), device)
+        else:
+            net.family = "cpsam"
+            net = net.to(device=device, dtype=torch.bfloat16 if use_bfloat16 else torch.float32).eval()
+            log.info("loaded %s (%d blocks) on %s in %s", path, net.depth, device, net.dtype)
+        while len(_NETWORKS) >= max(1, keep):  # a new one replaces the oldest
+            _NETWORKS.pop(next(iter(_NETWORKS)))
         _NETWORKS[key] = net
     return _NETWORKS[key]
 

@@ -59,9 +59,11 @@ class RunParams(BaseModel):
 
     # -- the network ---------------------------------------------------------------------------
     model: str = "cpsam"
-    """Cellpose model: a path to weights, or a name in CELLPOSE_LOCAL_MODELS_PATH (~/.cellpose/models); cpsam and cpsam_v2 are downloaded there when missing."""
+    """Cellpose model: a path to weights, or a name in CELLPOSE_LOCAL_MODELS_PATH (~/.cellpose/models); cpsam and cpsam_v2 are downloaded there when missing. Cellpose 4 (CPSAM) and Cellpose 3 (cyto3, nuclei, ... and models trained from them) weights are told apart by their tensors."""
+    model_ortho: str | None = None
+    """A second network for the ZY and ZX views (Cellpose 3's pretrained_model_ortho), given like --model, of either family; default: --model runs all three views."""
     diameter: float = Field(30.0, gt=0)
-    """Typical cell diameter in YX voxels; the volume is rescaled by 30/diameter for the network."""
+    """Typical cell diameter in YX voxels; the volume is rescaled by 30/diameter for the network (a Cellpose 3 model: by its diam_mean/diameter, e.g. 17/diameter for nuclei)."""
     percentiles: tuple[float, float] = (1.0, 99.0)
     """Low and high intensity percentiles (0-100) for global normalisation."""
     exclude_zeros: bool = False

@@ -51,7 +51,7 @@ VIEWS_STORE = "views.zarr"
 
 
 # -- plan time ---------------------------------------------------------------------------------
-def check(params, shape, anisotropy: float) -> dict:
+def check(params, shape, anisotropy: float, *, nchannels: int | None = None) -> dict:
     """What ``plan`` records for this phase; raises ``UserError`` before anything is written.
 
     Resolves the model (downloading a missing built-in one) and reads its sizes, and checks
@@ -62,10 +62,22 @@ def check(params, shape, anisotropy: float) -> dict:
 
     model = models.inspect_model(params.model)
     try:
-        N.scaled_shape(shape, diameter=params.diameter, anisotropy=anisotropy)
+        N.scaled_shape(shape, diameter=params.diameter, anisotropy=anisotropy,
+                       diam_mean=model.get("diam_mean", 30.0))
     except ValueError as e:
         raise UserError(f"{e}; use a smaller --diameter.") from None
     out = {"model": model, "mask": None}
+    if params.model_ortho:
+        out["model_ortho"] = models.inspect_model(params.model_ortho)
+    for key in ("model", "model_ortho"):
+        info = out.get(key)
+        takes = info["network"]["nbase"][0] if info and info["family"] == "cp3" else None
+        if takes is not None and nchannels is not None and nchannels > takes:
+            raise UserError(
+                f"--{key.replace('_', '-')} {info['name']!r} is a Cellpose 3 network that takes {takes} channels "
+                f"(cytoplasm, then the optional nucleus channel) but the input has {nchannels}; choose them "
+                f"with --channels (e.g. --channels 0,1)."
+            )
     if params.mask is not None:
         out["mask"] = _open_mask(params.mask).describe()
     return out
@@ -124,32 +136,52 @@ class _Task:
     geometry: object  # zseg.engine.network.Geometry
     lowhigh: np.ndarray
     mask: object | None
+    net_ortho: object | None = None  # the ZY/ZX network (--model-ortho)
 
 
-def geometry(run: Run, bsize: int):
-    """The whole volume's network geometry (:class:`zseg.engine.network.Geometry`)."""
+def geometry(run: Run, bsize: int, *, family: str = "cpsam", diam_mean: float = 30.0):
+    """The whole volume's network geometry (:class:`zseg.engine.network.Geometry`) for a
+    network of ``family`` (Cellpose 3: rescale by its ``diam_mean``, Cellpose 3's tiles)."""
     from zseg.engine import network as N
 
     p = run.params
+    cp3 = family == "cp3"
     return N.Geometry.of(run.grid.shape, diameter=p.diameter, anisotropy=run.anisotropy, bsize=bsize,
-                         tile_overlap=p.tile_overlap, augment=p.augment)
+                         tile_overlap=p.tile_overlap, augment=p.augment,
+                         diam_mean=diam_mean if cp3 else 30.0, pad_to_tile=not cp3)
+
+
+def _model_path(run: Run, key: str, model: str) -> str:
+    """The weights file of ``model``: the one plan found if it is still there as it was."""
+    from zseg.pipeline import models
+
+    info = (run.manifest.get("network") or {}).get(key) or {}  # what plan found, if it looked
+    path = info.get("path")
+    if not (isinstance(path, str) and os.path.isfile(path) and os.path.getsize(path) == info.get("bytes")):
+        if path:
+            log.info("model file %s (found at plan) is not here as it was: resolving %s again", path, model)
+        path = models.inspect_model(model)["path"]
+    return path
 
 
 def _task(run: Run) -> _Task:
     from zseg.pipeline import models
 
     p = run.params
-    info = (run.manifest.get("network") or {}).get("model") or {}  # what plan found, if it looked
-    path = info.get("path")
-    if not (isinstance(path, str) and os.path.isfile(path) and os.path.getsize(path) == info.get("bytes")):
-        if path:
-            log.info("model file %s (found at plan) is not here as it was: resolving %s again", path, p.model)
-        path = models.inspect_model(p.model)["path"]
     device = models.select_device(p.device)
-    net = models.load_network(path, device, use_bfloat16=p.use_bfloat16)
+    keep = 2 if p.model_ortho else 1
+    net = models.load_network(_model_path(run, "model", p.model), device, use_bfloat16=p.use_bfloat16, keep=keep)
+    ortho = None
+    if p.model_ortho:
+        ortho = models.load_network(_model_path(run, "model_ortho", p.model_ortho), device,
+                                    use_bfloat16=p.use_bfloat16, keep=keep)
     lowhigh = PCT.load(run)
     mask = _open_mask(p.mask) if p.mask else None
-    return _Task(net, device, geometry(run, net.bsize), lowhigh, mask)
+    geo = geometry(run, net.bsize, family=getattr(net, "family", "cpsam"), diam_mean=float(net.diam_mean))
+    if ortho is not None:  # same network scale (--model's), the ortho network's own tiles
+        geo = geo.with_ortho(ortho.bsize, tile_overlap=p.tile_overlap,
+                             pad_to_tile=getattr(ortho, "family", "cpsam") != "cp3")
+    return _Task(net, device, geo, lowhigh, mask, ortho)
 
 
 def _mask_box(core, shape, mshape):
@@ -207,7 +239,8 @@ def _compute(run: Run, task: _Task, plan, inputs) -> tuple[np.ndarray, np.ndarra
     kept = []
     for view, x in zip(plan.views, inputs):
         scaled = N.to_network_scale(x.to(dev, non_blocking=True), view.read, view.region, geo)
-        y = N.run_view(task.net, scaled, view, plan.out, geo, batch_size=p.batch_size, dtype=task.net.dtype)
+        net = task.net if view.view == "YX" or task.net_ortho is None else task.net_ortho
+        y = N.run_view(net, scaled, view, plan.out, geo, batch_size=p.batch_size, dtype=net.dtype)
         del scaled
         N.add_view(flows, y, view.view)
         if p.keep_views:

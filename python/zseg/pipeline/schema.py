@@ -88,7 +88,7 @@ GROUPS = [
      ["axes", "level", "channels", "timepoint", "voxel_size", "anisotropy"]),
     ("network_options", "Network", "fas fa-brain",
      "The Cellpose network and the intensity normalisation.",
-     ["model", "diameter", "percentiles", "exclude_zeros", "tile_overlap", "augment", "batch_size", "use_bfloat16",
+     ["model", "model_ortho", "diameter", "percentiles", "exclude_zeros", "tile_overlap", "augment", "batch_size", "use_bfloat16",
       "skip_empty", "mask", "keep_views"]),
     ("dynamics_options", "Flow dynamics and cell sizes", "fas fa-wind",
      "Turning flows into cells (Cellpose's parameter names).",
