@@ -133,28 +133,33 @@ def labels_chunk(run: Run, index: int) -> dict:
             **chunk_digest(core_labels)}  # what `zseg verify` compares the stored chunk with
 
 
-def _sum_markers(run: Run, phase: str, key: str) -> int:
-    return int(sum(U.read_json(run.chunk_file(phase, i, "json")).get(key, 0) for i in range(run.grid.nchunks)))
+def _markers(run: Run, phase: str) -> list[dict]:
+    """Every chunk's marker of ``phase`` (empty when the stage did not run), each read once."""
+    if not U.exists(run.chunk_file(phase, 0, "json")):
+        return []
+    return [U.read_json(run.chunk_file(phase, i, "json")) for i in range(run.grid.nchunks)]
 
 
 def report_reduce(run: Run) -> dict:
     g = run.grid
+    markers = {ph: _markers(run, ph) for ph in ("percentiles", "follow", "seeds", "masks", "sizes", "labels")}
+
+    def total(phase: str, key: str) -> int:
+        return int(sum(m.get(key, 0) for m in markers[phase]))
+
     max_step = np.zeros(g.ndim, np.int64)
-    for i in range(g.nchunks):
-        max_step = np.maximum(max_step, U.read_json(run.chunk_file("follow", i, "json"))["max_step"])
+    for m in markers["follow"]:
+        max_step = np.maximum(max_step, m["max_step"])
     result = {
         "cells": int(U.read_json(run.path(NUMBER_RESULT))["cells"]),
         "seeds": int(U.read_json(run.path(N.RESULT))["total"]),
-        "foreground_voxels": _sum_markers(run, "follow", "foreground"),
-        "long_trajectories": _sum_markers(run, "follow", "long"),
-        "escaped_trajectories": _sum_markers(run, "follow", "escaped"),
-        "ends_outside_block": _sum_markers(run, "masks", "ends_outside_block"),
-        "cells_cut_by_block": _sum_markers(run, "labels", "cells_cut_by_block"),
+        "foreground_voxels": total("follow", "foreground"),
+        "long_trajectories": total("follow", "long"),
+        "escaped_trajectories": total("follow", "escaped"),
+        "ends_outside_block": total("masks", "ends_outside_block"),
+        "cells_cut_by_block": total("labels", "cells_cut_by_block"),
         "max_trajectory": [int(v) for v in max_step],
-        "seconds": {ph: round(sum(U.read_json(run.chunk_file(ph, i, "json")).get("seconds", 0)
-                                  for i in range(g.nchunks)), 3)
-                    for ph in ("percentiles", "follow", "seeds", "masks", "sizes", "labels")
-                    if U.exists(run.chunk_file(ph, 0, "json"))},
+        "seconds": {ph: round(sum(m.get("seconds", 0) for m in ms), 3) for ph, ms in markers.items() if ms},
         "labels": labels_uri(run),
     }
     exact = result["long_trajectories"] == 0 and result["ends_outside_block"] == 0 and result["cells_cut_by_block"] == 0

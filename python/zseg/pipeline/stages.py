@@ -2,8 +2,9 @@
 
 A phase of DESIGN.md §3 has one or more stages. A *map* stage works on one chunk at a time and
 writes its chunk's marker ``work/<marker_dir>/cNNNNNNN.json`` last, after its data, so a
-marker means the chunk is complete. A *reduce* stage runs once, after every chunk of the map
-stage it ``requires``, and writes ``work/<result>``.
+marker means the chunk is complete. A *reduce* stage runs once and writes ``work/<result>``.
+No stage starts while a stage before it in this table is incomplete
+(:func:`zseg.pipeline.verify.require_complete`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ class Stage:
     fn: Callable
     marker_dir: str | None = None
     result: str | None = None
-    requires: str | None = None
     applies: Callable = field(default=lambda run: True)
     batch: Callable | None = None
     """Optional ``batch(run, indices)``: yields ``(index, stats)`` as each chunk's data is written,
@@ -80,20 +80,20 @@ def _build() -> dict[str, Stage]:
     stages = [
         Stage("percentiles", "percentiles", "map", percentiles.process_chunk, marker_dir="percentiles"),
         Stage("percentiles:reduce", "percentiles", "reduce", percentiles.reduce,
-              result=percentiles.RESULT, requires="percentiles"),
+              result=percentiles.RESULT),
         Stage("predict", "predict", "map", predict.process_chunk, marker_dir=predict.PHASE,
               applies=predict.applies, batch=predict.predict_chunks),
         Stage("seeds:follow", "seeds", "map", seeds.follow_chunk, marker_dir="follow"),
         Stage("seeds:find", "seeds", "map", seeds.find_chunk, marker_dir="seeds"),
-        Stage("number", "number", "reduce", number.reduce, result=number.RESULT, requires="seeds:find"),
+        Stage("number", "number", "reduce", number.reduce, result=number.RESULT),
         Stage("masks", "masks", "map", masks.process_chunk, marker_dir="masks"),
         Stage("finalize:sizes", "finalize", "map", finalize.sizes_chunk, marker_dir="sizes"),
         Stage("finalize:number", "finalize", "reduce", finalize.number_reduce,
-              result=finalize.NUMBER_RESULT, requires="finalize:sizes"),
+              result=finalize.NUMBER_RESULT),
         Stage("finalize:labels", "finalize", "map", finalize.labels_chunk, marker_dir="labels"),
         Stage("finalize:cells", "finalize", "map", table.cells_chunk, marker_dir=table.CELLS),
         Stage("finalize:report", "finalize", "reduce", finalize.report_reduce,
-              result=finalize.REPORT_RESULT, requires="finalize:cells"),
+              result=finalize.REPORT_RESULT),
     ]
     return {s.name: s for s in stages}
 
