@@ -6,7 +6,10 @@
 2. a name is looked up in Cellpose's model folder, ``$CELLPOSE_LOCAL_MODELS_PATH`` or
    ``~/.cellpose/models`` (where Cellpose itself caches ``cpsam``, ``cpsam_v2``, and where
    ``cellpose --add_model`` puts user models);
-3. a built-in CPSAM name missing there (:data:`BUILTIN`) is downloaded into that folder from
+3. ``zseg-demo`` (:data:`BUNDLED`) is the small Cellpose 3 network shipped inside the package,
+   trained on ``zseg synth`` volumes by ``scripts/train_demo_model.py`` (for demos and tests of
+   the whole pipeline offline; it knows nothing of real cells);
+4. a built-in CPSAM name missing there (:data:`BUILTIN`) is downloaded into that folder from
    Cellpose's address (``$ZSEG_MODEL_URL`` replaces it, e.g. a mirror), written to a
    temporary name and renamed, so a killed download leaves nothing half-written.
 
@@ -33,6 +36,7 @@ import os
 import urllib.error
 import urllib.request
 import uuid
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -45,6 +49,8 @@ log = logging.getLogger(__name__)
 
 #: Built-in names zseg can download (CPSAM networks; Cellpose 4.2's default is cpsam_v2).
 BUILTIN = ("cpsam", "cpsam_v2")
+#: Networks shipped inside the package, by name, and their files in ``zseg/data``.
+BUNDLED = {"zseg-demo": "zseg_demo_cp3.pt"}
 #: Cellpose 3's built-in names and the files Cellpose 3 caches them as in the model folder
 #: (zseg runs them from there but does not download them).
 CP3_FILES = {"cyto3": "cyto3", "cyto2": "cyto2torch_0", "cyto": "cytotorch_0", "nuclei": "nucleitorch_0"}
@@ -91,6 +97,11 @@ def resolve_model(model: str, *, download: bool = True) -> Path:
         return cached
     if text in CP3_FILES and (model_dir() / CP3_FILES[text]).is_file():
         return model_dir() / CP3_FILES[text]
+    if text in BUNDLED:
+        bundled = Path(str(resources.files("zseg") / "data" / BUNDLED[text]))
+        if not bundled.is_file():
+            raise UserError(f"--model {text!r}: the bundled file {bundled} is missing; reinstall zseg.")
+        return bundled
     if text in CP3_FILES:
         raise UserError(
             f"--model {text!r} is neither a file nor a model in {model_dir()}: it is a Cellpose 3 model, which zseg "
@@ -104,7 +115,7 @@ def resolve_model(model: str, *, download: bool = True) -> Path:
     if text not in BUILTIN:
         raise UserError(
             f"--model {text!r} is neither a file nor a model in {model_dir()}; give a built-in name "
-            f"({', '.join(BUILTIN)}) or the path to your weights."
+            f"({', '.join(BUILTIN)}; {', '.join(BUNDLED)}, bundled) or the path to your weights."
         )
     if not download:
         raise UserError(f"model {text!r} is not in {model_dir()}; {_where_to_put(text)}.")

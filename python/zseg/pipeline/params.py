@@ -59,7 +59,7 @@ class RunParams(BaseModel):
 
     # -- the network ---------------------------------------------------------------------------
     model: str = "cpsam"
-    """Cellpose model: a path to weights, or a name in CELLPOSE_LOCAL_MODELS_PATH (~/.cellpose/models); cpsam and cpsam_v2 are downloaded there when missing. Cellpose 4 (CPSAM) and Cellpose 3 (cyto3, nuclei, ... and models trained from them) weights are told apart by their tensors."""
+    """Cellpose model: a path to weights, or a name in CELLPOSE_LOCAL_MODELS_PATH (~/.cellpose/models); cpsam and cpsam_v2 are downloaded there when missing; zseg-demo is the small demo network shipped with zseg (synthetic cells only). Cellpose 4 (CPSAM) and Cellpose 3 (cyto3, nuclei, ... and models trained from them) weights are told apart by their tensors."""
     model_ortho: str | None = None
     """A second network for the ZY and ZX views (Cellpose 3's pretrained_model_ortho), given like --model, of either family; default: --model runs all three views."""
     diameter: float = Field(30.0, gt=0)
@@ -87,7 +87,7 @@ class RunParams(BaseModel):
     cellprob_threshold: float = 0.0
     """Voxels with cell probability (sum of the three views' logits) above this are followed."""
     niter: int | None = Field(None, ge=1)
-    """Euler steps of flow following; default 200 * diameter / 30 as Cellpose. Long thin cells need more."""
+    """Euler steps of flow following; default 200 * diameter / diam_mean as Cellpose (diam_mean 30, or a Cellpose 3 model's own). Long thin cells need more."""
     flow3D_smooth: tuple[float, float, float] = (0.0, 0.0, 0.0)
     """Gaussian sigma Z,Y,X (voxels) applied to the flows before following them; one number for all axes."""
     min_size: int = 15
@@ -206,11 +206,12 @@ class RunParams(BaseModel):
         return self
 
     # -- derived values ------------------------------------------------------------------------
-    def effective_niter(self) -> int:
-        """Cellpose's default: 200 steps at diameter 30, scaled with the diameter."""
+    def effective_niter(self, diam_mean: float = 30.0) -> int:
+        """Cellpose's default: 200 steps at the network's ``diam_mean`` (30 for cpsam, cyto*;
+        the value stored in a Cellpose 3 model's weights), scaled with the diameter."""
         if self.niter is not None:
             return self.niter
-        return max(1, int(200 / (30.0 / self.diameter)))  # Cellpose's arithmetic: 200 / rescale
+        return max(1, int(200 / (diam_mean / self.diameter)))  # Cellpose's arithmetic: 200 / rescale
 
     def work_uri(self) -> str:
         from zseg.storage.uri import join

@@ -90,6 +90,24 @@ def _existing_output(params: RunParams) -> Run | None:
     return old
 
 
+def _diam_mean(params: RunParams, network: dict | None) -> float:
+    """The network's ``diam_mean`` for the default ``niter`` (Cellpose: ``200 / rescale``)."""
+    if params.niter is not None or params.flows is not None:
+        return 30.0  # not used / flows given: Cellpose 4's rule
+    if network is not None:
+        return float(network["model"]["diam_mean"])
+    from zseg.pipeline import models
+
+    if params.model in models.BUILTIN:
+        return 30.0
+    try:  # reads only the tensor shapes; never downloads here
+        return float(models.inspect_model(params.model, download=False)["diam_mean"])
+    except UserError:
+        log.warning("model %r is not here to read its diam_mean: niter defaults to 200 * diameter / 30; "
+                    "give --niter for a Cellpose 3 model trained at another diameter", params.model)
+        return 30.0
+
+
 def plan(params: RunParams, *, check_model: bool = False) -> Run:
     """Validate ``params`` against the input and write the run manifest (or resume an unfinished run).
 
@@ -151,7 +169,7 @@ def plan(params: RunParams, *, check_model: bool = False) -> Run:
         "input": volume.describe(),
         "voxel_size": list(voxel_size) if voxel_size else None,
         "anisotropy": anisotropy,
-        "niter": params.effective_niter(),
+        "niter": params.effective_niter(_diam_mean(params, network)),
         "grid": {
             "shape": list(grid.shape),
             "chunk_shape": list(grid.chunk_shape),
