@@ -37,9 +37,21 @@ def all_voxels(shape):
     return np.argwhere(np.ones(shape, bool)).astype(np.int64)
 
 
+def sample_corners(starts, disp, shape):
+    """Lower corner, weights and validity of the kernel's sample (Cellpose's position
+    ``x * L / (L - 1) - 0.5``, float64 from the global start and the float32 displacement)."""
+    scale, shift = D.sampling(shape)
+    pos = (starts.astype(np.float64) + disp.astype(np.float64)) * scale - shift
+    lower = np.floor(pos)
+    u = (pos - lower).astype(np.float32)
+    lower = lower.astype(np.int64)
+    return lower, u, lower >= 0, lower + 1 <= np.array(shape) - 1
+
+
 def reference_follow(flow, starts, niter):
     """Plain numpy version of the trajectory rule, whole volume (origin 0), every step
-    computed (no cycle skipping), same float32 operation order as the kernel."""
+    computed (no cycle skipping), same float32 operation order as the kernel: the flow is
+    read where Cellpose reads it, a corner outside the volume reads 0."""
     ndim = flow.shape[0]
     L = np.array(flow.shape[1:])
     s = starts.astype(np.int64)
@@ -48,11 +60,12 @@ def reference_follow(flow, starts, niter):
     hi = (L - 1 - s).astype(np.float32)
     one = np.float32(1)
     for _ in range(niter):
-        f = np.floor(d)
-        a = s + f.astype(np.int64)
-        b = np.minimum(a + 1, L - 1)
-        u = d - f
-        v = one - u
+        a, u, a_ok, b_ok = sample_corners(s, d, tuple(L))
+        b = a + 1
+        v = np.where(a_ok, one - u, np.float32(0))
+        u = np.where(b_ok, u, np.float32(0))
+        a = np.clip(a, 0, L - 1)
+        b = np.clip(b, 0, L - 1)
         g = np.empty_like(d)
         for c in range(ndim):
             F = flow[c]
@@ -130,21 +143,43 @@ def test_follow_flows_matches_plain_numpy_rule(shape):
         np.testing.assert_array_equal(disp, reference_follow(flow, starts, niter))
 
 
-def test_follow_flows_samples_at_the_position_itself():
-    shape = (6, 7, 8)
-    rng = np.random.default_rng(0)
-    flow = rng.uniform(-0.4, 0.4, size=(3, *shape)).astype(np.float32)
+@pytest.mark.parametrize("shape", [(6, 7, 8), (5, 9)])
+def test_follow_flows_follows_cellposes_trajectories(shape):
+    """The trajectories of Cellpose's own ``steps_interp`` (``grid_sample`` with
+    ``align_corners=False`` on positions normalised by ``L - 1``: voxel ``x`` reads the flow at
+    ``x * L / (L - 1) - 0.5``, zero beyond the volume), to float32 rounding."""
+    torch = pytest.importorskip("torch")
+    from cellpose import dynamics as cpd
+
+    flow = smooth_field(shape, seed=5, magnitude=1.2, sink=0.6)
     starts = all_voxels(shape)
-    disp, _ = whole(flow, starts, 1)  # one step from an integer voxel: its own flow value,
-    own = flow[(slice(None), *starts.T)].T  # clamped to the volume
-    np.testing.assert_array_equal(disp, np.clip(own, -starts, np.array(shape) - 1 - starts))
-    assert (disp != 0).mean() > 0.8
-    # constant drift along x: 0.25 per step, clamped at the volume's last voxel
-    drift = np.zeros((3, *shape), np.float32)
-    drift[2] = 0.25
-    disp, _ = whole(drift, starts, 10)
-    np.testing.assert_array_equal(disp[:, 2], np.minimum(2.5, 7 - starts[:, 2]))
-    np.testing.assert_array_equal(disp[:, :2], 0)
+    inds = tuple(starts.T)
+    for niter in (1, 5, 20):
+        disp, escaped = whole(flow, starts, niter)
+        assert not escaped.any()
+        theirs = cpd.steps_interp(flow, inds, niter, device=torch.device("cpu"))
+        theirs = np.asarray(theirs.cpu() if hasattr(theirs, "cpu") else theirs, dtype=np.float64)
+        theirs = theirs.reshape(len(shape), -1).T
+        np.testing.assert_allclose(starts + disp, theirs, atol=2e-4 * niter)
+    # a constant drift along x, 0.25 per step: a voxel on the volume's first or last plane of
+    # an axis is read at 0.5 voxel outside it, half of the read is zero padding
+    drift = np.zeros((len(shape), *shape), np.float32)
+    drift[-1] = 0.25
+    disp, _ = whole(drift, starts, 1)
+    edge = (starts == 0) | (starts == np.array(shape) - 1)
+    want = 0.25 * np.prod(np.where(edge, 0.5, 1.0), axis=1)
+    np.testing.assert_array_equal(disp[:, -1], np.minimum(want, shape[-1] - 1 - starts[:, -1]))
+    np.testing.assert_array_equal(disp[:, :-1], 0)
+
+
+def test_an_axis_of_one_voxel_is_read_at_the_position():
+    """Cellpose divides by ``L - 1 = 0`` there; zseg reads that axis at 0 and never moves on it."""
+    shape = (1, 6, 7)
+    flow = smooth_field(shape, seed=2, magnitude=1.0)
+    starts = all_voxels(shape)
+    disp, escaped = whole(flow, starts, 10)
+    assert not escaped.any() and (disp[:, 0] == 0).all() and np.abs(disp[:, 1:]).max() > 0.5
+    np.testing.assert_array_equal(disp, reference_follow(flow, starts, 10))
 
 
 def test_follow_flows_stays_inside_the_volume():
@@ -164,17 +199,14 @@ def _check_block_invariance(shape, seed, magnitude, sink, quantize, niter, data,
     starts = all_voxels(shape)
     ref, ref_esc = whole(flow, starts, niter)
     assert not ref_esc.any()
-    # voxels each whole-volume trajectory needs: the lower corner a_t = s + floor(d_t) and
-    # the upper corner a_t + 1 before each step t < niter, and the end voxel a_niter
-    amin = starts.copy()
-    amax = starts.copy()
-    bmax = starts + 1 if niter else starts.copy()
-    for t in range(1, niter + 1):
-        a = D.end_points(starts, whole(flow, starts, t)[0])
-        amin = np.minimum(amin, a)
-        amax = np.maximum(amax, a)
-        if t < niter:
-            bmax = np.maximum(bmax, a + 1)
+    # voxels each whole-volume trajectory needs: the corners of the sample inside the volume
+    # (lower floor(u_t), upper floor(u_t) + 1) before each step t < niter, and the end voxel
+    need_min = D.end_points(starts, ref)
+    need_max = need_min.copy()
+    for t in range(niter):
+        a, _, a_ok, b_ok = sample_corners(starts, whole(flow, starts, t)[0], shape)
+        need_min = np.minimum(need_min, np.where(a_ok, a, a + 1))
+        need_max = np.maximum(need_max, np.where(b_ok, a + 1, a))
     L = np.array(shape)
     for _ in range(3):
         origin = np.array([data.draw(st.integers(0, n - 1)) for n in shape])
@@ -189,10 +221,8 @@ def _check_block_invariance(shape, seed, magnitude, sink, quantize, niter, data,
             np.testing.assert_array_equal(tesc, esc)
             np.testing.assert_array_equal(tdisp.view(np.uint32), disp.view(np.uint32))
         vol_idx = np.ravel_multi_index(tuple((sub_starts + origin).T), shape)
-        inner = (origin + extent < L)  # block sides that are not the volume's border
         top = origin + extent - 1
-        needs_out = ((amin[vol_idx] < origin).any(1) | (amax[vol_idx] > top).any(1)
-                     | ((bmax[vol_idx] > top) & inner).any(1))
+        needs_out = (need_min[vol_idx] < origin).any(1) | (need_max[vol_idx] > top).any(1)
         # escaped exactly when the whole-volume trajectory needs a voxel outside the block
         np.testing.assert_array_equal(esc, needs_out)
         ok = ~esc

@@ -5,16 +5,24 @@ follows the flow field for ``niter`` Euler steps; the end points are counted in 
 histogram; local maxima of the histogram become seeds, and each seed grows over the
 well-populated histogram bins around it; each voxel takes the label of the region its
 trajectory ended in. This module implements each step as a small function on numpy
-arrays, with two changes that make the result independent of how a volume is chunked:
+arrays, so that the result does not depend on how a volume is chunked:
 
-* A trajectory is integrated as a *displacement* ``d`` from its own integer start ``s``.
-  The multilinear interpolation weights are computed from ``d`` alone, so the arithmetic
-  of a trajectory is bitwise the same in any block of the volume that holds it.
-* The flow is sampled at the position itself (voxel ``x`` is sampled at ``x``), not at
-  Cellpose's ``x * L / (L - 1) - 0.5``, an offset that depends on the array's size.
+* A trajectory is integrated as a *displacement* ``d`` from its own integer start ``s``
+  (float32), and the flow is read at ``u = (s + d) * L / (L - 1) - 0.5`` per axis, computed in
+  float64 from global values only (``s`` in volume coordinates, ``L`` the *whole volume's*
+  length), so the arithmetic of a trajectory is bitwise the same in any block that holds it.
+* That read position is Cellpose's own: ``steps_interp`` normalises positions by ``L - 1`` and
+  samples with ``grid_sample(align_corners=False)``, which reads voxel ``x`` at
+  ``x * L / (L - 1) - 0.5`` with zeros beyond the volume. The offset runs from -0.5 voxel at the
+  first voxel to +0.5 at the last and depends on the whole volume's size, which every block
+  knows (:func:`sampling`). A crop of the volume is therefore read elsewhere, as in Cellpose.
 
-The result therefore matches Cellpose within an average-precision tolerance, and is
-identical to itself for any chunking. :func:`compute_masks` chains the steps on a whole
+The trajectories are Cellpose's to float rounding, so the labels equal Cellpose's on the
+whole volume (AP 1.0 on network flows, ``benchmarks/cellpose3.py``), and are identical to
+themselves for any chunking. (Reading the flow at ``x`` itself, which is chunk-invariant too
+and what zseg did first, agrees with Cellpose on exact flows but not on a trained network's:
+AP@0.5 0.89-0.91 against Cellpose's masks, because trajectories that end oscillating around a
+sink are counted in other histogram bins.) :func:`compute_masks` chains the steps on a whole
 volume and is the reference that the chunked phases must reproduce bit for bit.
 
 All functions accept 2D (``ndim = 2``) and 3D (``ndim = 3``) data. Flow fields have shape
@@ -38,6 +46,7 @@ from zseg.errors import UserError
 
 __all__ = [
     "prepare_flows",
+    "sampling",
     "follow_flows",
     "end_points",
     "histogram",
@@ -177,28 +186,54 @@ def prepare_flows(
 # --------------------------------------------------------------------------------------
 
 
+@njit(inline="always", cache=True)
+def _corners(G, d, scale, shift, org, B, L):  # pragma: no cover
+    """One axis of a sample: the block indices of the two corners and their weights.
+
+    The trajectory is at volume position ``G + d`` (``G`` its integer start in the volume,
+    ``d`` its float32 displacement); the flow is read at ``u = (G + d) * scale - shift`` (float64,
+    from global values only, so every block computes the same bits), between voxels
+    ``floor(u)`` and ``floor(u) + 1``. A corner outside the volume reads 0 (``grid_sample``'s
+    zero padding): its weight is 0 and its index is the other corner's. ``esc`` is True when a
+    corner inside the volume lies outside the block."""
+    u = (np.float64(G) + np.float64(d)) * scale - shift
+    f = math.floor(u)
+    w = np.float32(u - f)
+    wa = np.float32(1.0) - w
+    wb = w
+    a = f - org
+    b = a + 1
+    lo_ok = f >= 0
+    hi_ok = f + 1 <= L - 1
+    esc = (lo_ok and (a < 0 or a > B - 1)) or (hi_ok and (b < 0 or b > B - 1))
+    if not lo_ok:
+        wa = np.float32(0.0)
+        a = b
+    if not hi_ok:
+        wb = np.float32(0.0)
+        b = a
+    return a, b, wa, wb, esc
+
+
 @njit(parallel=True, fastmath=False, cache=True)
-def _follow_3d(flow, starts, niter, origin, vshape, max_period, disp, escaped):  # pragma: no cover
+def _follow_3d(flow, starts, niter, origin, vshape, scale, shift, max_period, disp, escaped):  # pragma: no cover
     B0 = flow.shape[1]
     B1 = flow.shape[2]
     B2 = flow.shape[3]
-    # A block side at the volume's upper border may clamp a corner index (weight 0);
-    # anywhere else a corner outside the block means the trajectory escaped.
-    top0 = origin[0] + B0 == vshape[0]
-    top1 = origin[1] + B1 == vshape[1]
-    top2 = origin[2] + B2 == vshape[2]
-    one = np.float32(1.0)
     for i in prange(starts.shape[0]):
         s0 = starts[i, 0]
         s1 = starts[i, 1]
         s2 = starts[i, 2]
+        G0 = origin[0] + s0
+        G1 = origin[1] + s1
+        G2 = origin[2] + s2
         # displacement bounds keeping the *volume* position in [0, L-1]
-        lo0 = np.float32(-(origin[0] + s0))
-        lo1 = np.float32(-(origin[1] + s1))
-        lo2 = np.float32(-(origin[2] + s2))
-        hi0 = np.float32(vshape[0] - 1 - origin[0] - s0)
-        hi1 = np.float32(vshape[1] - 1 - origin[1] - s1)
-        hi2 = np.float32(vshape[2] - 1 - origin[2] - s2)
+        lo0 = np.float32(-G0)
+        lo1 = np.float32(-G1)
+        lo2 = np.float32(-G2)
+        hi0 = np.float32(vshape[0] - 1 - G0)
+        hi1 = np.float32(vshape[1] - 1 - G1)
+        hi2 = np.float32(vshape[2] - 1 - G2)
         d0 = np.float32(0.0)
         d1 = np.float32(0.0)
         d2 = np.float32(0.0)
@@ -212,31 +247,12 @@ def _follow_3d(flow, starts, niter, origin, vshape, max_period, disp, escaped): 
         t = 0
         esc = False
         while t < n_end:
-            f0 = math.floor(d0)
-            f1 = math.floor(d1)
-            f2 = math.floor(d2)
-            a0 = s0 + f0
-            a1 = s1 + f1
-            a2 = s2 + f2
-            b0 = a0 + 1
-            b1 = a1 + 1
-            b2 = a2 + 1
-            if b0 > B0 - 1 and top0:
-                b0 = B0 - 1
-            if b1 > B1 - 1 and top1:
-                b1 = B1 - 1
-            if b2 > B2 - 1 and top2:
-                b2 = B2 - 1
-            if (a0 < 0 or a1 < 0 or a2 < 0 or b0 > B0 - 1 or b1 > B1 - 1
-                    or b2 > B2 - 1):
+            a0, b0, v0, u0, x0 = _corners(G0, d0, scale[0], shift[0], origin[0], B0, vshape[0])
+            a1, b1, v1, u1, x1 = _corners(G1, d1, scale[1], shift[1], origin[1], B1, vshape[1])
+            a2, b2, v2, u2, x2 = _corners(G2, d2, scale[2], shift[2], origin[2], B2, vshape[2])
+            if x0 or x1 or x2:
                 esc = True
                 break
-            u0 = d0 - np.float32(f0)
-            u1 = d1 - np.float32(f1)
-            u2 = d2 - np.float32(f2)
-            v0 = one - u0
-            v1 = one - u1
-            v2 = one - u2
             # trilinear: along axis 2, then 1, then 0; one channel after the other
             c00 = flow[0, a0, a1, a2] * v2 + flow[0, a0, a1, b2] * u2
             c01 = flow[0, a0, b1, a2] * v2 + flow[0, a0, b1, b2] * u2
@@ -287,19 +303,18 @@ def _follow_3d(flow, starts, niter, origin, vshape, max_period, disp, escaped): 
 
 
 @njit(parallel=True, fastmath=False, cache=True)
-def _follow_2d(flow, starts, niter, origin, vshape, max_period, disp, escaped):  # pragma: no cover
+def _follow_2d(flow, starts, niter, origin, vshape, scale, shift, max_period, disp, escaped):  # pragma: no cover
     B0 = flow.shape[1]
     B1 = flow.shape[2]
-    top0 = origin[0] + B0 == vshape[0]
-    top1 = origin[1] + B1 == vshape[1]
-    one = np.float32(1.0)
     for i in prange(starts.shape[0]):
         s0 = starts[i, 0]
         s1 = starts[i, 1]
-        lo0 = np.float32(-(origin[0] + s0))
-        lo1 = np.float32(-(origin[1] + s1))
-        hi0 = np.float32(vshape[0] - 1 - origin[0] - s0)
-        hi1 = np.float32(vshape[1] - 1 - origin[1] - s1)
+        G0 = origin[0] + s0
+        G1 = origin[1] + s1
+        lo0 = np.float32(-G0)
+        lo1 = np.float32(-G1)
+        hi0 = np.float32(vshape[0] - 1 - G0)
+        hi1 = np.float32(vshape[1] - 1 - G1)
         d0 = np.float32(0.0)
         d1 = np.float32(0.0)
         e0 = d0
@@ -311,23 +326,11 @@ def _follow_2d(flow, starts, niter, origin, vshape, max_period, disp, escaped): 
         t = 0
         esc = False
         while t < n_end:
-            f0 = math.floor(d0)
-            f1 = math.floor(d1)
-            a0 = s0 + f0
-            a1 = s1 + f1
-            b0 = a0 + 1
-            b1 = a1 + 1
-            if b0 > B0 - 1 and top0:
-                b0 = B0 - 1
-            if b1 > B1 - 1 and top1:
-                b1 = B1 - 1
-            if a0 < 0 or a1 < 0 or b0 > B0 - 1 or b1 > B1 - 1:
+            a0, b0, v0, u0, x0 = _corners(G0, d0, scale[0], shift[0], origin[0], B0, vshape[0])
+            a1, b1, v1, u1, x1 = _corners(G1, d1, scale[1], shift[1], origin[1], B1, vshape[1])
+            if x0 or x1:
                 esc = True
                 break
-            u0 = d0 - np.float32(f0)
-            u1 = d1 - np.float32(f1)
-            v0 = one - u0
-            v1 = one - u1
             g0 = ((flow[0, a0, a1] * v1 + flow[0, a0, b1] * u1) * v0
                   + (flow[0, b0, a1] * v1 + flow[0, b0, b1] * u1) * u0)
             g1 = ((flow[1, a0, a1] * v1 + flow[1, a0, b1] * u1) * v0
@@ -358,6 +361,21 @@ def _follow_2d(flow, starts, niter, origin, vshape, max_period, disp, escaped): 
         escaped[i] = esc
 
 
+def sampling(volume_shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Cellpose's sample position ``u = x * scale - shift`` per axis of a volume of this shape.
+
+    Cellpose normalises positions by ``L - 1`` and samples with ``grid_sample(align_corners=False)``,
+    so position ``x`` reads the flow at ``x * L / (L - 1) - 0.5``: 0.5 voxel before ``x`` at the
+    first voxel, at ``x`` in the middle, 0.5 after it at the last. This depends on the *whole*
+    volume's ``L`` only, which every block knows, so zseg samples exactly there. (An axis of one
+    voxel: ``u = x``.)"""
+    L = np.asarray(volume_shape, dtype=np.float64)
+    many = L > 1
+    scale = np.where(many, L / np.where(many, L - 1, 1.0), 1.0)
+    shift = np.where(many, 0.5, 0.0)
+    return scale, shift
+
+
 def _int_vector(value, ndim: int, name: str) -> np.ndarray:
     arr = np.asarray(value)
     if arr.shape != (ndim,) or not np.issubdtype(arr.dtype, np.integer):
@@ -386,13 +404,13 @@ def follow_flows(
     """Follow the flow from integer start voxels for ``niter`` steps, inside one block.
 
     Each trajectory starts at its voxel ``s`` with displacement ``d = 0`` and repeats
-    ``niter`` times: sample the flow at ``s + d`` by multilinear interpolation (corners
-    ``s + floor(d)`` and ``s + floor(d) + 1``, upper weight ``d - floor(d)``), add it to
-    ``d``, and clamp ``d`` per axis so that the position in the *volume* stays within
-    ``[0, L - 1]``. Weights come from ``d`` only, never from an absolute position, so a
-    trajectory's float32 arithmetic is bitwise the same in every block that holds it.
-    The flow is sampled at the position itself (not with Cellpose's ``grid_sample``
-    offset).
+    ``niter`` times: read the flow by multilinear interpolation at Cellpose's position
+    ``u = (origin + s + d) * L / (L - 1) - 0.5`` per axis (:func:`sampling`; corners
+    ``floor(u)`` and ``floor(u) + 1``, upper weight ``u - floor(u)``, a corner outside the
+    volume reads 0), add it to ``d``, and clamp ``d`` per axis so that the position in the
+    *volume* stays within ``[0, L - 1]``. ``u`` is computed in float64 from the global start and
+    the float32 ``d`` only, so a trajectory's arithmetic is bitwise the same in every block
+    that holds it.
 
     Parameters
     ----------
@@ -419,8 +437,8 @@ def follow_flows(
         Final displacement of each trajectory, in voxels. The end voxel is
         ``starts + floor(disp)`` (:func:`end_points`).
     escaped : (N,) ndarray, bool
-        True where the trajectory needed a flow value outside the block on a side that
-        is not the volume's border (a corner index ``< 0`` or ``> B - 1`` there), or
+        True where the trajectory needed a flow value outside the block (a corner inside
+        the volume but outside the block), or
         where its end voxel lies outside the block; the block's halo was too small for
         it. Such a trajectory stops at that step and its ``disp`` is clamped so that
         ``starts + disp`` lies in ``[0, B - 1]``; its value is meaningless. The end
@@ -430,8 +448,8 @@ def follow_flows(
 
     Notes
     -----
-    A corner beyond a block side that is the volume's border only ever has weight 0
-    (the position is clamped to ``L - 1``); its index is clamped to the last voxel.
+    A corner beyond the volume's border has weight 0 (``grid_sample``'s zero padding: at the
+    first and last voxel of an axis half of the read is zero, as in Cellpose).
     The kernel is a numba ``prange`` loop over points (set threads with
     ``numba.set_num_threads``); all work of one trajectory stays in registers.
 
@@ -475,7 +493,8 @@ def follow_flows(
     # Trajectories differ in cost (cycle skipping): hand out points in small chunks.
     previous = numba.set_parallel_chunksize(_CHUNK_POINTS)
     try:
-        kernel(flow, starts, niter, origin, vshape, _MAX_PERIOD, disp, escaped)
+        scale, shift = sampling(vshape)
+        kernel(flow, starts, niter, origin, vshape, scale, shift, _MAX_PERIOD, disp, escaped)
     finally:
         numba.set_parallel_chunksize(previous)
     return disp, escaped
@@ -484,10 +503,10 @@ def follow_flows(
 def _follow_torch(flow, starts, niter, origin, vshape, device):
     """:func:`follow_flows` as torch tensor operations, all trajectories advancing together.
 
-    The arithmetic of one step is the numba kernel's, in the same order (interpolate along the
-    last axis, then the middle, then the first; clamp to the volume), so on the CPU the result is
-    the kernel's bit for bit. A trajectory that needs a corner outside the block stops there
-    (it escaped). No cycle skipping: every step is computed.
+    The arithmetic of one step is the numba kernel's, in the same order (sample position in
+    float64, interpolate along the last axis, then the middle, then the first; clamp to the
+    volume), so on the CPU the result is the kernel's bit for bit. A trajectory that needs a
+    corner outside the block stops there (it escaped). No cycle skipping: every step is computed.
     """
     import torch
 
@@ -498,26 +517,36 @@ def _follow_torch(flow, starts, niter, origin, vshape, device):
     s = torch.from_numpy(starts).to(dev)
     org = torch.from_numpy(origin).to(dev)
     vs = torch.from_numpy(vshape).to(dev)
+    scale, shift = (torch.from_numpy(v).to(dev) for v in sampling(vshape))
     last = torch.tensor(shape, device=dev) - 1
-    top = (org + last) == (vs - 1)
-    lo = (-(org + s)).to(torch.float32)
-    hi = (vs - 1 - org - s).to(torch.float32)
+    g_start = org + s
+    g_float = g_start.to(torch.float64)
+    lo = (-g_start).to(torch.float32)
+    hi = (vs - 1 - g_start).to(torch.float32)
     strides = [int(np.prod(shape[k + 1:])) for k in range(nd)]
     d = torch.zeros(s.shape, dtype=torch.float32, device=dev)
     esc = torch.zeros(s.shape[0], dtype=torch.bool, device=dev)
     one = torch.tensor(1.0, dtype=torch.float32, device=dev)
+    zero = torch.tensor(0.0, dtype=torch.float32, device=dev)
     for _ in range(niter):
-        fl = torch.floor(d)
-        a = s + fl.to(torch.int64)
+        pos = (g_float + d.to(torch.float64)) * scale - shift
+        fl = torch.floor(pos)
+        u = (pos - fl).to(torch.float32)
+        v = one - u
+        fi = fl.to(torch.int64)
+        a = fi - org
         b = a + 1
-        b = torch.where(top & (b > last), last, b)
-        esc |= ((a < 0) | (b > last)).any(dim=1)
+        lo_ok = fi >= 0
+        hi_ok = fi + 1 <= vs - 1
+        esc |= ((lo_ok & ((a < 0) | (a > last))) | (hi_ok & ((b < 0) | (b > last)))).any(dim=1)
         if bool(esc.all()):
             break
-        a = torch.minimum(a.clamp(min=0), last)
+        v = torch.where(lo_ok, v, zero)
+        a = torch.where(lo_ok, a, b)
+        u = torch.where(hi_ok, u, zero)
+        b = torch.where(hi_ok, b, a)
+        a = torch.minimum(a.clamp(min=0), last)  # escaped rows: any index in range
         b = torch.minimum(b.clamp(min=0), last)
-        u = d - fl
-        v = one - u
         corner = [(a[:, k], b[:, k]) for k in range(nd)]
 
         def at(c, idx):

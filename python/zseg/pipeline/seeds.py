@@ -46,7 +46,7 @@ def dynamics_device(spec: str):
     from zseg.pipeline.models import select_device
 
     dev = select_device(spec)
-    return None if dev.type == "cpu" else dev
+    return dev if dev.type == "cuda" else None  # MPS has no float64 for the sample positions
 
 
 def _starts(box) -> np.ndarray:
