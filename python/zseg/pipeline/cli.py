@@ -218,6 +218,7 @@ def synth(
     anisotropy: float = typer.Option(1.0, "--anisotropy", help="Z spacing over YX spacing (>= 1)."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     flows: bool = typer.Option(True, "--flows/--no-flows", help="Also write exact Cellpose flows of the ground truth."),
+    membrane: bool = typer.Option(False, "--membrane", help="Bright cell boundaries (a membrane stain) instead of bright interiors."),
     zarr_format: int = typer.Option(3, "--zarr-format", help="3 (OME-Zarr 0.5) or 2 (OME-Zarr 0.4)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing files."),
 ):
@@ -225,7 +226,8 @@ def synth(
     from zseg.pipeline.synth import synth as do_synth
 
     typer.echo(json.dumps(do_synth(output, shape=shape, diameter=diameter, anisotropy=anisotropy, seed=seed,
-                                   flows=flows, zarr_format=zarr_format, overwrite=overwrite)))
+                                   flows=flows, membrane=membrane, zarr_format=zarr_format,
+                                   overwrite=overwrite)))
 
 
 def main(argv=None) -> int:

@@ -27,7 +27,7 @@ def _shape(shape) -> tuple[int, int, int]:
 
 
 def synth(output: str, *, shape="64,128,128", diameter=16.0, anisotropy=1.0, seed=0, flows=True,
-          zarr_format=3, overwrite=False) -> dict:
+          membrane=False, zarr_format=3, overwrite=False) -> dict:
     zyx = _shape(shape)
     if not diameter > 2:
         raise UserError(f"--diameter {diameter}: cells need a diameter above 2 voxels.")
@@ -39,7 +39,7 @@ def synth(output: str, *, shape="64,128,128", diameter=16.0, anisotropy=1.0, see
     for uri in (image_uri, flows_uri) if flows else (image_uri,):
         if U.exists(uri) and not overwrite:
             raise UserError(f"{uri!r} exists; pass --overwrite to replace it or choose another folder.")
-    image, labels = synth_cells(zyx, diameter=diameter, anisotropy=anisotropy, seed=seed)
+    image, labels = synth_cells(zyx, diameter=diameter, anisotropy=anisotropy, seed=seed, membrane=membrane)
     chunks = tuple(min(s, 64) for s in image.shape)
     for uri in (image_uri, flows_uri):
         if overwrite:
