@@ -18,7 +18,7 @@ from zseg.pipeline import number as N
 from zseg.pipeline.manifest import Run
 from zseg.pipeline.seeds import block_end_points, load_seeds
 from zseg.storage import uri as U
-from zseg.storage.grid import box_shape
+from zseg.storage.grid import box_origin, box_shape
 
 
 def _block_seeds(run: Run, box, offsets):
@@ -49,16 +49,16 @@ def process_chunk(run: Run, index: int) -> dict:
     offsets, dtype = N.load(run)
     seeds, counts, regions, ids = _block_seeds(run, block, offsets)
     painted = D.paint_regions(
-        box_shape(block), np.array([s.start for s in block]), seeds, regions,
+        box_shape(block), box_origin(block), seeds, regions,
         ids.astype(dtype), seed_priority(seeds, counts, g.shape),
     )
     starts, ends = block_end_points(run, core)
-    local = ends - np.array([s.start for s in block])
+    local = ends - box_origin(block)
     outside = np.any((local < 0) | (local >= np.array(box_shape(block))), axis=1)
     local = np.clip(local, 0, np.array(box_shape(block)) - 1)
     labels = np.zeros(box_shape(core), dtype=dtype)
-    labels[tuple((starts - np.array([s.start for s in core])).T)] = painted[tuple(local.T)]
-    labels[tuple((starts[outside] - np.array([s.start for s in core])).T)] = 0
+    labels[tuple((starts - box_origin(core)).T)] = painted[tuple(local.T)]
+    labels[tuple((starts[outside] - box_origin(core)).T)] = 0
     FS.masks(run, mode="r+")[core] = labels
     uniq, cnt = fastremap.unique(labels, return_counts=True)
     keep = uniq != 0

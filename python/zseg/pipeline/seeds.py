@@ -22,7 +22,7 @@ from zseg.engine import dynamics as D
 from zseg.pipeline import flowstore as FS
 from zseg.pipeline.manifest import Run
 from zseg.storage import uri as U
-from zseg.storage.grid import box_shape, grow, relative
+from zseg.storage.grid import box_origin, box_shape, grow, relative
 
 MARGIN = 5  # radius of Cellpose's seed window (11 voxels wide)
 WINDOW = 2 * MARGIN + 1
@@ -49,10 +49,6 @@ def dynamics_device(spec: str):
     return dev if dev.type == "cuda" else None  # MPS has no float64 for the sample positions
 
 
-def _starts(box) -> np.ndarray:
-    return np.array([s.start for s in box], dtype=np.int64)
-
-
 def follow_chunk(run: Run, index: int) -> dict:
     g, p = run.grid, run.params
     core, block = g.core(index), g.block(index)
@@ -67,9 +63,9 @@ def follow_chunk(run: Run, index: int) -> dict:
     fg = fg[crop]
     cib = g.core_in_block(index)
     local = np.argwhere(fg[cib])  # (N, ndim) in core coordinates
-    starts = local + _starts(cib)
+    starts = local + box_origin(cib)
     disp, escaped = D.follow_flows(
-        flow, starts, niter=int(run.manifest["niter"]), origin=_starts(block), volume_shape=g.shape,
+        flow, starts, niter=int(run.manifest["niter"]), origin=box_origin(block), volume_shape=g.shape,
         device=dynamics_device(p.device),
     )
     step = np.floor(disp).astype(np.int64)
@@ -91,7 +87,7 @@ def block_end_points(run: Run, box) -> tuple[np.ndarray, np.ndarray]:
     """Start and end points (volume coordinates) of the followed voxels of ``box``."""
     e = np.asarray(FS.ends(run)[(slice(None), *box)])
     valid = e[0] != np.iinfo(e.dtype).min
-    starts = np.argwhere(valid) + _starts(box)
+    starts = np.argwhere(valid) + box_origin(box)
     return starts, starts + e[:, valid].T.astype(np.int64)
 
 
@@ -100,7 +96,7 @@ def find_chunk(run: Run, index: int) -> dict:
     core = g.core(index)
     hbox = grow(core, MARGIN, g.shape)
     _, ends = block_end_points(run, g.block(index))
-    lo, hi = _starts(hbox), np.array([s.stop for s in hbox])
+    lo, hi = box_origin(hbox), np.array([s.stop for s in hbox])
     inside = np.all((ends >= lo) & (ends < hi), axis=1)
     h = D.histogram(ends[inside] - lo, box_shape(hbox))
     seeds, counts = D.find_seeds(h, within=relative(core, hbox))

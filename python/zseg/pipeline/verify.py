@@ -104,10 +104,17 @@ def require_complete(run: Run, stage) -> None:
     stages = _stages(run)
     names = [s.name for s in stages]
     before = stages[: names.index(stage.name)] if stage.name in names else stages
-    if not before or not _incomplete(run, before[-1]):
+    if not before:
         return
-    first = next(s for s in before if _incomplete(run, s))
-    missing = stage_missing(run, first)
+    missing = stage_missing(run, before[-1])
+    if not missing:
+        return
+    first = before[-1]
+    for s in before[:-1]:  # the error path: name the earliest incomplete stage, each listed once
+        earlier = stage_missing(run, s)
+        if earlier:
+            first, missing = s, earlier
+            break
     if first.kind == "map":
         raise UserError(
             f"{stage.name} cannot start: {len(missing)} of {run.grid.nchunks} chunk(s) of {first.name} "
@@ -115,10 +122,6 @@ def require_complete(run: Run, stage) -> None:
             "(it skips the chunks that are done)."
         )
     raise UserError(f"{stage.name} cannot start: {first.name} is not done; run `{command_for(run, first)}` first.")
-
-
-def _incomplete(run: Run, stage) -> bool:
-    return bool(stage_missing(run, stage))
 
 
 # -- digests -------------------------------------------------------------------------------------

@@ -150,6 +150,11 @@ def box_shape(box: Box) -> tuple[int, ...]:
     return tuple(sl.stop - sl.start for sl in box)
 
 
+def box_origin(box: Box) -> np.ndarray:
+    """The first voxel of ``box`` (int64 array), e.g. to move points into its frame."""
+    return np.array([sl.start for sl in box], dtype=np.int64)
+
+
 def relative(box: Box, frame: Box) -> Box:
     """``box`` in the coordinates of ``frame`` (both in volume coordinates)."""
     return tuple(slice(b.start - f.start, b.stop - f.start) for b, f in zip(box, frame))
