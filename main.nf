@@ -67,6 +67,7 @@ workflow {
         skip_empty: params.skip_empty,
         mask: params.mask ? absoluteUri(params.mask) : null,
         keep_views: params.keep_views,
+        flows_dtype: params.flows_dtype,
         cellprob_threshold: params.cellprob_threshold,
         niter: params.niter,
         flow3D_smooth: params.flow3D_smooth,

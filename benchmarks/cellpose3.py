@@ -73,6 +73,7 @@ def main() -> None:
     p.add_argument("--seeds", default="0", help="zseg synth seeds, e.g. 0,1,2")
     p.add_argument("--chunk-shape", default="32,64,64")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--flows-dtype", default="float16", help="zseg's flow store: float16 (default) or float32")
     args = p.parse_args()
 
     import contextlib
@@ -94,7 +95,8 @@ def main() -> None:
         return average_precision([ref.astype(np.int64)], [ours.astype(np.int64)], threshold=[0.5, 0.75, 0.9])[0][0]
 
     print(f"volume {shape}, diameter {args.diameter:g}; network {args.model}; CPU; zseg run in chunks "
-          f"{args.chunk_shape} with {args.workers} workers (all outputs), Cellpose 3 on the whole volume")
+          f"{args.chunk_shape} with {args.workers} workers (all outputs, {args.flows_dtype} flows), "
+          "Cellpose 3 on the whole volume")
     print("| stain | seed | cells (truth / Cellpose 3 / zseg) | zseg vs Cellpose 3, AP@0.5 / 0.75 / 0.9 | "
           "AP@0.5 vs truth (Cellpose 3 / zseg) | seconds (Cellpose 3 / zseg) |")
     print("|---|---|---|---|---|---|")
@@ -117,7 +119,7 @@ def main() -> None:
                 with contextlib.redirect_stdout(io.StringIO()):
                     rc = zseg(["run", uri, str(tmp / "out"), "--model", str(model_path), "--diameter",
                                str(args.diameter), "--chunk-shape", args.chunk_shape, "--workers",
-                               str(args.workers), "--device", "cpu"])
+                               str(args.workers), "--device", "cpu", "--flows-dtype", args.flows_dtype])
                 seconds = time.perf_counter() - t0
                 if rc:
                     sys.exit(f"zseg run failed ({rc})")

@@ -131,3 +131,25 @@ def test_default_niter_is_cellposes_200_over_rescale_with_the_models_diam_mean(t
     write_ome_zarr(uri, image, axes="zyx", voxel_size=(1.0, 1.0, 1.0), chunks=(8, 32, 32))
     params = RunParams(input=uri, output=str(tmp_path / "out"), model=model, diameter=diameter)
     assert plan(params).manifest["niter"] == niter  # without --check-model: read from the file, no download
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")
+def test_flows_can_be_stored_as_float32(tmp_path):
+    """``--flows-dtype float32`` keeps the network's flows as Cellpose does; float16 is the
+    same field rounded."""
+    from zseg.pipeline.cli import main
+    from zseg.storage.arrays import open_array
+
+    assert main(["synth", str(tmp_path), "--shape", "24,48,48", "--diameter", "16", "--seed", "3", "--no-flows"]) == 0
+    uri = str(tmp_path / "image.ome.zarr")
+    flows = {}
+    for dtype in ("float16", "float32"):
+        out = tmp_path / dtype
+        assert main(["run", uri, str(out), "--model", "zseg-demo", "--diameter", "16", "--chunk-shape", "24,24,24",
+                     "--device", "cpu", "--flows-dtype", dtype]) == 0
+        store = open_array(str(out / "work" / "flows.zarr"))
+        assert str(store.dtype) == dtype
+        flows[dtype] = np.asarray(store[...])
+    f32 = flows["float32"]
+    assert np.abs(f32).max() > 1  # real flows, not zeros
+    np.testing.assert_array_equal(flows["float16"], f32.astype(np.float16))

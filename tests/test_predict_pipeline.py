@@ -45,6 +45,7 @@ def blob_volume(tmp_path_factory):
 
 # -- the acceptance run: flows and masks of `zseg run` against Cellpose ------------------------------
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")
 def test_zseg_run_gives_cellposes_flows_and_masks(blob_volume, tmp_path):
     """A network whose weights compute real flows (predict_support.gradient_cpsam) on 32 blobs."""
     from cellpose.metrics import average_precision

@@ -82,6 +82,8 @@ class RunParams(BaseModel):
     """Only run the network where this volume (any resolution, e.g. a low-resolution foreground mask) is nonzero."""
     keep_views: bool = False
     """Also keep the three views' predictions (work/views.zarr) for inspection."""
+    flows_dtype: Literal["float16", "float32"] = "float16"
+    """Store the predicted flows (work/flows.zarr) as float16 (half the storage) or float32 (Cellpose keeps float32; rounding to float16 moves a few cells' voxels)."""
 
     # -- dynamics ------------------------------------------------------------------------------
     cellprob_threshold: float = 0.0

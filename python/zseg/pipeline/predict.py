@@ -4,8 +4,8 @@ For each chunk, the block of input its core needs is normalised with the *global
 values of the percentiles phase, resized with the whole volume's coordinates, cut into the
 tiles of the *whole-volume* tile grid that cover the core, run through the network on the
 YX, ZY and ZX planes, blended with the whole planes' weights, summed over the views and
-resized back; the core is written to the flow store ``work/flows.zarr`` as float16
-``(4, Z, Y, X)`` = dZ, dY, dX, cellprob. :mod:`zseg.engine.network` explains why this equals
+resized back; the core is written to the flow store ``work/flows.zarr`` as float16 (or float32,
+``flows_dtype``) ``(4, Z, Y, X)`` = dZ, dY, dX, cellprob. :mod:`zseg.engine.network` explains why this equals
 ``CellposeModel.eval(do_3D=True)`` on the whole volume whatever the chunk shape.
 
 Chunks are processed in one process per task: the network is loaded once, a reader thread
@@ -118,7 +118,7 @@ def _create_flows(run: Run) -> None:
     g = run.grid
     p = run.params
     create_array(
-        FS.flows_uri(run), shape=(4, *g.shape), chunks=(4, *g.chunk_shape), dtype="float16",
+        FS.flows_uri(run), shape=(4, *g.shape), chunks=(4, *g.chunk_shape), dtype=p.flows_dtype,
         zarr_format=p.zarr_format, fill_value=0, overwrite=True,
         attributes={"zseg": {"content": "dZ, dY, dX, cellprob (Cellpose 3D: views summed, network scale)"}},
     )
@@ -246,7 +246,7 @@ def _compute(run: Run, task: _Task, plan, inputs) -> tuple[np.ndarray, np.ndarra
         if p.keep_views:
             kept.append(N.from_network_scale(y, plan.out, plan.core, geo).to(torch.float16).cpu().numpy())
         del y
-    out = N.from_network_scale(flows, plan.out, plan.core, geo).to(torch.float16).cpu().numpy()
+    out = N.from_network_scale(flows, plan.out, plan.core, geo).to(getattr(torch, p.flows_dtype)).cpu().numpy()
     return out, (np.stack(kept) if kept else None)
 
 
@@ -261,7 +261,7 @@ def _write(run: Run, core, flows: np.ndarray, views: np.ndarray | None) -> float
 
 def _skipped(core, keep_views: bool):
     shape = tuple(s.stop - s.start for s in core)
-    flows = np.zeros((4, *shape), np.float16)
+    flows = np.zeros((4, *shape), np.float32)  # stored as the flow store's dtype
     flows[3] = SKIPPED_CELLPROB
     views = None
     if keep_views:
