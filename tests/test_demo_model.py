@@ -22,6 +22,14 @@ def _ap50(ref: np.ndarray, ours: np.ndarray) -> float:
     return float(average_precision([ref.astype(np.int64)], [ours.astype(np.int64)], threshold=[0.5])[0][0][0])
 
 
+def _training_script():
+    """scripts/train_demo_model.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("train_demo_model", ROOT / "scripts" / "train_demo_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_the_demo_model_is_a_small_cellpose3_network_shipped_in_the_package():
     info = models.inspect_model("zseg-demo", download=False)
     path = Path(info["path"])
@@ -76,9 +84,7 @@ def test_zseg_run_with_the_demo_model_segments_a_synthetic_volume(tmp_path, memb
 
 
 def test_the_training_script_writes_a_network_zseg_loads_strictly(tmp_path):
-    spec = importlib.util.spec_from_file_location("train_demo_model", ROOT / "scripts" / "train_demo_model.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+    train = _training_script()
     out = tmp_path / "tiny.pt"
     train.main([str(out), "--nbase", "4,8", "--steps", "3", "--batch", "2", "--volumes", "1", "--size", "24",
                 "--planes", "4", "--report", "3", "--threads", "1"])
@@ -94,9 +100,7 @@ def test_the_training_script_writes_a_network_zseg_loads_strictly(tmp_path):
 def test_the_training_augmentation_keeps_flows_pointing_at_the_same_cells():
     """Flipping or transposing a plane must transform its flow vectors with it, or the
     network learns flows that point away from the centres."""
-    spec = importlib.util.spec_from_file_location("train_demo_model", ROOT / "scripts" / "train_demo_model.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+    train = _training_script()
     from zseg.engine.synth import flows_from_labels
 
     lab = np.zeros((20, 24), np.int32)
