@@ -21,9 +21,10 @@ The trajectories are Cellpose's to float rounding, so the labels equal Cellpose'
 whole volume (AP 1.0 on network flows, ``benchmarks/cellpose3.py``), and are identical to
 themselves for any chunking. (Reading the flow at ``x`` itself, which is chunk-invariant too
 and what zseg did first, agrees with Cellpose on exact flows but not on a trained network's:
-AP@0.5 0.89-0.91 against Cellpose's masks, because trajectories that end oscillating around a
-sink are counted in other histogram bins.) :func:`compute_masks` chains the steps on a whole
-volume and is the reference that the chunked phases must reproduce bit for bit.
+AP@0.5 0.72-0.91 against Cellpose's masks on three volumes, because trajectories that end
+oscillating around a sink are counted in other histogram bins.) :func:`compute_masks` chains
+the steps on a whole volume and is the reference that the chunked phases must reproduce bit
+for bit.
 
 All functions accept 2D (``ndim = 2``) and 3D (``ndim = 3``) data. Flow fields have shape
 ``(ndim, *spatial)``, point lists ``(N, ndim)``; coordinates are in voxels, axis order
