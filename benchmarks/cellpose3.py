@@ -84,8 +84,8 @@ def main() -> None:
     from cellpose.metrics import average_precision
 
     from zseg.engine.synth import synth_cells
-    from zseg.pipeline import models
-    from zseg.pipeline.cli import main as zseg
+    from zseg.storage import models
+    from zseg.cli import main as zseg
     from zseg.storage.omezarr import write_ome_zarr
 
     shape = tuple(int(v) for v in args.shape.split(","))

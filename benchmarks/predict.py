@@ -13,7 +13,7 @@ as Cellpose 4 runs (``--fp32`` for float32):
 
 - cellpose: ``CellposeModel.eval(do_3D=True, compute_masks=False)`` on the whole volume
   (normalise with fixed low/high, resize, run_3D over YX/ZY/ZX, resize back);
-- zseg whole: :func:`zseg.engine.network.predict_block` on the whole volume as one block (the
+- zseg whole: :func:`zseg.engine.views.predict_block` on the whole volume as one block (the
   same tiles as Cellpose);
 - zseg predict: the predict phase of a planned run (``zseg predict``): chunks of
   ``--chunk-shape`` read from and written to zarr, with the reader/writer threads.
@@ -39,8 +39,6 @@ import threading
 import time
 
 import numpy as np
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 WIDTHS = {
     "vit-l": dict(dim=1024, heads=16, neck=256),
@@ -117,8 +115,8 @@ def _sync(device):
 def one(name: str, a) -> dict:
     import torch
 
-    from zseg.engine.network import Geometry, predict_block
-    from zseg.pipeline.models import select_device
+    from zseg.engine.views import Geometry, predict_block
+    from zseg.storage.models import select_device
 
     device = select_device(a.device)
     if device.type == "cuda":
@@ -138,7 +136,7 @@ def one(name: str, a) -> dict:
     for _ in range(a.repeat):
         counter.tiles = 0
         if name == "cellpose":
-            from predict_support import cellpose_model
+            from zseg.engine.cellpose_ref import cellpose_model
 
             model = cellpose_model(net)
             x = np.moveaxis(img, 0, -1).astype(np.float32)  # eval normalises it in place: a fresh copy each time
@@ -170,10 +168,10 @@ def _phase(a, img, sd, net, device):
     """The predict phase of a planned run; the network built above is the one the phase loads."""
     import torch
 
-    from zseg.pipeline import models
-    from zseg.pipeline.local import run_phase
-    from zseg.pipeline.params import build_params
-    from zseg.pipeline.plan import plan
+    from zseg.storage import models
+    from zseg.run.entry import run_phase
+    from zseg.params import build_params
+    from zseg.phases.plan import plan
     from zseg.storage.omezarr import write_ome_zarr
 
     tmp = tempfile.mkdtemp(prefix="zseg-bench-")

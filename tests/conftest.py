@@ -1,4 +1,5 @@
-"""Shared fixtures: a local S3 endpoint (moto) for tests that read or write ``s3://``."""
+"""Shared fixtures: ``refused`` (the CLI refuses with exit code 2 and one line) and a local S3
+endpoint (moto) for tests that read or write ``s3://``."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import logging
 import uuid
 
 import pytest
+
+from zseg.cli import main
 
 
 @pytest.fixture(scope="session")
@@ -39,3 +42,25 @@ def s3_server():
         finally:
             s3fs.S3FileSystem.clear_instance_cache()
             server.stop()
+
+
+@pytest.fixture
+def refused(capsys):
+    """``refused(argv, *expect, lines=1) -> lines``: run the CLI in this process and check that it
+    refuses: exit code 2, ``lines`` lines starting ``zseg: error:`` (any number with ``lines=None``),
+    which together contain every string of ``expect``."""
+
+    def check(argv, *expect: str, lines: int | None = 1) -> list[str]:
+        capsys.readouterr()
+        code = main(list(argv))
+        err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("zseg:")]
+        assert code == 2, err
+        if lines is not None:
+            assert len(err) == lines, err
+        assert all(line.startswith("zseg: error:") for line in err), err
+        text = "\n".join(err)
+        for e in expect:
+            assert e in text, err
+        return err
+
+    return check

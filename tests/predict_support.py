@@ -1,4 +1,4 @@
-"""Networks, volumes and the Cellpose reference for the predict tests and benchmark.
+"""Networks and volumes for the predict tests (the Cellpose reference is :mod:`zseg.engine.cellpose_ref`).
 
 No Cellpose weights can be downloaded here, so the tests build CPSAM networks themselves:
 
@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from scipy import ndimage as ndi
 
+from zseg.engine.cellpose_ref import cellpose_eval, cellpose_model  # noqa: F401  (re-exported for the tests)
 from zseg.engine.cpsam import CPSAMNet, cpsam_from_state_dict, cpsam_state_dict
 
 TINY = dict(dim=32, depth=1, heads=2, neck=32)
@@ -116,53 +117,6 @@ def blobs(shape, *, spacing: float = 12.0, sigma: float = 2.5, seed: int = 0, no
     img = ndi.gaussian_filter(img, sigma) * (2 * np.pi * sigma**2) ** 1.5
     img = img / img.max() + noise * rng.standard_normal(shape)
     return np.clip(img * 20000 + 500, 0, 65535).astype(np.uint16)
-
-
-class CellposeNet(torch.nn.Module):
-    """A zseg network as Cellpose's ``core.run_net`` calls one: ``(flows, style)`` out, and
-    ``device``/``dtype`` attributes."""
-
-    def __init__(self, net: CPSAMNet):
-        super().__init__()
-        self.net = net
-
-    @property
-    def device(self):
-        return self.net.device
-
-    @property
-    def dtype(self):
-        return self.net.dtype
-
-    def forward(self, x):
-        y = self.net(x)
-        return y, torch.zeros((y.shape[0], 256), device=y.device)
-
-
-def cellpose_model(net: CPSAMNet):
-    """Cellpose's ``CellposeModel`` running ``net`` (its constructor would build the full ViT-L
-    and load weights by name; everything ``eval`` uses is set here instead)."""
-    from cellpose.models import CellposeModel
-
-    m = CellposeModel.__new__(CellposeModel)
-    m.device = net.device
-    m.gpu = net.device.type != "cpu"
-    m.backbone = "sam_vitl" if net.bsize == 256 else "zseg-test"  # cellpose refuses bsize != 256 for sam_vitl
-    m.net = CellposeNet(net)
-    m.pretrained_model = "zseg-test"
-    return m
-
-
-def cellpose_eval(net: CPSAMNet, image: np.ndarray, lowhigh, *, diameter: float, anisotropy: float = 1.0,
-                  compute_masks: bool = False, **kw):
-    """Cellpose's own 3D run: ``(masks, flows (4, Z, Y, X) float32)`` for a ``(C, Z, Y, X)`` image."""
-    m = cellpose_model(net)
-    x = np.ascontiguousarray(np.moveaxis(np.asarray(image, np.float32), 0, -1))  # eval normalises in place
-    masks, flows, _ = m.eval(
-        x, channel_axis=3, z_axis=0, do_3D=True, diameter=diameter, anisotropy=anisotropy,
-        normalize={"lowhigh": np.asarray(lowhigh, np.float64)}, bsize=net.bsize, compute_masks=compute_masks, **kw,
-    )
-    return masks, np.concatenate([flows[1], flows[2][None]]).astype(np.float32)
 
 
 def load(sd) -> CPSAMNet:

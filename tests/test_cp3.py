@@ -19,7 +19,7 @@ import torch
 
 from zseg.engine import dynamics as D
 from zseg.engine.cp3 import CP3Net, cp3_from_state_dict, describe_cp3_state_dict, is_cp3_state_dict
-from zseg.engine.network import Geometry, predict_block
+from zseg.engine.views import Geometry, predict_block
 
 FIXTURE = Path(__file__).parent / "fixtures" / "cp3"
 LOWHIGH = [[0.0, 1.0]]  # the fixture's input is already in 0..1 (Cellpose ran with lowhigh [0, 1])
@@ -150,7 +150,7 @@ def test_3d_masks_match_cellpose3(fx):
 # -- the loader: the family from the weights, clear messages for bad files --------------------------
 def _load_error(path) -> str:
     from zseg.errors import UserError
-    from zseg.pipeline import models
+    from zseg.storage import models
 
     with pytest.raises(UserError) as e:
         models.inspect_model(str(path), download=False)
@@ -162,7 +162,7 @@ def _load_error(path) -> str:
 
 
 def test_loader_tells_cellpose3_from_the_weights():
-    from zseg.pipeline import models
+    from zseg.storage import models
 
     info = models.inspect_model(str(FIXTURE / "gradient_net.pt"), download=False)
     assert (info["family"], info["bsize"], info["diam_mean"]) == ("cp3", 224, 30.0)
@@ -173,9 +173,9 @@ def test_loader_tells_cellpose3_from_the_weights():
 
 
 def test_loader_tells_cpsam_from_the_weights(tmp_path):
-    from predict_support import random_cpsam
+    from tests.predict_support import random_cpsam
 
-    from zseg.pipeline import models
+    from zseg.storage import models
 
     path = tmp_path / "cpsam.pt"
     torch.save(random_cpsam(), path)
@@ -216,7 +216,7 @@ def test_loader_refuses_bad_files_with_one_line(fx, tmp_path):
 def test_zseg_run_with_a_cellpose3_model(tmp_path):
     """The whole pipeline with the Cellpose 3 fixture network: chunks give Cellpose 3's
     whole-volume flows (float16 storage), and its masks."""
-    from zseg.pipeline.cli import main
+    from zseg.cli import main
     from zseg.storage.arrays import open_array
     from zseg.storage.omezarr import write_ome_zarr
 
@@ -251,7 +251,7 @@ def test_an_ortho_network_of_the_other_family_tiles_its_own_views(fx):
     """A CPSAM network as ortho of a Cellpose 3 one (which Cellpose cannot do): the ZY and ZX
     views run on the CPSAM network's tiles, the YX view is the Cellpose 3 network's alone, and
     blocks still give the whole volume's flows."""
-    from predict_support import load, random_cpsam
+    from tests.predict_support import load, random_cpsam
 
     net, ortho = cp3_from_state_dict(fx["sd"]), load(random_cpsam(bsize=64))
     img = fx["img3"][None]
@@ -272,9 +272,9 @@ def test_zseg_run_with_a_cellpose4_ortho_network_for_a_cellpose3_model(fx, tmp_p
     """--model-ortho takes either family: a CPSAM file as ortho of a Cellpose 3 model runs, its
     YX view is the Cellpose 3 network's, and a bad ortho file is one clear line before anything
     is written."""
-    from predict_support import random_cpsam
+    from tests.predict_support import random_cpsam
 
-    from zseg.pipeline.cli import main
+    from zseg.cli import main
     from zseg.storage.arrays import open_array
     from zseg.storage.omezarr import write_ome_zarr
 
@@ -301,7 +301,7 @@ def test_zseg_run_with_a_cellpose4_ortho_network_for_a_cellpose3_model(fx, tmp_p
 
 
 def test_a_cellpose3_model_refuses_more_channels_than_it_takes(fx, tmp_path, capsys):
-    from zseg.pipeline.cli import main
+    from zseg.cli import main
     from zseg.storage.omezarr import write_ome_zarr
 
     img = (np.stack([fx["img3"]] * 3) * 255).round().astype(np.uint8)
@@ -321,7 +321,7 @@ def test_cellpose3_builtin_names_are_found_under_cellpose3s_file_names(tmp_path,
     import shutil
 
     from zseg.errors import UserError
-    from zseg.pipeline import models
+    from zseg.storage import models
 
     monkeypatch.setenv("CELLPOSE_LOCAL_MODELS_PATH", str(tmp_path))
     with pytest.raises(UserError) as e:

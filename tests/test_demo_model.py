@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from zseg.engine.synth import synth_cells
-from zseg.pipeline import models
+from zseg.storage import models
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ def test_zseg_run_with_the_demo_model_segments_a_synthetic_volume(tmp_path, memb
     labels are Cellpose's own dynamics on the same (trained-network) flows."""
     from cellpose import dynamics as cpd
 
-    from zseg.pipeline.cli import main
+    from zseg.cli import main
     from zseg.storage.arrays import open_array
 
     stain = ["--membrane"] if membrane else []
@@ -126,8 +126,8 @@ def test_the_training_augmentation_keeps_flows_pointing_at_the_same_cells():
 def test_default_niter_is_cellposes_200_over_rescale_with_the_models_diam_mean(tmp_path, model, diameter, niter):
     """Cellpose 3 follows flows for ``200 / rescale`` steps with ``rescale = diam_mean / diameter``;
     the demo network's ``diam_mean`` is 16, cpsam's 30."""
-    from zseg.pipeline.params import RunParams
-    from zseg.pipeline.plan import plan
+    from zseg.params import RunParams
+    from zseg.phases.plan import plan
     from zseg.storage.omezarr import write_ome_zarr
 
     image, _ = synth_cells((8, 32, 32), diameter=8, seed=1)
@@ -141,7 +141,7 @@ def test_default_niter_is_cellposes_200_over_rescale_with_the_models_diam_mean(t
 def test_flows_can_be_stored_as_float32(tmp_path):
     """``--flows-dtype float32`` keeps the network's flows as Cellpose does; float16 is the
     same field rounded."""
-    from zseg.pipeline.cli import main
+    from zseg.cli import main
     from zseg.storage.arrays import open_array
 
     assert main(["synth", str(tmp_path), "--shape", "24,48,48", "--diameter", "16", "--seed", "3", "--no-flows"]) == 0

@@ -9,7 +9,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from zseg.engine import dynamics as D
-from zseg.errors import UserError
 
 # --------------------------------------------------------------------------------------
 # helpers
@@ -282,7 +281,7 @@ def test_follow_flows_rejects_bad_arguments():
     flow = np.zeros((3, 4, 4, 4), np.float32)
     starts = np.zeros((1, 3), np.int64)
     kw = dict(origin=(0, 0, 0), volume_shape=(4, 4, 4))
-    with pytest.raises(UserError, match="niter=-1"):
+    with pytest.raises(ValueError, match="niter=-1"):
         D.follow_flows(flow, starts, niter=-1, **kw)
     with pytest.raises(ValueError, match="inside the block"):
         D.follow_flows(flow, starts + 4, niter=1, **kw)
@@ -321,15 +320,15 @@ def test_prepare_flows_smooths_per_axis():
     flow1, _ = D.prepare_flows(dP, cellprob, flow3D_smooth=1.5)
     expected = ndi.gaussian_filter(dP[1], 1.5, mode="reflect") / np.float32(5)
     np.testing.assert_allclose(flow1[1], expected, rtol=1e-5, atol=1e-6)
-    with pytest.raises(UserError, match="flow3D_smooth"):
+    with pytest.raises(ValueError, match="flow3D_smooth"):
         D.prepare_flows(dP, cellprob, flow3D_smooth=(1, 2))
-    with pytest.raises(UserError, match="flow3D_smooth"):
+    with pytest.raises(ValueError, match="flow3D_smooth"):
         D.prepare_flows(dP, cellprob, flow3D_smooth=-1)
-    with pytest.raises(UserError, match="cellprob"):
+    with pytest.raises(ValueError, match="cellprob"):
         D.prepare_flows(dP, cellprob[1:])
     bad = dP.copy()
     bad[0, 1, 2, 3] = np.nan
-    with pytest.raises(UserError, match="NaN"):
+    with pytest.raises(ValueError, match="NaN"):
         D.prepare_flows(bad, cellprob)
 
 
@@ -603,13 +602,13 @@ def test_compute_masks_size_limits_and_errors(cells3d):
     assert not D.compute_masks(dP, cellprob, min_size=int(sizes.max()) + 10).any()
     none = D.compute_masks(dP, np.full_like(cellprob, -1))
     assert none.dtype == np.uint32 and not none.any()
-    with pytest.raises(UserError, match="niter"):
+    with pytest.raises(ValueError, match="niter"):
         D.compute_masks(dP, cellprob, niter=2.5)
-    with pytest.raises(UserError, match="min_size"):
+    with pytest.raises(ValueError, match="min_size"):
         D.compute_masks(dP, cellprob, min_size=-3)
-    with pytest.raises(UserError, match="max_size"):
+    with pytest.raises(ValueError, match="max_size"):
         D.compute_masks(dP, cellprob, max_size=0)
-    with pytest.raises(UserError, match="shape"):
+    with pytest.raises(ValueError, match="shape"):
         D.compute_masks(dP[:2], cellprob)
 
 

@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from zseg.errors import UserError
-from zseg.storage.grid import ChunkGrid, box_shape, grow, relative, select_chunks
+from zseg.storage.grid import ChunkGrid, box_shape, grow, relative
+from zseg.workspace.chunks import select_chunks
 
 
 @st.composite

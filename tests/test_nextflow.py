@@ -22,13 +22,12 @@ import pytest
 import typer
 import yaml
 
-from zseg.pipeline.cli import app
-from zseg.pipeline.params import RunParams
-from zseg.pipeline.schema import NEXTFLOW_ONLY, NOT_IN_NEXTFLOW, RENAMED, build_schema, markdown_table, render_json
-from zseg.pipeline.stages import STAGES
+from zseg.cli import app
+from zseg.params import RunParams
+from zseg.schema import NEXTFLOW_ONLY, NOT_IN_NEXTFLOW, RENAMED, build_schema, markdown_table, render_json
+from tests import nextflow_text as NT
+from zseg.workspace.stages import STAGES
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import nextflow_text as NT  # noqa: E402
 
 ROOT = NT.ROOT
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -110,7 +109,7 @@ def ls_report():
     pytest.importorskip("jpype", reason="jpype1 (test extra) drives the Nextflow language server")
     if shutil.which("java") is None:
         pytest.skip("no java on the PATH: the Nextflow language server needs Java 17")
-    import nextflow_ls
+    from tests import nextflow_ls
 
     return nextflow_ls.analyze(ROOT)
 
@@ -134,7 +133,7 @@ def test_language_server_saw_the_whole_pipeline(ls_report, procs):
 def test_language_server_catches_mistakes(tmp_path):
     """The same check fails on broken copies of our files (so the clean result means something)."""
     pytest.importorskip("jpype")
-    import nextflow_ls
+    from tests import nextflow_ls
 
     shutil.copytree(ROOT / "modules", tmp_path / "modules")
     shutil.copytree(ROOT / "workflows", tmp_path / "workflows")
@@ -214,7 +213,7 @@ def test_every_param_is_a_model_field_or_a_documented_nextflow_param():
         where = ", ".join(sorted(str(f.relative_to(ROOT)) for f in files))
         assert name in schema_props, (
             f"params.{name} ({where}) is neither a RunParams field nor a Nextflow-only parameter of "
-            "zseg.pipeline.schema.NEXTFLOW_ONLY"
+            "zseg.schema.NEXTFLOW_ONLY"
         )
     for profile_config in NT.config_files():
         for name in NT.params_block(profile_config):
@@ -267,7 +266,7 @@ def NT_schema_properties() -> dict[str, dict]:
 
 def test_schema_file_is_generated_from_the_model():
     text = (ROOT / "nextflow_schema.json").read_text()
-    assert json.loads(text) == build_schema(), "run: python -m zseg.pipeline.schema > nextflow_schema.json"
+    assert json.loads(text) == build_schema(), "run: python -m zseg.schema > nextflow_schema.json"
     assert text == render_json(), "nextflow_schema.json is not formatted as the generator writes it"
 
 
@@ -295,7 +294,7 @@ def test_schema_defaults_mean_the_model_defaults():
 
 def test_schema_generator_follows_model_changes(monkeypatch):
     """build_schema reads the model: a new field appears, with its type (so the drift test bites)."""
-    import zseg.pipeline.schema as S
+    import zseg.schema as S
     from pydantic import Field, create_model
 
     Extended = create_model("Extended", __base__=RunParams, tile_overlap=(float, Field(0.1, gt=0, description="x")))
@@ -308,7 +307,7 @@ def test_docs_parameter_table_is_current():
     text = (ROOT / "docs/nextflow.md").read_text()
     m = re.search(r"<!-- parameters:[^>]*-->\n(.*)<!-- end of parameters -->", text, re.S)
     assert m, "docs/nextflow.md lost its generated parameter table markers"
-    assert m.group(1) == markdown_table(), "run: python -m zseg.pipeline.schema --markdown (into docs/nextflow.md)"
+    assert m.group(1) == markdown_table(), "run: python -m zseg.schema --markdown (into docs/nextflow.md)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,7 +475,7 @@ def test_emulated_run_of_the_rendered_scripts(procs, tmp_path):
     pytest.importorskip("jpype")
     if shutil.which("java") is None:
         pytest.skip("no java")
-    import nextflow_ls
+    from tests import nextflow_ls
 
     nextflow_ls._start()
     from jpype import JClass

@@ -10,10 +10,10 @@ import zarr
 
 from zseg.engine.dynamics import compute_masks
 from zseg.engine.synth import flows_from_labels, synth_cells
-from zseg.pipeline.cli import main
-from zseg.pipeline.local import run_local, run_phase
-from zseg.pipeline.params import build_params
-from zseg.pipeline.plan import plan
+from zseg.cli import main
+from zseg.run.entry import run_local, run_phase
+from zseg.params import build_params
+from zseg.phases.plan import plan
 from zseg.storage.arrays import create_array, open_array
 from zseg.storage.omezarr import write_ome_zarr
 
@@ -118,10 +118,10 @@ def test_percentiles_equal_numpy(tmp_path, dtype, chunk_shape, exclude_zeros):
     assert main(["percentiles", "--run", out, "--shard", "0/2"]) == 0
     assert main(["percentiles", "--run", out, "--shard", "1/2"]) == 0
     assert main(["percentiles", "--run", out, "--reduce"]) == 0
-    from zseg.pipeline import percentiles as P
-    from zseg.pipeline.manifest import Run
+    from zseg.phases import percentiles as P
+    from zseg.workspace.context import RunContext
 
-    got = P.load(Run.open(out))[0]
+    got = P.load(RunContext.open(out))[0]
     values = vol[vol != 0] if exclude_zeros else vol
     np.testing.assert_array_equal(got, np.percentile(values, q))
 
@@ -151,10 +151,10 @@ def test_plan_and_percentiles_on_s3(s3_server, volume, tmp_path):
         assert main(["plan", src, out, "--chunk-shape", "8,16,16"]) == 0
         assert main(["percentiles", "--run", out]) == 0
         assert main(["percentiles", "--run", out, "--reduce"]) == 0
-        from zseg.pipeline import percentiles as P
-        from zseg.pipeline.manifest import Run
+        from zseg.phases import percentiles as P
+        from zseg.workspace.context import RunContext
 
-        run = Run.open(out)
+        run = RunContext.open(out)
         assert run.anisotropy == 4.0
         results.append(P.load(run))
     np.testing.assert_array_equal(results[0], results[1])
@@ -162,57 +162,53 @@ def test_plan_and_percentiles_on_s3(s3_server, volume, tmp_path):
 
 
 # -- bad input: one clear line, exit code 2, nothing written -----------------------------------
-def _refused(capsys, argv, out, expect):
-    code = main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2, err
-    assert len(err) == 1 and err[0].startswith("zseg: error:"), err
-    assert expect in err[0], err
-    assert not os.path.exists(out) or os.listdir(out) == ["keep.txt"]
+def _refused(refused, argv, out, expect):
+    refused(argv, expect)
+    assert not os.path.exists(out) or os.listdir(out) == ["keep.txt"]  # nothing written
 
 
-def test_refuses_missing_input(tmp_path, capsys):
+def test_refuses_missing_input(tmp_path, refused):
     out = str(tmp_path / "o")
-    _refused(capsys, ["plan", str(tmp_path / "nope.zarr"), out], out, "does not exist")
+    _refused(refused, ["plan", str(tmp_path / "nope.zarr"), out], out, "does not exist")
 
 
-def test_refuses_2d_array(tmp_path, capsys):
+def test_refuses_2d_array(tmp_path, refused):
     src = str(tmp_path / "flat.zarr")
     create_array(src, shape=(40, 50), chunks=(20, 25), dtype="uint16")
     out = str(tmp_path / "o")
-    _refused(capsys, ["plan", src, out], out, "(40, 50)")
+    _refused(refused, ["plan", src, out], out, "(40, 50)")
 
 
-def test_refuses_unknown_channel(tmp_path, capsys):
+def test_refuses_unknown_channel(tmp_path, refused):
     src = str(tmp_path / "two.ome.zarr")
     write_ome_zarr(src, np.zeros((2, 8, 16, 16), np.uint16), axes="czyx", voxel_size=(1.0, 1.0, 1.0),
                    chunks=(1, 8, 16, 16), channel_names=["membrane", "nucleus"])
     out = str(tmp_path / "o")
-    _refused(capsys, ["plan", src, out, "--channels", "golgi"], out, "golgi")
+    _refused(refused, ["plan", src, out, "--channels", "golgi"], out, "golgi")
 
 
 @pytest.mark.parametrize("bad", ["0,64,64", "32,-1,64"])
-def test_refuses_chunk_side_of_zero_or_less(tmp_path, capsys, bad):
+def test_refuses_chunk_side_of_zero_or_less(tmp_path, refused, bad):
     src = str(tmp_path / "v.zarr")
     create_array(src, shape=(8, 8, 8), chunks=(8, 8, 8), dtype="uint16")
     out = str(tmp_path / "o")
-    _refused(capsys, ["plan", src, out, "--chunk-shape", bad], out, "chunk_shape")
+    _refused(refused, ["plan", src, out, "--chunk-shape", bad], out, "chunk_shape")
 
 
-def test_refuses_unsupported_dtype(tmp_path, capsys):
+def test_refuses_unsupported_dtype(tmp_path, refused):
     src = str(tmp_path / "b.zarr")
     create_array(src, shape=(8, 8, 8), chunks=(8, 8, 8), dtype="bool")
     out = str(tmp_path / "o")
-    _refused(capsys, ["plan", src, out], out, "bool")
+    _refused(refused, ["plan", src, out], out, "bool")
 
 
-def test_refuses_existing_output_without_overwrite(tmp_path, capsys):
+def test_refuses_existing_output_without_overwrite(tmp_path, refused):
     src = str(tmp_path / "v.zarr")
     create_array(src, shape=(8, 8, 8), chunks=(8, 8, 8), dtype="uint16")
     out = tmp_path / "o"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    _refused(capsys, ["plan", src, str(out)], str(out), "--overwrite")
+    _refused(refused, ["plan", src, str(out)], str(out), "--overwrite")
     assert (out / "keep.txt").read_text() == "precious"
 
 
@@ -228,13 +224,13 @@ def test_refuses_bad_parameter_values_one_line_each(tmp_path, capsys):
     assert not os.path.exists(out)
 
 
-def test_run_without_flows_needs_the_model(tmp_path, capsys, volume, monkeypatch):
+def test_run_without_flows_needs_the_model(tmp_path, refused, volume, monkeypatch):
     """Without --flows the network runs: a missing model stops the run before it writes anything
     (tests/test_predict_pipeline.py tests the network phase itself)."""
     monkeypatch.setenv("CELLPOSE_LOCAL_MODELS_PATH", str(tmp_path / "models"))
     monkeypatch.setenv("ZSEG_MODEL_URL", "http://127.0.0.1:9/")  # never download in a test
     out = str(tmp_path / "o")
-    _refused(capsys, ["run", volume["image"], out], out, "put the weights file at")
+    _refused(refused, ["run", volume["image"], out], out, "put the weights file at")
 
 
 def test_config_file_then_flags(tmp_path):
@@ -250,8 +246,8 @@ def test_plan_and_percentiles_on_every_format(where, request, tmp_path):
     """`zseg plan` and `zseg percentiles` on OME-Zarr 0.4/0.5, zarr v2/v3 and TIFF, local and on S3."""
     from test_storage import FORMATS, SOURCE, VOXEL, _write
 
-    from zseg.pipeline import percentiles as P
-    from zseg.pipeline.manifest import Run
+    from zseg.phases import percentiles as P
+    from zseg.workspace.context import RunContext
 
     base = request.getfixturevalue("s3_server") + "/every" if where == "s3" else str(tmp_path)
     for fmt in FORMATS:
@@ -260,7 +256,7 @@ def test_plan_and_percentiles_on_every_format(where, request, tmp_path):
         assert main(["plan", src, out, "--channels", "1,0", "--chunk-shape", "5,7,9"]) == 0, fmt
         assert main(["percentiles", "--run", out]) == 0
         assert main(["percentiles", "--run", out, "--reduce"]) == 0
-        run = Run.open(out)
+        run = RunContext.open(out)
         assert run.manifest["input"]["format"] == fmt
         if fmt != "zarr-v2" and fmt != "zarr-v3":
             assert run.anisotropy == VOXEL[0] / VOXEL[1], fmt
@@ -291,9 +287,9 @@ def test_a_halo_too_small_is_reported_not_silent(volume, tmp_path):
     assert not report["chunk_exact"]
     assert report["long_trajectories"] > 0
     assert all(s > 3 for s in report["suggested_halo"])
-    from zseg.pipeline.manifest import Run
+    from zseg.workspace.context import RunContext
 
-    assert Run.open(str(tmp_path / "out")).manifest["result"]["suggested_halo"] == report["suggested_halo"]
+    assert RunContext.open(str(tmp_path / "out")).manifest["result"]["suggested_halo"] == report["suggested_halo"]
 
 
 def _has_cuda() -> bool:

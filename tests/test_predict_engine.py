@@ -1,7 +1,7 @@
 """The network engine against Cellpose 4.2.1.1 itself: resize, tiles, CPSAM, and whole 3D runs.
 
 Each piece is compared with the Cellpose function it replaces; the flow tests compare
-:func:`zseg.engine.network.predict_block` on blocks smaller than the volume with
+:func:`zseg.engine.views.predict_block` on blocks smaller than the volume with
 ``CellposeModel.eval(do_3D=True)`` on the whole volume, same network, same parameters.
 """
 
@@ -12,10 +12,10 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from predict_support import cellpose_eval, load, random_cpsam
+from tests.predict_support import cellpose_eval, load, random_cpsam
 
 from zseg.engine.cpsam import cpsam_from_state_dict, cpsam_state_dict, describe_state_dict
-from zseg.engine.network import Geometry, normalize, plan_block, predict_block
+from zseg.engine.views import Geometry, normalize, plan_block, predict_block
 from zseg.engine.resample import resize_axis, source_range
 from zseg.engine.tiles import AxisTiles, plane_padding, taper
 

@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from predict_support import blobs, cellpose_eval, gradient_cpsam, load, random_cpsam
+from tests.predict_support import blobs, cellpose_eval, gradient_cpsam, load, random_cpsam
 
-from zseg.pipeline.cli import main
-from zseg.pipeline.local import run_phase
+from zseg.cli import main
+from zseg.run.entry import run_phase
 from zseg.storage.arrays import open_array
 from zseg.storage.omezarr import write_ome_zarr
 
@@ -90,27 +90,25 @@ def test_predict_shards_on_anisotropic_input_give_cellposes_flows(tmp_path):
 
 
 # -- the model ------------------------------------------------------------------------------------------
-def _refused(capsys, tmp_path, args, *, env=None, monkeypatch=None):
+def _refused(refused, tmp_path, args, *, env=None, monkeypatch=None):
     for k, v in (env or {}).items():
         monkeypatch.setenv(k, v)
     out = tmp_path / "out"
-    rc = main(["run", *args[:1], str(out), *args[1:]])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2, err
+    err = refused(["run", *args[:1], str(out), *args[1:]])
     assert not out.exists(), "a refused run leaves nothing behind"
-    assert len(err) == 1 and err[0].startswith(("zseg: error: --model", "zseg: error: model")), err
+    assert err[0].startswith(("zseg: error: --model", "zseg: error: model")), err
     return err[0]
 
 
-def test_a_missing_model_file_is_refused(blob_volume, tmp_path, capsys):
-    msg = _refused(capsys, tmp_path, [blob_volume["uri"], "--model", str(tmp_path / "nets" / "mine.pt")])
+def test_a_missing_model_file_is_refused(blob_volume, tmp_path, refused):
+    msg = _refused(refused, tmp_path, [blob_volume["uri"], "--model", str(tmp_path / "nets" / "mine.pt")])
     assert "no such file" in msg and "mine.pt" in msg
 
 
-def test_a_missing_builtin_model_says_where_to_put_it(blob_volume, tmp_path, capsys, monkeypatch):
+def test_a_missing_builtin_model_says_where_to_put_it(blob_volume, tmp_path, refused, monkeypatch):
     models = tmp_path / "models"
     env = {"CELLPOSE_LOCAL_MODELS_PATH": str(models), "ZSEG_MODEL_URL": "http://127.0.0.1:9/"}
-    msg = _refused(capsys, tmp_path, [blob_volume["uri"], "--model", "cpsam"], env=env, monkeypatch=monkeypatch)
+    msg = _refused(refused, tmp_path, [blob_volume["uri"], "--model", "cpsam"], env=env, monkeypatch=monkeypatch)
     assert "could not be downloaded" in msg and f"put the weights file at {models / 'cpsam'}" in msg
     assert not any(models.iterdir()), "no partial download is left"
 
@@ -118,17 +116,17 @@ def test_a_missing_builtin_model_says_where_to_put_it(blob_volume, tmp_path, cap
 @pytest.mark.parametrize("model, words", [("cyto3", "neither a file nor a model"),
                                           ("cpdino", "DINOv3"),
                                           ("cp3", "Cellpose 3")])
-def test_other_models_are_refused_not_replaced(blob_volume, tmp_path, capsys, monkeypatch, model, words):
+def test_other_models_are_refused_not_replaced(blob_volume, tmp_path, refused, monkeypatch, model, words):
     monkeypatch.setenv("CELLPOSE_LOCAL_MODELS_PATH", str(tmp_path / "models"))
     if model == "cp3":  # a CPnet-like state dict (no W2)
         model = str(tmp_path / "cyto3.pt")
         torch.save({"downsample.down.res_down_0.conv.conv_0.2.weight": torch.zeros(3)}, model)
-    msg = _refused(capsys, tmp_path, [blob_volume["uri"], "--model", model], monkeypatch=monkeypatch)
+    msg = _refused(refused, tmp_path, [blob_volume["uri"], "--model", model], monkeypatch=monkeypatch)
     assert words in msg
 
 
 def test_a_model_with_fewer_blocks_loads(blob_volume, tmp_path):
-    from zseg.pipeline.models import inspect_model, load_network
+    from zseg.storage.models import inspect_model, load_network
 
     path = tmp_path / "two.pt"
     torch.save({f"module.{k}": v for k, v in random_cpsam(depth=2).items()}, path)  # DataParallel prefix too

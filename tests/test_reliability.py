@@ -24,12 +24,12 @@ import zarr
 
 from zseg.engine.synth import flows_from_labels, synth_cells
 from zseg.errors import UserError
-from zseg.pipeline.cli import main
-from zseg.pipeline.local import run_local, run_phase
-from zseg.pipeline.manifest import Run
-from zseg.pipeline.params import build_params
-from zseg.pipeline.plan import plan
-from zseg.pipeline.verify import chunk_ranges, verify_output
+from zseg.cli import main
+from zseg.run.entry import run_local, run_phase
+from zseg.workspace.context import RunContext
+from zseg.params import build_params
+from zseg.phases.plan import plan
+from zseg.outputs.verify import chunk_ranges, verify_output
 from zseg.storage.arrays import create_array, open_array
 from zseg.storage.omezarr import write_ome_zarr
 
@@ -74,9 +74,9 @@ def labels_of(out) -> np.ndarray:
 
 
 def _segmented(out) -> str:
-    from zseg.pipeline.verify import _segmented_path
+    from zseg.outputs.verify import _segmented_path
 
-    return _segmented_path(Run.open(str(out)))
+    return _segmented_path(RunContext.open(str(out)))
 
 
 @pytest.fixture(scope="module")
@@ -93,21 +93,6 @@ def fresh_copy(reference, tmp_path) -> Path:
     out = tmp_path / "copy"
     shutil.copytree(reference[0], out)
     return out
-
-
-def refused(capsys, args, *expect: str, lines: int | None = 1) -> list[str]:
-    """Run the CLI: exit code 2 and ``lines`` lines of ``zseg: error:``, containing ``expect``."""
-    capsys.readouterr()
-    code = main(args)
-    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("zseg:")]
-    assert code == 2, err
-    if lines is not None:
-        assert len(err) == lines, err
-    assert all(line.startswith("zseg: error:") for line in err), err
-    text = "\n".join(err)
-    for e in expect:
-        assert e in text, err
-    return err
 
 
 # -- S3 end to end -----------------------------------------------------------------------------------
@@ -140,7 +125,7 @@ SLOW = textwrap.dedent('''
     import os, time
     _slow = os.environ.get("ZSEG_TEST_SLOW")
     if _slow:
-        import zseg.pipeline.stages as _stages
+        import zseg.workspace.stages as _stages
         _names, _delay = _slow.rsplit("=", 1)
         for _name in _names.split(","):
             _stage = _stages.STAGES[_name]
@@ -215,8 +200,8 @@ def test_rerunning_a_chunk_gives_identical_bytes(reference, tmp_path):
     out = fresh_copy(reference, tmp_path)
     before = _files(out)
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
-    run = Run.open(str(out))
-    from zseg.pipeline.stages import STAGES
+    run = RunContext.open(str(out))
+    from zseg.workspace.stages import STAGES
 
     k = 4
     maps = [s for s in STAGES.values() if s.kind == "map" and s.applies(run)]
@@ -238,21 +223,21 @@ def test_rerunning_a_chunk_gives_identical_bytes(reference, tmp_path):
 
 
 # -- finalize refuses while chunks are missing -------------------------------------------------------
-def test_finalize_refuses_while_chunks_are_incomplete_and_lists_them(data, tmp_path, capsys):
+def test_finalize_refuses_while_chunks_are_incomplete_and_lists_them(data, tmp_path, capsys, refused):
     out = str(tmp_path / "o")
     plan(build_params(input=data["image"], output=out, flows=data["flows"], diameter=DIAMETER, chunk_shape=CHUNK))
     for phase, stage, reduce in (("percentiles", None, False), ("percentiles", None, True),
                                  ("seeds", "follow", False), ("seeds", "find", False), ("number", None, True)):
         run_phase(out, phase, stage=stage, reduce=reduce)
     run_phase(out, "masks", chunks="0-9,12")
-    err = refused(capsys, ["finalize", "--run", out, "--stage", "sizes"],
+    err = refused(["finalize", "--run", out, "--stage", "sizes"],
                   "finalize:sizes cannot start", "7 of 18 chunk(s) of masks are not done (10-11,13-17)",
                   f"zseg masks --run {out}")
     for stage in ("labels", "report"):
-        refused(capsys, ["finalize", "--run", out, "--stage", stage], f"finalize:{stage} cannot start",
+        refused(["finalize", "--run", out, "--stage", stage], f"finalize:{stage} cannot start",
                 "masks are not done (10-11,13-17)")
     # a map task of a later stage is refused too (it would read a half-made input)
-    refused(capsys, ["finalize", "--run", out, "--stage", "labels", "--chunks", "0"], "cannot start")
+    refused(["finalize", "--run", out, "--stage", "labels", "--chunks", "0"], "cannot start")
     assert not (Path(out) / "labels.zarr").exists() and not (Path(out) / "work" / "sizes").exists()
     assert "masks" in err[0]
     run_phase(out, "masks")
@@ -266,7 +251,7 @@ def test_finalize_refuses_while_chunks_are_incomplete_and_lists_them(data, tmp_p
 
 
 def _later_finalize_stages(out) -> list[str]:
-    from zseg.pipeline.stages import STAGES
+    from zseg.workspace.stages import STAGES
 
     names = [n for n in STAGES if n.startswith("finalize:")]
     return names[names.index("finalize:labels") + 1:]
@@ -285,54 +270,54 @@ def _stored_chunks(out: Path) -> list[Path]:
     return sorted(p for p in (level / "c").rglob("*") if p.is_file())
 
 
-def test_verify_finds_a_missing_chunk(reference, tmp_path, capsys):
+def test_verify_finds_a_missing_chunk(reference, tmp_path, refused):
     out = fresh_copy(reference, tmp_path)
     _stored_chunks(out)[5].unlink()
-    refused(capsys, ["verify", str(out)], "differ from what the run wrote", "missing or was changed", lines=None)
+    refused(["verify", str(out)], "differ from what the run wrote", "missing or was changed", lines=None)
 
 
-def test_verify_finds_a_corrupt_chunk(reference, tmp_path, capsys):
+def test_verify_finds_a_corrupt_chunk(reference, tmp_path, refused):
     out = fresh_copy(reference, tmp_path)
     victim = _stored_chunks(out)[3]
     victim.write_bytes(victim.read_bytes()[:20])
     key = victim.relative_to(out / "labels.zarr" / _segmented(out)).as_posix()
-    refused(capsys, ["verify", str(out)], "cannot be read", key, "truncated or corrupt", lines=None)
+    refused(["verify", str(out)], "cannot be read", key, "truncated or corrupt", lines=None)
 
 
-def test_verify_finds_changed_labels_and_a_wrong_cell_count(reference, tmp_path, capsys):
+def test_verify_finds_changed_labels_and_a_wrong_cell_count(reference, tmp_path, refused):
     out = fresh_copy(reference, tmp_path)
     arr = zarr.open_array(str(out / "labels.zarr" / _segmented(out)), mode="r+")
     block = arr[0:8, 0:16, 0:16]
     block[block == block.max()] = 0  # a cell's voxels in chunk 0 are lost
     arr[0:8, 0:16, 0:16] = block
-    err = refused(capsys, ["verify", str(out)], "(0)", lines=None)
+    err = refused(["verify", str(out)], "(0)", lines=None)
     assert any("differ" in e for e in err)
     out2 = fresh_copy(reference, tmp_path / "b")
     manifest = json.loads((out2 / "run.json").read_text())
     manifest["result"]["cells"] += 3
     (out2 / "run.json").write_text(json.dumps(manifest))
-    refused(capsys, ["verify", str(out2)], "3 of the IDs", lines=None)
+    refused(["verify", str(out2)], "3 of the IDs", lines=None)
 
 
-def test_verify_finds_broken_metadata(reference, tmp_path, capsys):
+def test_verify_finds_broken_metadata(reference, tmp_path, refused):
     out = fresh_copy(reference, tmp_path)
     meta_file = out / "labels.zarr" / "zarr.json"
     meta = json.loads(meta_file.read_text())
     del meta["attributes"]["ome"]["multiscales"]
     meta_file.write_text(json.dumps(meta))
-    refused(capsys, ["verify", str(out)], "multiscales", lines=None)
+    refused(["verify", str(out)], "multiscales", lines=None)
 
 
-def test_verify_lists_what_an_unfinished_run_lacks(data, tmp_path, capsys):
+def test_verify_lists_what_an_unfinished_run_lacks(data, tmp_path, refused):
     out = str(tmp_path / "o")
     plan(build_params(input=data["image"], output=out, flows=data["flows"], diameter=DIAMETER, chunk_shape=CHUNK))
     run_phase(out, "percentiles", chunks="0-4")
-    err = refused(capsys, ["verify", out], "not finished", "percentiles: 13 of 18 chunk(s) not done (5-17)", lines=None)
+    err = refused(["verify", out], "not finished", "percentiles: 13 of 18 chunk(s) not done (5-17)", lines=None)
     assert len(err) >= 3
 
 
-def test_verify_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
-    refused(capsys, ["verify", str(tmp_path)], "not a zseg output folder")
+def test_verify_refuses_a_folder_that_is_not_a_run(tmp_path, refused):
+    refused(["verify", str(tmp_path)], "not a zseg output folder")
 
 
 # -- bad input: the README table, row by row ---------------------------------------------------------
@@ -340,25 +325,25 @@ def _nothing_written(out: Path):
     assert not out.exists() or not (out / "labels.zarr").exists()
 
 
-def test_bad_nan_voxels_in_the_image(cells, tmp_path, capsys):
+def test_bad_nan_voxels_in_the_image(cells, tmp_path, refused):
     image, flows = cells
     bad = image.astype(np.float32)
     bad[3, 20, 30] = np.nan
     bad[12, 40, 40] = np.inf
     d = write_volume(str(tmp_path), bad, flows)
     out = tmp_path / "o"
-    refused(capsys, argv(d, out), "percentiles, chunk", "NaN or infinite")
+    refused(argv(d, out), "percentiles, chunk", "NaN or infinite")
     _nothing_written(out)
     assert not json.loads((out / "run.json").read_text())["complete"]
 
 
-def test_bad_nan_in_the_flows(cells, tmp_path, capsys):
+def test_bad_nan_in_the_flows(cells, tmp_path, refused):
     image, flows = cells
     bad = flows.copy()
     bad[1, 9, 30, 30] = np.nan
     d = write_volume(str(tmp_path), image, bad)
     out = tmp_path / "o"
-    refused(capsys, argv(d, out), "seeds:follow, chunk 0 (z 0:8, y 0:16, x 0:16)", "NaN or infinite")
+    refused(argv(d, out), "seeds:follow, chunk 0 (z 0:8, y 0:16, x 0:16)", "NaN or infinite")
     _nothing_written(out)
 
 
@@ -374,7 +359,7 @@ def test_bad_all_zero_volume_is_a_valid_empty_result(tmp_path, capsys):
 
 @pytest.mark.parametrize("which", ["image", "flows"])
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
-def test_bad_damaged_zarr_chunk(cells, tmp_path, capsys, which, damage):
+def test_bad_damaged_zarr_chunk(cells, tmp_path, refused, which, damage):
     d = write_volume(str(tmp_path), *cells)
     array = Path(d[which]) / ("0" if which == "image" else "")
     victim = sorted(p for p in (array / "c").rglob("*") if p.is_file())[4]
@@ -382,36 +367,36 @@ def test_bad_damaged_zarr_chunk(cells, tmp_path, capsys, which, damage):
     victim.write_bytes(raw[: len(raw) // 2] if damage == "truncated" else b"not a zstd frame" * 4)
     key = victim.relative_to(array).as_posix()
     out = tmp_path / "o"
-    err = refused(capsys, argv(d, out), "truncated or corrupt", key, str(array).rstrip("/"))
+    err = refused(argv(d, out), "truncated or corrupt", key, str(array).rstrip("/"))
     assert "Traceback" not in err[0]
     _nothing_written(out)
 
 
 @pytest.mark.parametrize("dtype", ["bool", "complex64", "uint64"])
-def test_bad_image_dtype(tmp_path, capsys, dtype):
+def test_bad_image_dtype(tmp_path, refused, dtype):
     src = str(tmp_path / "v.zarr")
     create_array(src, shape=SHAPE, chunks=CHUNK, dtype=dtype)
     out = tmp_path / "o"
-    refused(capsys, ["plan", src, str(out)], "data type", dtype, "supported")
+    refused(["plan", src, str(out)], "data type", dtype, "supported")
     assert not out.exists()
 
 
-def test_bad_flows_dtype(cells, tmp_path, capsys):
+def test_bad_flows_dtype(cells, tmp_path, refused):
     d = write_volume(str(tmp_path), cells[0])
     flows = str(tmp_path / "iflows.zarr")
     create_array(flows, shape=(4, *SHAPE), chunks=(4, *CHUNK), dtype="int16")
     out = tmp_path / "o"
-    refused(capsys, ["run", d["image"], str(out), "--flows", flows], "int16", "floating point")
+    refused(["run", d["image"], str(out), "--flows", flows], "int16", "floating point")
     assert not out.exists()
 
 
-def test_bad_single_plane(cells, tmp_path, capsys):
+def test_bad_single_plane(cells, tmp_path, refused):
     """A one-plane volume is a 2D image: refused for the network, segmented from given flows."""
     image, flows = cells
     src = str(tmp_path / "one.ome.zarr")
     write_ome_zarr(src, image[5:6], axes="zyx", voxel_size=(1.0, 1.0, 1.0), chunks=(1, 16, 16))
     out = tmp_path / "o"
-    refused(capsys, ["plan", src, str(out)], "single z plane", "2D")
+    refused(["plan", src, str(out)], "single z plane", "2D")
     assert not out.exists()
     f = str(tmp_path / "one_flows.zarr")
     create_array(f, shape=(4, 1, *SHAPE[1:]), chunks=(4, 1, 16, 16), dtype="float32")[...] = flows[:, 5:6]
@@ -432,7 +417,7 @@ def test_bad_huge_diameter_clips_the_halo_and_stays_chunk_exact(data, tmp_path, 
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["chunk_exact"]
     np.testing.assert_array_equal(labels_of(tmp_path / "chunked"), labels_of(tmp_path / "whole"))
-    assert Run.open(str(tmp_path / "chunked")).grid.halo == (200, 200, 200)
+    assert RunContext.open(str(tmp_path / "chunked")).grid.halo == (200, 200, 200)
 
 
 def _planned(data, tmp_path) -> str:
@@ -441,12 +426,12 @@ def _planned(data, tmp_path) -> str:
     return out
 
 
-def test_bad_manifest_invalid_json(data, tmp_path, capsys):
+def test_bad_manifest_invalid_json(data, tmp_path, refused):
     out = _planned(data, tmp_path)
     path = Path(out) / "run.json"
     path.write_text(path.read_text()[:200])
-    refused(capsys, ["percentiles", "--run", out], "run.json", "not valid JSON", "--overwrite")
-    refused(capsys, argv(data, out), "not valid JSON")
+    refused(["percentiles", "--run", out], "run.json", "not valid JSON", "--overwrite")
+    refused(argv(data, out), "not valid JSON")
 
 
 @pytest.mark.parametrize("edit, expect", [
@@ -459,46 +444,46 @@ def test_bad_manifest_invalid_json(data, tmp_path, capsys):
     (lambda m: m.pop("grid"), "grid missing"),
     (lambda m: m["params"].update(surprise=1), "params.surprise"),
 ], ids=["bad-value", "inconsistent-grid", "wrong-type", "grid-vs-input", "niter", "complete", "missing", "unknown-key"])
-def test_bad_manifest_values(data, tmp_path, capsys, edit, expect):
+def test_bad_manifest_values(data, tmp_path, refused, edit, expect):
     out = _planned(data, tmp_path)
     path = Path(out) / "run.json"
     manifest = json.loads(path.read_text())
     edit(manifest)
     path.write_text(json.dumps(manifest))
-    err = refused(capsys, ["seeds", "--run", out, "--stage", "follow"], expect, "edited or damaged", lines=None)
+    err = refused(["seeds", "--run", out, "--stage", "follow"], expect, "edited or damaged", lines=None)
     assert 1 <= len(err) <= 3
     assert not (Path(out) / "work" / "follow").exists()
 
 
-def test_bad_output_folder_of_another_run(data, reference, tmp_path, capsys):
+def test_bad_output_folder_of_another_run(data, reference, tmp_path, refused):
     # a finished run is never overwritten without --overwrite
     out = fresh_copy(reference, tmp_path)
     before = _files(out)
-    refused(capsys, argv(data, out), "already holds a finished run", "--overwrite")
+    refused(argv(data, out), "already holds a finished run", "--overwrite")
     assert _files(out) == before
     # an unfinished run with other parameters is not resumed
     other = _planned(data, tmp_path)
     run_phase(other, "percentiles", chunks="0-3")
-    refused(capsys, argv(data, other, "--min-size", "40"), "unfinished run with other parameters", "min_size")
+    refused(argv(data, other, "--min-size", "40"), "unfinished run with other parameters", "min_size")
     assert sorted(p.name for p in (Path(other) / "work" / "percentiles").glob("*.json")) == \
         [f"c{i:07d}.json" for i in range(4)]
     # any other folder
     foreign = tmp_path / "photos"
     foreign.mkdir()
     (foreign / "holiday.jpg").write_bytes(b"\xff\xd8")
-    refused(capsys, argv(data, foreign), "not a zseg run folder", "--overwrite")
+    refused(argv(data, foreign), "not a zseg run folder", "--overwrite")
     assert (foreign / "holiday.jpg").read_bytes() == b"\xff\xd8"
     # --overwrite with a bad input is refused before the old run is touched
     bad = argv(data, out, "--overwrite")
     bad[bad.index("--flows") + 1] = data["image"] + "/0"  # not flows: the image array
-    refused(capsys, bad, "flow store", "floating point")
+    refused(bad, "flow store", "floating point")
     assert _files(out) == before
     # with --overwrite the finished run is replaced by a new one
     assert main(argv(data, out, "--overwrite", "--min-size", "40")) == 0
-    assert Run.open(str(out)).params.min_size == 40
+    assert RunContext.open(str(out)).params.min_size == 40
 
 
-def test_paths_from_a_manifest_cannot_send_writes_elsewhere(data, tmp_path, capsys):
+def test_paths_from_a_manifest_cannot_send_writes_elsewhere(data, tmp_path, refused):
     """Outputs go under the folder the user named; only the user's own --work may lie outside."""
     out = _planned(data, tmp_path)
     elsewhere = tmp_path / "elsewhere"
@@ -506,13 +491,13 @@ def test_paths_from_a_manifest_cannot_send_writes_elsewhere(data, tmp_path, caps
     manifest = json.loads(path.read_text())
     manifest["params"]["output"] = str(elsewhere)
     path.write_text(json.dumps(manifest))
-    assert Run.open(out).params.output == out
-    assert Run.open(out).work == os.path.join(out, "work")
+    assert RunContext.open(out).params.output == out
+    assert RunContext.open(out).work == os.path.join(out, "work")
     for phase, stage, reduce in (("percentiles", None, False), ("percentiles", None, True),
                                  ("seeds", "follow", False), ("seeds", "find", False), ("number", None, True),
                                  ("masks", None, False)):
         run_phase(out, phase, stage=stage, reduce=reduce)
-    from zseg.pipeline.stages import STAGES
+    from zseg.workspace.stages import STAGES
 
     for name in [n for n in STAGES if n.startswith("finalize:")]:
         st = STAGES[name]
@@ -520,9 +505,9 @@ def test_paths_from_a_manifest_cannot_send_writes_elsewhere(data, tmp_path, caps
     assert not elsewhere.exists()
     assert (Path(out) / "labels.zarr").exists()
     # chunk indices and stage names come from the code and the grid, never as paths
-    refused(capsys, ["masks", "--run", out, "--chunks", "18"], "outside 0-17")
-    refused(capsys, ["masks", "--run", out, "--chunks", "../../x"], "not an index")
-    refused(capsys, ["seeds", "--run", out, "--stage", "../../follow"], "not a stage")
+    refused(["masks", "--run", out, "--chunks", "18"], "outside 0-17")
+    refused(["masks", "--run", out, "--chunks", "../../x"], "not an index")
+    refused(["seeds", "--run", out, "--stage", "../../follow"], "not a stage")
 
 
 def test_user_given_work_folder_elsewhere_is_honoured(data, tmp_path):
@@ -533,14 +518,14 @@ def test_user_given_work_folder_elsewhere_is_honoured(data, tmp_path):
     assert verify_output(str(out))["ok"]
 
 
-def test_corrupt_work_chunk_is_named(reference, tmp_path, capsys):
+def test_corrupt_work_chunk_is_named(reference, tmp_path, refused):
     """A damaged intermediate names its store and chunk (and how to redo it)."""
     out = fresh_copy(reference, tmp_path)
     victim = sorted((out / "work" / "masks.zarr" / "c").rglob("*"))
     victim = [p for p in victim if p.is_file()][2]
     victim.write_bytes(b"\x00" * 7)
     (out / "work" / "labels" / "c0000002.json").unlink()
-    refused(capsys, ["finalize", "--run", str(out), "--stage", "labels", "--chunks", "2"],
+    refused(["finalize", "--run", str(out), "--stage", "labels", "--chunks", "2"],
             "finalize:labels, chunk 2", "masks.zarr", "truncated or corrupt")
 
 
@@ -577,7 +562,7 @@ def test_a_weights_file_that_runs_code_is_refused_without_running_it(tmp_path, c
     """The model loader reads weights with torch.load(weights_only=True): a pickle that would
     execute code is refused with one line, and its code never runs."""
     torch = pytest.importorskip("torch")
-    models = pytest.importorskip("zseg.pipeline.models")  # issue 4's loader
+    models = pytest.importorskip("zseg.storage.models")  # issue 4's loader
     marker = tmp_path / "pwned"
     weights = tmp_path / "evil.pt"
     torch.save({"W2": torch.zeros(2), "evil": _Payload(str(marker))}, weights)
@@ -605,7 +590,7 @@ CONFIG_WORDS = {"args"}
 def shell_interpolations(template: str) -> list[tuple[str, str]]:
     """``(expression, context)`` of each Groovy ``${...}`` in a shell template; context is where the
     shell sees it: ``single`` or ``double`` quoted, or ``none``."""
-    import nextflow_text as NT
+    from tests import nextflow_text as NT
 
     out, state, i = [], None, 0
     while i < len(template):
@@ -653,7 +638,7 @@ def _check_quoting(where_from: str, template: str, defs: dict[str, str]) -> int:
 
 
 def test_nextflow_scripts_quote_every_parameter_they_pass_to_the_shell():
-    import nextflow_text as NT
+    from tests import nextflow_text as NT
 
     procs = NT.processes()
     assert procs

@@ -1,5 +1,5 @@
 /*
- * The zseg run as Nextflow tasks: plan, then each stage of DESIGN.md §3 in order, one task per
+ * The zseg run as Nextflow tasks: plan, then each stage of docs/architecture.md ("Phases and stages") in order, one task per
  * shard of chunks for a map stage and one task for a reduce. A stage starts when every task of
  * the stage before has finished (a barrier): its tasks take that stage's manifests as input.
  *

@@ -1,3 +1,3 @@
-from zseg.pipeline.cli import entry
+from zseg.cli import entry
 
 entry()

@@ -1,1 +1,3 @@
-"""Engine: pure functions on numpy arrays. No paths, no stores, no configuration objects."""
+"""Pure functions on numpy and torch arrays: normalisation, the network pass, dynamics,
+percentiles, statistics, pyramids. No paths, no zarr, no parameters object; bad arguments
+raise ValueError in the engine's own terms (the phases turn them into user errors)."""

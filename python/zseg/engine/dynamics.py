@@ -43,7 +43,6 @@ import numpy as np
 import scipy.ndimage
 from numba import njit, prange
 
-from zseg.errors import UserError
 
 __all__ = [
     "prepare_flows",
@@ -55,6 +54,7 @@ __all__ = [
     "grow_seeds",
     "paint_regions",
     "fill_holes",
+    "size_limits",
     "compute_masks",
     "SEED_MIN_COUNT",
     "SEED_WINDOW",
@@ -87,18 +87,18 @@ _CHUNK_POINTS = 512
 
 
 def _sigmas(flow3D_smooth, ndim: int) -> tuple[float, ...]:
-    """Per-axis Gaussian sigmas from a scalar or a sequence; raise UserError if invalid."""
+    """Per-axis Gaussian sigmas from a scalar or a sequence; raise ValueError if invalid."""
     if np.ndim(flow3D_smooth) == 0:
         sig = (float(flow3D_smooth),) * ndim
     else:
         sig = tuple(float(s) for s in flow3D_smooth)
         if len(sig) != ndim:
-            raise UserError(
+            raise ValueError(
                 f"flow3D_smooth={list(flow3D_smooth)!r} has {len(sig)} values but the flows "
                 f"are {ndim}D: give one sigma (voxels) or exactly {ndim}, one per axis."
             )
     if not all(math.isfinite(s) and s >= 0 for s in sig):
-        raise UserError(
+        raise ValueError(
             f"flow3D_smooth={flow3D_smooth!r} has a negative or non-finite sigma: give "
             "sigmas >= 0 in voxels (0 turns smoothing off)."
         )
@@ -107,12 +107,12 @@ def _sigmas(flow3D_smooth, ndim: int) -> tuple[float, ...]:
 
 def _check_flows(dP: np.ndarray, cellprob: np.ndarray) -> None:
     if dP.ndim not in (3, 4) or dP.shape[0] != dP.ndim - 1:
-        raise UserError(
+        raise ValueError(
             f"flows dP have shape {dP.shape}; expected (2, Y, X) or (3, Z, Y, X) with one "
             "channel per spatial axis: pass the flow channels without cellprob."
         )
     if cellprob.shape != dP.shape[1:]:
-        raise UserError(
+        raise ValueError(
             f"cellprob has shape {cellprob.shape} but the flows dP have spatial shape "
             f"{dP.shape[1:]}: pass the cellprob channel of the same prediction."
         )
@@ -151,7 +151,7 @@ def prepare_flows(
 
     Raises
     ------
-    UserError
+    ValueError
         If the flows have the wrong shape, ``flow3D_smooth`` is invalid, or the flows
         hold NaN or infinite values.
 
@@ -175,10 +175,7 @@ def prepare_flows(
     np.divide(flow, np.float32(5.0), out=flow)
     if not np.isfinite(flow).all():
         bad = int(np.count_nonzero(~np.isfinite(flow)))
-        raise UserError(
-            f"the flows hold {bad} NaN or infinite values: the prediction is corrupt "
-            "(or overflowed float16); recompute the flows (the predict phase, or the store given with --flows)."
-        )
+        raise ValueError(f"the flows hold {bad} NaN or infinite values")
     return flow, fg
 
 
@@ -386,7 +383,7 @@ def _int_vector(value, ndim: int, name: str) -> np.ndarray:
 
 def _check_niter(niter) -> int:
     if isinstance(niter, bool) or not isinstance(niter, (int, np.integer)) or niter < 0:
-        raise UserError(
+        raise ValueError(
             f"niter={niter!r} is not a whole number >= 0: give the number of flow steps "
             "per voxel (Cellpose's default is 200)."
         )
@@ -737,10 +734,10 @@ def find_seeds(h: np.ndarray, *, within: tuple[slice, ...] | None = None
 
 @njit(parallel=True, cache=True)
 def _grow(h, seeds, hz, thr, niter, out):  # pragma: no cover
-    # Rows along the last axis are 11-bit masks; a dilation by the full 3^ndim
+    # Rows along the last axis are REGION_WINDOW-bit masks; a dilation by the full 3^ndim
     # neighbourhood is a shift-or along x followed by ORs of neighbouring rows.
     Z, Y, X = h.shape
-    W = 11
+    W = REGION_WINDOW
     wz = 2 * hz + 1
     full = (1 << W) - 1
     for k in prange(seeds.shape[0]):
@@ -750,17 +747,17 @@ def _grow(h, seeds, hz, thr, niter, out):  # pragma: no cover
             if z < 0 or z >= Z:
                 continue
             for b in range(W):
-                y = seeds[k, 1] + b - 5
+                y = seeds[k, 1] + b - _RH
                 if y < 0 or y >= Y:
                     continue
                 m = 0
                 for c in range(W):
-                    x = seeds[k, 2] + c - 5
+                    x = seeds[k, 2] + c - _RH
                     if x >= 0 and x < X and h[z, y, x] > thr:
                         m |= 1 << c
                 allowed[a, b] = m
         cur = np.zeros((wz, W), dtype=np.int64)
-        cur[hz, 5] = 1 << 5
+        cur[hz, _RH] = 1 << _RH
         rowx = np.zeros((wz, W), dtype=np.int64)
         rowy = np.zeros((wz, W), dtype=np.int64)
         for _ in range(niter):
@@ -838,8 +835,8 @@ def _paint(out, origin, seeds, regions, labels, order, hz):  # pragma: no cover
     for j in range(order.shape[0]):
         k = order[j]
         z0 = seeds[k, 0] - hz - origin[0]
-        y0 = seeds[k, 1] - 5 - origin[1]
-        x0 = seeds[k, 2] - 5 - origin[2]
+        y0 = seeds[k, 1] - _RH - origin[1]
+        x0 = seeds[k, 2] - _RH - origin[2]
         lab = labels[k]
         for a in range(wz):
             z = z0 + a
@@ -919,6 +916,16 @@ def paint_regions(
 # --------------------------------------------------------------------------------------
 # 5. clean-up and the whole-volume reference
 # --------------------------------------------------------------------------------------
+
+
+def size_limits(sizes: np.ndarray, min_size: int, max_size: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Which cells of voxel counts ``sizes`` are too small and which too large (Cellpose's rule:
+    fewer than ``min_size`` voxels when ``min_size > 0``; more than ``max_size`` when given).
+    The one copy of the rule: the whole-volume reference and the chunked finalize both use it."""
+    sizes = np.asarray(sizes)
+    small = sizes < min_size if min_size > 0 else np.zeros(sizes.shape, bool)
+    large = sizes > max_size if max_size is not None else np.zeros(sizes.shape, bool)
+    return small, large
 
 
 def fill_holes(labels: np.ndarray) -> np.ndarray:
@@ -1011,11 +1018,11 @@ def compute_masks(
     _check_flows(dP, cellprob)
     niter = _check_niter(niter)
     if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)) or min_size < -1:
-        raise UserError(f"min_size={min_size!r}: give a voxel count >= 0, or -1 to keep "
+        raise ValueError(f"min_size={min_size!r}: give a voxel count >= 0, or -1 to keep "
                         "cells of any size.")
     if max_size is not None and (isinstance(max_size, bool)
                                  or not isinstance(max_size, (int, np.integer)) or max_size < 1):
-        raise UserError(f"max_size={max_size!r}: give a voxel count >= 1, or None for no "
+        raise ValueError(f"max_size={max_size!r}: give a voxel count >= 1, or None for no "
                         "upper limit.")
     shape = cellprob.shape
     ndim = len(shape)
@@ -1039,11 +1046,8 @@ def compute_masks(
     labels = np.zeros(shape, dtype=dtype)
     labels[fg] = painted[tuple(ends.T)]
     sizes = np.bincount(labels.ravel(), minlength=k + 1)
-    drop = np.zeros(k + 1, dtype=bool)
-    if min_size > 0:
-        drop |= sizes < min_size
-    if max_size is not None:
-        drop |= sizes > max_size
+    small, large = size_limits(sizes, min_size, max_size)
+    drop = small | large
     drop[0] = False
     if drop.any():
         lut = np.arange(k + 1, dtype=dtype)

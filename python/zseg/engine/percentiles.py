@@ -40,7 +40,7 @@ represented exactly. ``float64`` input is rounded to float32 first (values beyon
 range are refused), which adds at most 2**-24 relative: the bound becomes
 ``(2**-11 + 2**-23) * max(|x_j|, |x_j+1|) + 2**-136``.
 
-NaN and inf are refused (:class:`~zseg.errors.UserError`): percentiles of an image with
+NaN and inf are refused (``ValueError``): percentiles of an image with
 non-finite voxels are not meaningful, and the count tells the user how many to fix.
 """
 
@@ -51,7 +51,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from zseg.errors import UserError
 
 __all__ = [
     "FLOAT32_KEY_BITS",
@@ -170,7 +169,7 @@ def histogram(values: np.ndarray, *, exclude_zeros: bool = False) -> Histogram:
 
     Raises
     ------
-    UserError
+    ValueError
         For an unsupported dtype, NaN/inf voxels, or float64 values beyond the float32 range.
     """
     a = np.asarray(values)
@@ -249,17 +248,16 @@ def percentile(hist: Histogram, q: float | Sequence[float] | np.ndarray) -> np.n
 
     Raises
     ------
-    UserError
+    ValueError
         If the histogram is empty or ``q`` is outside [0, 100].
     """
     qa = np.asarray(q, dtype=np.float64)
     if qa.size and not (np.all(qa >= 0) and np.all(qa <= 100)):
-        raise UserError(f"percentiles {qa.tolist()} must lie in [0, 100]; pass e.g. [1, 99].")
+        raise ValueError(f"percentiles {qa.tolist()} must lie in [0, 100]")
     n = hist.total
     if n == 0:
-        raise UserError(
-            "no voxels to compute percentiles from (all zero and exclude_zeros set?); "
-            "check the input, or turn exclude_zeros off."
+        raise ValueError(
+            "no voxels to compute percentiles from"
         )
     # numpy: q = true_divide(q, 100); virtual index for "linear" = (n - 1) * q
     quantiles = np.true_divide(qa.reshape(-1), 100)
@@ -318,7 +316,7 @@ def _dtype_name(dtype) -> str:
     except TypeError:
         name = str(dtype)
     if name not in _KEY_BITS:
-        raise UserError(
+        raise ValueError(
             f"intensity dtype {name!r} is not supported for percentiles; supported: "
             f"{', '.join(SUPPORTED_DTYPES)}. Convert the input (e.g. to float32 or uint16)."
         )
@@ -327,10 +325,9 @@ def _dtype_name(dtype) -> str:
 
 def _raise_nonfinite(name: str, count: int, size: int) -> None:
     if count:
-        raise UserError(
+        raise ValueError(
             f"{count} of {size} voxels are NaN or infinite (or, for float64, beyond the float32 range "
-            f"±3.4e38); the input must be finite: replace them (e.g. with 0 and set exclude_zeros) "
-            f"before segmenting."
+            f"±3.4e38)"
         )
 
 

@@ -19,7 +19,6 @@ from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 from scipy.spatial.transform import Rotation
 
-from zseg.errors import UserError
 
 __all__ = ["flows_from_labels", "synth_cells"]
 
@@ -79,13 +78,13 @@ def synth_cells(
     """
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or min(shape) < 1:
-        raise UserError(f"shape {shape} must be three positive sizes (Z, Y, X).")
+        raise ValueError(f"shape {shape} must be three positive sizes (Z, Y, X).")
     if not diameter > 1:
-        raise UserError(f"diameter {diameter} must be > 1 voxel.")
+        raise ValueError(f"diameter {diameter} must be > 1 voxel.")
     if not anisotropy >= 1:
-        raise UserError(f"anisotropy {anisotropy} must be >= 1 (Z step / XY pixel size).")
+        raise ValueError(f"anisotropy {anisotropy} must be >= 1 (Z step / XY pixel size).")
     if not 0 < fill <= 1:
-        raise UserError(f"fill {fill} must lie in (0, 1].")
+        raise ValueError(f"fill {fill} must lie in (0, 1].")
     rng = np.random.default_rng(seed)
     iso = (max(1, round(shape[0] * anisotropy)), shape[1], shape[2])
 
@@ -141,7 +140,7 @@ def flows_from_labels(labels: np.ndarray, *, niter: int | None = None) -> np.nda
 
     lab = np.asarray(labels)
     if lab.ndim not in (2, 3) or not np.issubdtype(lab.dtype, np.integer):
-        raise UserError(f"labels must be a 2D or 3D integer array, got {lab.ndim}D {lab.dtype}.")
+        raise ValueError(f"labels must be a 2D or 3D integer array, got {lab.ndim}D {lab.dtype}.")
     lab = _consecutive(lab).astype(np.int64)
     out = np.zeros((lab.ndim + 1, *lab.shape), np.float32)
     if lab.max() > 0:
@@ -253,7 +252,7 @@ def _consecutive(lab):
     if lab.size == 0 or lab.max() <= 0:
         return np.zeros(lab.shape, np.uint32)
     if lab.min() < 0:
-        raise UserError(f"labels must be >= 0, found {lab.min()}.")
+        raise ValueError(f"labels must be >= 0, found {lab.min()}.")
     present = np.zeros(int(lab.max()) + 1, bool)
     present[lab.ravel()] = True
     present[0] = False

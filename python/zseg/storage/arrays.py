@@ -17,7 +17,7 @@ import zarr.errors
 from zarr.storage import FsspecStore, LocalStore
 
 from zseg.errors import UserError
-from zseg.storage.uri import filesystem, is_remote, storage_options
+from zseg.storage.uri import filesystem, is_remote, join, read_bytes, storage_options
 
 Box = tuple[slice, ...]
 
@@ -244,8 +244,6 @@ def damaged_chunks(array: zarr.Array, uri: str, selection=None) -> list[tuple[st
     A missing object is not damage (zarr reads it as the fill value); an object that cannot be
     fetched at all is an I/O problem, not damage, and is left out too.
     """
-    from zseg.storage.uri import join, read_bytes
-
     try:
         coords = _selected_chunks(array, selection if selection is not None else ())
     except Exception:  # a selection we cannot map to chunks (fancy indexing): no diagnosis

@@ -14,7 +14,6 @@ name says otherwise. The grid is N-dimensional (3D volumes and 2D slides use the
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from itertools import product
 
@@ -158,54 +157,3 @@ def box_origin(box: Box) -> np.ndarray:
 def relative(box: Box, frame: Box) -> Box:
     """``box`` in the coordinates of ``frame`` (both in volume coordinates)."""
     return tuple(slice(b.start - f.start, b.stop - f.start) for b, f in zip(box, frame))
-
-
-_RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
-
-
-def select_chunks(nchunks: int, chunks: str | None = None, shard: str | None = None) -> list[int]:
-    """The chunk indices a task works on.
-
-    Parameters
-    ----------
-    nchunks : int
-        Number of chunks in the grid.
-    chunks : str, optional
-        Comma-separated indices and inclusive ranges, e.g. ``"0-99,105"``.
-    shard : str, optional
-        ``"i/N"``: the i-th (0-based) of N contiguous, near-equal shares of the chunks
-        (after ``chunks`` when both are given).
-
-    Returns
-    -------
-    list of int, ascending and without repeats.
-    """
-    selected = list(range(nchunks))
-    if chunks is not None and chunks.strip() not in ("", "all"):
-        picked: set[int] = set()
-        for part in chunks.split(","):
-            m = _RANGE.match(part)
-            if not m:
-                raise UserError(
-                    f"--chunks {chunks!r}: {part!r} is not an index or a range; "
-                    "write indices and inclusive ranges such as 0-99,105."
-                )
-            lo = int(m.group(1))
-            hi = int(m.group(2)) if m.group(2) is not None else lo
-            if hi < lo or hi >= nchunks:
-                raise UserError(
-                    f"--chunks {chunks!r}: {part!r} is outside 0-{nchunks - 1} "
-                    f"(this run has {nchunks} chunks)."
-                )
-            picked.update(range(lo, hi + 1))
-        selected = sorted(picked)
-    if shard is not None:
-        m = re.match(r"^\s*(\d+)\s*/\s*(\d+)\s*$", shard)
-        if not m or int(m.group(2)) < 1 or int(m.group(1)) >= int(m.group(2)):
-            raise UserError(
-                f"--shard {shard!r}: write i/N with 0 <= i < N, e.g. 0/8 for the first of 8 shards."
-            )
-        i, n = int(m.group(1)), int(m.group(2))
-        k = len(selected)
-        selected = selected[i * k // n : (i + 1) * k // n]
-    return selected

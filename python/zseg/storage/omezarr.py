@@ -107,14 +107,14 @@ def write_ome_zarr(
     attrs: dict = {"multiscales": [multiscale]}
     if channel_names is not None or "c" in axes:
         attrs["omero"] = _omero(image, axes, channel_names)
-    _set_ome(root, attrs, zarr_format)
+    set_ome_attributes(root, attrs, zarr_format)
 
     if labels:
         label_axes = axes.replace("c", "")
         label_chunks = [c for a, c in zip(axes, chunks) if a != "c"]
         label_shape = tuple(n for a, n in zip(axes, image.shape) if a != "c")
         group = root.create_group("labels")
-        _set_ome(group, {"labels": list(labels)}, zarr_format)
+        set_ome_attributes(group, {"labels": list(labels)}, zarr_format)
         for label_name, label in labels.items():
             label = np.asarray(label)
             if label.shape != label_shape or label.dtype.kind not in "iu":
@@ -131,7 +131,7 @@ def write_ome_zarr(
             image_label = {"source": {"image": "../../"}}
             if zarr_format == 2:
                 image_label["version"] = "0.4"
-            _set_ome(sub, {"multiscales": [ms], "image-label": image_label}, zarr_format)
+            set_ome_attributes(sub, {"multiscales": [ms], "image-label": image_label}, zarr_format)
     return root
 
 
@@ -233,7 +233,22 @@ def _omero(image: np.ndarray, axes: str, channel_names) -> dict:
     return {"channels": channels}
 
 
-def _set_ome(group: zarr.Group, attrs: dict, zarr_format: int) -> None:
+def ome_attributes(group: zarr.Group, zarr_format: int | None = None) -> dict:
+    """The OME-NGFF attributes of a zarr group: under ``"ome"`` (NGFF 0.5, zarr v3) or at the top
+    (0.4). With ``zarr_format=2`` only the top level is read (0.4 has no ``"ome"`` key). The one
+    reader of NGFF metadata: inputs, the input's transforms for the labels, and ``zseg verify``."""
+    attrs = group.attrs.asdict()
+    return attrs if zarr_format == 2 else attrs.get("ome", attrs)
+
+
+def axis_names(multiscale: dict) -> list:
+    """The axis names of a multiscale (NGFF 0.4+ dicts, or 0.3's plain strings)."""
+    return [a.get("name") if isinstance(a, dict) else a for a in multiscale.get("axes") or []]
+
+
+def set_ome_attributes(group: zarr.Group, attrs: dict, zarr_format: int) -> None:
+    """Write NGFF attributes: wrapped in ``{"ome": {"version": "0.5", ...}}`` on zarr v3, as they
+    are (0.4) on v2. The one writer: ``zseg synth`` images and ``labels.zarr``."""
     if zarr_format == 3:
         group.attrs.update({"ome": {"version": "0.5", **attrs}})
     else:

@@ -10,6 +10,7 @@ S3 credentials and endpoints come from the standard AWS variables and profiles
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -65,21 +66,42 @@ def read_bytes(uri: str) -> bytes:
     return fs.cat_file(path)
 
 
+@contextlib.contextmanager
+def atomic_local_file(path: str):
+    """A local binary file that appears at ``path`` only when complete: written to a temporary
+    name beside it, renamed into place on success, removed on failure. The one copy of this."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    tmp = f"{path}.{uuid.uuid4().hex}.partial"
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_file(uri: str):
+    """A binary file at ``uri`` that readers see either whole or not at all: a local temporary
+    file renamed into place, or on an object store an upload that appears on close."""
+    if is_remote(str(uri)):
+        with open_file(uri, "wb") as f:
+            yield f
+        return
+    _, path = filesystem(uri)
+    with atomic_local_file(path) as f:
+        yield f
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     """Write ``data`` to ``uri`` so that readers see either nothing or all of it."""
     fs, path = filesystem(uri)
     if is_remote(str(uri)):
         fs.pipe_file(path, data)
         return
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    tmp = f"{path}.{uuid.uuid4().hex}.partial"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_local_file(path) as f:
+        f.write(data)
 
 
 def read_json(uri: str):

@@ -23,6 +23,7 @@ import zarr.errors
 
 from zseg.errors import UserError
 from zseg.storage.arrays import CheckedArray, zarr_store
+from zseg.storage.omezarr import ome_attributes
 from zseg.storage.uri import filesystem, is_remote, join
 
 Box = tuple[slice, slice, slice]
@@ -309,8 +310,7 @@ def _inspect_zarr(uri: str, axes, level) -> dict:
             "chunks": node.chunks,
             "open": {"array": node},
         }
-    attrs = node.attrs.asdict()
-    ome = attrs.get("ome", attrs) if zarr_format == 3 else attrs
+    ome = ome_attributes(node, zarr_format if zarr_format == 2 else None)
     multiscales = ome.get("multiscales")
     if not multiscales:
         raise UserError(_not_an_image(uri, node))
@@ -352,8 +352,7 @@ def _inspect_zarr(uri: str, axes, level) -> dict:
 
 
 def _not_an_image(uri: str, group: zarr.Group) -> str:
-    attrs = group.attrs.asdict()
-    attrs = attrs.get("ome", attrs)
+    attrs = ome_attributes(group)
     if "plate" in attrs or "well" in attrs:
         kind = "plate" if "plate" in attrs else "well"
         wells = attrs.get("plate", {}).get("wells") or [{"path": "A/1"}]
@@ -367,8 +366,7 @@ def _not_an_image(uri: str, group: zarr.Group) -> str:
         if isinstance(member, zarr.Array):
             inside.append(f"{join(uri, name)} (array {member.shape} {member.dtype})")
         else:
-            a = member.attrs.asdict()
-            if "multiscales" in a or "multiscales" in (a.get("ome") or {}):
+            if "multiscales" in ome_attributes(member) or "multiscales" in member.attrs.asdict():
                 inside.append(f"{join(uri, name)} (OME-Zarr image)")
     if not inside:
         return (

@@ -5,7 +5,7 @@ values of the percentiles phase, resized with the whole volume's coordinates, cu
 tiles of the *whole-volume* tile grid that cover the core, run through the network on the
 YX, ZY and ZX planes, blended with the whole planes' weights, summed over the views and
 resized back; the core is written to the flow store ``work/flows.zarr`` as float16 (or float32,
-``flows_dtype``) ``(4, Z, Y, X)`` = dZ, dY, dX, cellprob. :mod:`zseg.engine.network` explains why this equals
+``flows_dtype``) ``(4, Z, Y, X)`` = dZ, dY, dX, cellprob. :mod:`zseg.engine.views` explains why this equals
 ``CellposeModel.eval(do_3D=True)`` on the whole volume whatever the chunk shape.
 
 Chunks are processed in one process per task: the network is loaded once, a reader thread
@@ -36,18 +36,22 @@ from dataclasses import dataclass
 import numpy as np
 
 from zseg.errors import UserError
-from zseg.pipeline import flowstore as FS
-from zseg.pipeline import percentiles as PCT
-from zseg.pipeline.manifest import Run
 from zseg.storage import uri as U
 from zseg.storage.arrays import create_array, open_array
+from zseg.storage.volume import open_volume
+from zseg.workspace import work as W
+from zseg.workspace.context import RunContext
+
+# The network modules (zseg.engine.views, zseg.storage.models) bring torch, several hundred MiB
+# per process: they are imported inside the functions that run or inspect a network, so the
+# workers of the other stages, which import this module through the stage table, never load it.
 
 log = logging.getLogger(__name__)
 
 PHASE = "predict"
 #: cellprob written for a skipped chunk: far below any threshold a user would set.
 SKIPPED_CELLPROB = -100.0
-VIEWS_STORE = "views.zarr"
+VIEWS_STORE = W.VIEWS_STORE
 
 
 # -- plan time ---------------------------------------------------------------------------------
@@ -57,8 +61,8 @@ def check(params, shape, anisotropy: float, *, nchannels: int | None = None) -> 
     Resolves the model (downloading a missing built-in one) and reads its sizes, and checks
     the mask and that the network scale keeps every axis.
     """
-    from zseg.engine import network as N
-    from zseg.pipeline import models
+    from zseg.engine import views as N
+    from zseg.storage import models
 
     model = models.inspect_model(params.model)
     try:
@@ -84,8 +88,6 @@ def check(params, shape, anisotropy: float, *, nchannels: int | None = None) -> 
 
 
 def _open_mask(uri: str):
-    from zseg.storage.volume import open_volume
-
     if not U.exists(uri):
         raise UserError(f"--mask {uri!r} does not exist; give a volume whose nonzero voxels mark where to segment.")
     vol = open_volume(uri)
@@ -94,17 +96,17 @@ def _open_mask(uri: str):
     return vol
 
 
-def ensure_stores(run: Run) -> None:
+def ensure_stores(run: RunContext) -> None:
     """Create the flow store (and the view store with ``keep_views``) unless it exists: ``plan``
     does this once, before any task, for a run without precomputed ``--flows``."""
     if not applies(run):
         return
     g = run.grid
     p = run.params
-    if not U.exists(FS.flows_uri(run)):
+    if not U.exists(W.flows_uri(run)):
         _create_flows(run)
     if p.keep_views and not U.exists(run.path(VIEWS_STORE)):
-        from zseg.engine.network import VIEWS
+        from zseg.engine.views import VIEWS
 
         create_array(
             run.path(VIEWS_STORE), shape=(3, 3, *g.shape), chunks=(3, 3, *g.chunk_shape), dtype="float16",
@@ -114,17 +116,17 @@ def ensure_stores(run: Run) -> None:
         )
 
 
-def _create_flows(run: Run) -> None:
+def _create_flows(run: RunContext) -> None:
     g = run.grid
     p = run.params
     create_array(
-        FS.flows_uri(run), shape=(4, *g.shape), chunks=(4, *g.chunk_shape), dtype=p.flows_dtype,
+        W.flows_uri(run), shape=(4, *g.shape), chunks=(4, *g.chunk_shape), dtype=p.flows_dtype,
         zarr_format=p.zarr_format, fill_value=0, overwrite=True,
         attributes={"zseg": {"content": "dZ, dY, dX, cellprob (Cellpose 3D: views summed, network scale)"}},
     )
 
 
-def applies(run: Run) -> bool:
+def applies(run: RunContext) -> bool:
     return run.params.flows is None
 
 
@@ -133,16 +135,16 @@ def applies(run: Run) -> bool:
 class _Task:
     net: object  # the torch module
     device: object  # torch.device
-    geometry: object  # zseg.engine.network.Geometry
+    geometry: object  # zseg.engine.views.Geometry
     lowhigh: np.ndarray
     mask: object | None
     net_ortho: object | None = None  # the ZY/ZX network (--model-ortho)
 
 
-def geometry(run: Run, bsize: int, *, family: str = "cpsam", diam_mean: float = 30.0):
-    """The whole volume's network geometry (:class:`zseg.engine.network.Geometry`) for a
+def geometry(run: RunContext, bsize: int, *, family: str = "cpsam", diam_mean: float = 30.0):
+    """The whole volume's network geometry (:class:`zseg.engine.views.Geometry`) for a
     network of ``family`` (Cellpose 3: rescale by its ``diam_mean``, Cellpose 3's tiles)."""
-    from zseg.engine import network as N
+    from zseg.engine import views as N
 
     p = run.params
     cp3 = family == "cp3"
@@ -151,9 +153,9 @@ def geometry(run: Run, bsize: int, *, family: str = "cpsam", diam_mean: float = 
                          diam_mean=diam_mean if cp3 else 30.0, pad_to_tile=not cp3)
 
 
-def _model_path(run: Run, key: str, model: str) -> str:
+def _model_path(run: RunContext, key: str, model: str) -> str:
     """The weights file of ``model``: the one plan found if it is still there as it was."""
-    from zseg.pipeline import models
+    from zseg.storage import models
 
     info = (run.manifest.get("network") or {}).get(key) or {}  # what plan found, if it looked
     path = info.get("path")
@@ -164,8 +166,8 @@ def _model_path(run: Run, key: str, model: str) -> str:
     return path
 
 
-def _task(run: Run) -> _Task:
-    from zseg.pipeline import models
+def _task(run: RunContext) -> _Task:
+    from zseg.storage import models
 
     p = run.params
     device = models.select_device(p.device)
@@ -175,7 +177,7 @@ def _task(run: Run) -> _Task:
     if p.model_ortho:
         ortho = models.load_network(_model_path(run, "model_ortho", p.model_ortho), device,
                                     use_bfloat16=p.use_bfloat16, keep=keep)
-    lowhigh = PCT.load(run)
+    lowhigh = W.lowhigh(run)
     mask = _open_mask(p.mask) if p.mask else None
     geo = geometry(run, net.bsize, family=getattr(net, "family", "cpsam"), diam_mean=float(net.diam_mean))
     if ortho is not None:  # same network scale (--model's), the ortho network's own tiles
@@ -192,7 +194,7 @@ def _mask_box(core, shape, mshape):
     )
 
 
-def _skip_reason(run: Run, task: _Task, index: int) -> str | None:
+def _skip_reason(run: RunContext, task: _Task, index: int) -> str | None:
     g = run.grid
     block = g.block(index)
     if task.mask is not None:
@@ -207,11 +209,9 @@ def _skip_reason(run: Run, task: _Task, index: int) -> str | None:
     return None
 
 
-def _prepare(run: Run, task: _Task, index: int):
+def _prepare(run: RunContext, task: _Task, index: int):
     """Reader thread: the chunk's plan and each view's normalised input (host memory)."""
-    import torch
-
-    from zseg.engine import network as N
+    from zseg.engine import views as N
 
     t0 = time.perf_counter()
     core = run.grid.core(index)
@@ -219,41 +219,28 @@ def _prepare(run: Run, task: _Task, index: int):
     if reason:
         return index, core, None, reason, [], time.perf_counter() - t0
     plan = N.plan_block(task.geometry, core)
-    pin = task.device.type == "cuda"
-    inputs = []
-    for view in plan.views:
-        x = torch.from_numpy(N.normalize(run.volume.read(view.read), task.lowhigh))
-        inputs.append(x.pin_memory() if pin else x)
+    inputs = N.view_inputs(plan, run.volume.read, task.lowhigh, pin=task.device.type == "cuda")
     return index, core, plan, None, inputs, time.perf_counter() - t0
 
 
-def _compute(run: Run, task: _Task, plan, inputs) -> tuple[np.ndarray, np.ndarray | None]:
+def _compute(run: RunContext, task: _Task, plan, inputs) -> tuple[np.ndarray, np.ndarray | None]:
     """Device: the views of one chunk, summed and resized back to its core (host arrays)."""
     import torch
 
-    from zseg.engine import network as N
+    from zseg.engine import views as N
 
-    geo, dev = task.geometry, task.device
     p = run.params
-    flows = torch.zeros((4, *(s.stop - s.start for s in plan.out)), dtype=torch.float32, device=dev)
-    kept = []
-    for view, x in zip(plan.views, inputs):
-        scaled = N.to_network_scale(x.to(dev, non_blocking=True), view.read, view.region, geo)
-        net = task.net if view.view == "YX" or task.net_ortho is None else task.net_ortho
-        y = N.run_view(net, scaled, view, plan.out, geo, batch_size=p.batch_size, dtype=net.dtype)
-        del scaled
-        N.add_view(flows, y, view.view)
-        if p.keep_views:
-            kept.append(N.from_network_scale(y, plan.out, plan.core, geo).to(torch.float16).cpu().numpy())
-        del y
-    out = N.from_network_scale(flows, plan.out, plan.core, geo).to(getattr(torch, p.flows_dtype)).cpu().numpy()
-    return out, (np.stack(kept) if kept else None)
+    flows, kept = N.run_block(task.net, plan, inputs, task.geometry, batch_size=p.batch_size, device=task.device,
+                              dtype=task.net.dtype, keep_views=p.keep_views, net_ortho=task.net_ortho)
+    out = flows.to(getattr(torch, p.flows_dtype)).cpu().numpy()
+    views = np.stack([v.to(torch.float16).cpu().numpy() for v in kept]) if kept else None
+    return out, views
 
 
-def _write(run: Run, core, flows: np.ndarray, views: np.ndarray | None) -> float:
+def _write(run: RunContext, core, flows: np.ndarray, views: np.ndarray | None) -> float:
     """Writer thread: the core's flows (and views); returns the seconds it took."""
     t0 = time.perf_counter()
-    open_array(FS.flows_uri(run), mode="r+")[(slice(None), *core)] = flows
+    open_array(W.flows_uri(run), mode="r+")[(slice(None), *core)] = flows
     if views is not None:
         open_array(run.path(VIEWS_STORE), mode="r+")[(slice(None), slice(None), *core)] = views
     return time.perf_counter() - t0
@@ -270,7 +257,7 @@ def _skipped(core, keep_views: bool):
     return flows, views
 
 
-def predict_chunks(run: Run, indices):
+def predict_chunks(run: RunContext, indices):
     """Predict the chunks ``indices`` in order; yield ``(index, stats)`` once each is written.
 
     Reading and normalising chunk ``i + 1`` (reader thread) and writing chunk ``i - 1`` (writer
@@ -313,7 +300,7 @@ def predict_chunks(run: Run, indices):
 
 
 @contextlib.contextmanager
-def _naming(run: Run, index: int):
+def _naming(run: RunContext, index: int):
     """Say which chunk met a problem the user can fix (as the other stages do); running out of
     device memory is one (the batch size or the chunk shape is too large for the device)."""
     where = ", ".join(f"{a} {s.start}:{s.stop}" for a, s in zip("zyx", run.grid.core(index)))
@@ -336,7 +323,7 @@ def _finish(index, stats, future):
     return index, stats
 
 
-def process_chunk(run: Run, index: int) -> dict:
+def process_chunk(run: RunContext, index: int) -> dict:
     """One chunk (the network stays loaded for the next call in this process)."""
     for _, stats in predict_chunks(run, [index]):
         return stats

@@ -19,13 +19,16 @@ import os
 import numpy as np
 
 from zseg.engine import dynamics as D
-from zseg.pipeline import flowstore as FS
-from zseg.pipeline.manifest import Run
+from zseg.errors import UserError
 from zseg.storage import uri as U
 from zseg.storage.grid import box_origin, box_shape, grow, relative
+from zseg.workspace import work as W
+from zseg.workspace.context import RunContext
 
-MARGIN = 5  # radius of Cellpose's seed window (11 voxels wide)
-WINDOW = 2 * MARGIN + 1
+#: Half-width of Cellpose's seed region window (:data:`zseg.engine.dynamics.REGION_WINDOW` wide):
+#: how far around its core a chunk histograms end points.
+MARGIN = D.REGION_WINDOW // 2
+WINDOW = D.REGION_WINDOW
 
 
 def smoothing_radius(sigmas) -> tuple[int, ...]:
@@ -43,21 +46,28 @@ def dynamics_device(spec: str):
     if spec == "cpu" or (spec == "auto" and not any(
             os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia"))):
         return None
-    from zseg.pipeline.models import select_device
+    # torch (hundreds of MiB per worker) is imported only where a GPU may follow trajectories
+    from zseg.storage.models import select_device
 
     dev = select_device(spec)
     return dev if dev.type == "cuda" else None  # MPS has no float64 for the sample positions
 
 
-def follow_chunk(run: Run, index: int) -> dict:
+def follow_chunk(run: RunContext, index: int) -> dict:
+    """Reads the block's flows (plus the smoothing radius); writes the core of ``work/ends.zarr``.
+    The marker counts foreground, escaped and too-long trajectories."""
     g, p = run.grid, run.params
     core, block = g.core(index), g.block(index)
     sigmas = p.flow3D_smooth[-g.ndim:]
     read_box = grow(block, smoothing_radius(sigmas), g.shape)
-    raw = np.asarray(FS.flows(run)[(slice(None), *read_box)])
-    flow, fg = D.prepare_flows(
-        raw[:-1], raw[-1], cellprob_threshold=p.cellprob_threshold, flow3D_smooth=sigmas
-    )
+    raw = np.asarray(W.flows(run)[(slice(None), *read_box)])
+    try:
+        flow, fg = D.prepare_flows(
+            raw[:-1], raw[-1], cellprob_threshold=p.cellprob_threshold, flow3D_smooth=sigmas
+        )
+    except ValueError as e:  # NaN or inf in the flow store: say where the flows came from
+        raise UserError(f"{e}: the prediction is corrupt (or overflowed float16); recompute the flows "
+                        "(the predict phase, or the store given with --flows).") from None
     crop = relative(block, read_box)
     flow = np.ascontiguousarray(flow[(slice(None), *crop)])
     fg = fg[crop]
@@ -71,10 +81,10 @@ def follow_chunk(run: Run, index: int) -> dict:
     step = np.floor(disp).astype(np.int64)
     reach = np.asarray(g.halo) - MARGIN
     long = escaped | (np.abs(step) > reach).any(axis=1)
-    dt = FS.ends_dtype(g.shape)
+    dt = W.ends_dtype(g.shape)
     out = np.full((g.ndim, *box_shape(core)), np.iinfo(dt).min, dtype=dt)
     out[(slice(None), *local.T)] = step.T
-    FS.ends(run, mode="r+")[(slice(None), *core)] = out
+    W.ends(run, mode="r+")[(slice(None), *core)] = out
     return {
         "foreground": int(len(local)),
         "escaped": int(escaped.sum()),
@@ -83,15 +93,17 @@ def follow_chunk(run: Run, index: int) -> dict:
     }
 
 
-def block_end_points(run: Run, box) -> tuple[np.ndarray, np.ndarray]:
+def block_end_points(run: RunContext, box) -> tuple[np.ndarray, np.ndarray]:
     """Start and end points (volume coordinates) of the followed voxels of ``box``."""
-    e = np.asarray(FS.ends(run)[(slice(None), *box)])
+    e = np.asarray(W.ends(run)[(slice(None), *box)])
     valid = e[0] != np.iinfo(e.dtype).min
     starts = np.argwhere(valid) + box_origin(box)
     return starts, starts + e[:, valid].T.astype(np.int64)
 
 
-def find_chunk(run: Run, index: int) -> dict:
+def find_chunk(run: RunContext, index: int) -> dict:
+    """Reads the block's end points; writes the seeds the core owns, their histogram counts and
+    regions to ``work/seeds/cNNNNNNN.npz``."""
     g = run.grid
     core = g.core(index)
     hbox = grow(core, MARGIN, g.shape)
@@ -102,7 +114,7 @@ def find_chunk(run: Run, index: int) -> dict:
     seeds, counts = D.find_seeds(h, within=relative(core, hbox))
     regions = D.grow_seeds(h, seeds)
     U.write_npz(
-        run.chunk_file("seeds", index),
+        run.chunk_file(W.SEEDS_DIR, index),
         seeds=(seeds + lo).astype(np.int64),
         counts=counts.astype(np.int32),
         regions=np.packbits(regions.reshape(len(seeds), WINDOW**g.ndim), axis=1),
@@ -110,8 +122,9 @@ def find_chunk(run: Run, index: int) -> dict:
     return {"seeds": int(len(seeds))}
 
 
-def load_seeds(run: Run, index: int) -> dict[str, np.ndarray]:
-    d = U.read_npz(run.chunk_file("seeds", index))
+def load_seeds(run: RunContext, index: int) -> dict[str, np.ndarray]:
+    """The seeds of chunk ``index`` with their regions unpacked to ``(k, *window)`` booleans."""
+    d = U.read_npz(run.chunk_file(W.SEEDS_DIR, index))
     k, nd = len(d["seeds"]), run.grid.ndim
     bits = np.unpackbits(d["regions"], axis=1, count=WINDOW**nd) if k else np.zeros((0, WINDOW**nd), np.uint8)
     d["regions"] = bits.astype(bool).reshape(k, *(WINDOW,) * nd)

@@ -14,7 +14,8 @@ import numpy as np
 
 from zseg.engine import percentiles as P
 from zseg.errors import UserError
-from zseg.pipeline.manifest import Run
+from zseg.errors import UserError
+from zseg.workspace.context import RunContext
 from zseg.storage import uri as U
 
 log = logging.getLogger(__name__)
@@ -22,18 +23,22 @@ PHASE = "percentiles"
 RESULT = "percentiles.json"
 
 
-def process_chunk(run: Run, index: int) -> dict:
+def process_chunk(run: RunContext, index: int) -> dict:
     """Histogram the core of chunk ``index``, one histogram per channel."""
     data = run.volume.read(run.grid.core(index))
     arrays = {}
     for c in range(data.shape[0]):
-        h = P.histogram(data[c], exclude_zeros=run.params.exclude_zeros)
+        try:
+            h = P.histogram(data[c], exclude_zeros=run.params.exclude_zeros)
+        except ValueError as e:  # NaN or inf voxels
+            raise UserError(f"{e}; the input must be finite: replace them (e.g. with 0 and set exclude_zeros) "
+                            "before segmenting.") from None
         arrays.update({f"ch{c}_{k}": v for k, v in h.to_arrays().items()})
     U.write_npz(run.chunk_file(PHASE, index), **arrays)
     return {"voxels": int(data[0].size)}
 
 
-def _load(run: Run, index: int, nchannels: int) -> list[P.Histogram]:
+def _load(run: RunContext, index: int, nchannels: int) -> list[P.Histogram]:
     d = U.read_npz(run.chunk_file(PHASE, index))
     return [
         P.Histogram.from_arrays({k.split("_", 1)[1]: v for k, v in d.items() if k.startswith(f"ch{c}_")})
@@ -41,7 +46,7 @@ def _load(run: Run, index: int, nchannels: int) -> list[P.Histogram]:
     ]
 
 
-def reduce(run: Run) -> dict:
+def reduce(run: RunContext) -> dict:
     """Merge every chunk's histograms and write the global percentiles."""
     nch = run.volume.nchannels
     merged = [P.Histogram.empty(str(run.volume.dtype)) for _ in range(nch)]
@@ -49,7 +54,10 @@ def reduce(run: Run) -> dict:
         for c, h in enumerate(_load(run, i, nch)):
             merged[c] = P.merge([merged[c], h])
     q = list(run.params.percentiles)
-    values = [P.percentile(h, q) for h in merged]
+    try:
+        values = [P.percentile(h, q) for h in merged]
+    except ValueError as e:
+        raise UserError(f"{e} (all zero and exclude_zeros set?); check the input, or turn exclude_zeros off.") from None
     result = {
         "percentiles": q,
         "low": [float(v[0]) for v in values],
@@ -62,7 +70,7 @@ def reduce(run: Run) -> dict:
     return result
 
 
-def load(run: Run) -> np.ndarray:
+def load(run: RunContext) -> np.ndarray:
     """The ``(nchannels, 2)`` low/high values written by the reduce (Cellpose's ``lowhigh``)."""
     path = run.path(RESULT)
     if not U.exists(path):

@@ -16,7 +16,10 @@ import resource
 import sys
 import time
 
+import numpy as np
+
 from zseg.storage import uri as U
+from zseg.workspace.stages import STAGES
 
 USAGE_DIR = "usage"
 
@@ -71,14 +74,10 @@ def write_reduce(run, stage_name: str, measured: dict) -> None:
     U.write_json(run.path(USAGE_DIR, stage_name.replace(":", "_") + ".json"), measured)
 
 
-def scan(run) -> tuple[dict, "np.ndarray", "np.ndarray"]:
+def scan(run) -> tuple[dict, np.ndarray, np.ndarray]:
     """One pass over every marker: the per-stage summary (tasks, summed and longest task
     seconds, largest task peak memory, in stage order), and per chunk the seconds of all its
     map tasks and the cells it owns (``finalize:cells``). Memory: a few numbers per chunk."""
-    import numpy as np
-
-    from zseg.pipeline.stages import STAGES
-
     n = run.grid.nchunks
     per_chunk_seconds = np.zeros(n, np.float64)
     cells = np.zeros(n, np.int64)

@@ -10,12 +10,14 @@ import logging
 import math
 
 from zseg.errors import UserError
-from zseg.pipeline import predict
-from zseg.pipeline.flowstore import create_ends
-from zseg.pipeline.manifest import MANIFEST, Run, versions, write_manifest
-from zseg.pipeline.params import RunParams
+from zseg.params import RunParams
+from zseg.phases import predict
 from zseg.storage import uri as U
+from zseg.storage.arrays import open_array
 from zseg.storage.grid import ChunkGrid
+from zseg.storage.volume import open_volume
+from zseg.workspace.context import MANIFEST, RunContext, versions, write_manifest
+from zseg.workspace.work import create_ends
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +39,6 @@ def _result_params(params: RunParams) -> dict:
 def _check_flows(params: RunParams, shape) -> dict | None:
     if params.flows is None:
         return None
-    from zseg.storage.arrays import open_array
-
     if not U.exists(params.flows):
         raise UserError(f"flow store {params.flows!r} does not exist; give the path of a zarr array (4, Z, Y, X).")
     try:
@@ -59,7 +59,7 @@ def _check_flows(params: RunParams, shape) -> dict | None:
     return {"uri": params.flows, "shape": list(arr.shape), "dtype": str(arr.dtype)}
 
 
-def _existing_output(params: RunParams) -> Run | None:
+def _existing_output(params: RunParams) -> RunContext | None:
     """Decide what to do with an existing output folder; return the run to resume, if any."""
     out = params.output
     if not U.exists(out):
@@ -75,7 +75,7 @@ def _existing_output(params: RunParams) -> Run | None:
         raise UserError(
             f"output {out!r} exists and is not a zseg run folder; choose a new folder or pass --overwrite to replace it."
         )
-    old = Run.open(out)
+    old = RunContext.open(out)
     if old.manifest.get("complete"):
         raise UserError(
             f"output {out!r} already holds a finished run; pass --overwrite to recompute it or choose a new folder."
@@ -96,7 +96,7 @@ def _diam_mean(params: RunParams, network: dict | None) -> float:
         return 30.0  # not used / flows given: Cellpose 4's rule
     if network is not None:
         return float(network["model"]["diam_mean"])
-    from zseg.pipeline import models
+    from zseg.storage import models  # torch: imported only when a model must be read
 
     if params.model in models.BUILTIN:
         return 30.0
@@ -108,15 +108,13 @@ def _diam_mean(params: RunParams, network: dict | None) -> float:
         return 30.0
 
 
-def plan(params: RunParams, *, check_model: bool = False) -> Run:
+def plan(params: RunParams, *, check_model: bool = False) -> RunContext:
     """Validate ``params`` against the input and write the run manifest (or resume an unfinished run).
 
     ``check_model``: also find the network (downloading a missing built-in one) and read its
     sizes, so that a missing or wrong model stops the run before anything is written (``zseg run``
     and Nextflow's plan task do; without it the predict tasks find the model).
     """
-    from zseg.storage.volume import open_volume
-
     if not U.exists(params.input):
         raise UserError(f"input {params.input!r} does not exist; give the path or s3:// URI of a volume.")
     volume = open_volume(
@@ -159,7 +157,7 @@ def plan(params: RunParams, *, check_model: bool = False) -> Run:
         if any(resumed.manifest["params"].get(k) != v for k, v in now.items()):
             resumed.manifest["params"].update(now)
             write_manifest(params.output, resumed.manifest)
-            resumed = Run(params.output, resumed.manifest)
+            resumed = RunContext(params.output, resumed.manifest)
         return resumed
 
     manifest = {
@@ -183,7 +181,7 @@ def plan(params: RunParams, *, check_model: bool = False) -> Run:
         "complete": False,
     }
     write_manifest(params.output, manifest)
-    run = Run(params.output, manifest)
+    run = RunContext(params.output, manifest)
     create_ends(run)
     predict.ensure_stores(run)
     log.info(

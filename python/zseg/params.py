@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from zseg.errors import UserError
+from zseg.storage.uri import join
 
 
 def _split(value):
@@ -216,8 +217,6 @@ class RunParams(BaseModel):
         return max(1, int(200 / (diam_mean / self.diameter)))  # Cellpose's arithmetic: 200 / rescale
 
     def work_uri(self) -> str:
-        from zseg.storage.uri import join
-
         return self.work or join(self.output, "work")
 
 

@@ -66,6 +66,8 @@ __all__ = [
     "add_view",
     "from_network_scale",
     "predict_block",
+    "run_block",
+    "view_inputs",
 ]
 
 Box = tuple[slice, slice, slice]
@@ -475,10 +477,50 @@ def add_view(flows: torch.Tensor, view_out: torch.Tensor, view: str) -> None:
     flows[3] += view_out[2]
 
 
+def view_inputs(plan: BlockPlan, read, lowhigh, *, pin: bool = False) -> list[torch.Tensor]:
+    """Each view's normalised input for ``plan`` (host tensors, pinned when ``pin``).
+
+    ``read(box) -> (C, z, y, x) ndarray`` gives the input voxels of a volume box.
+    """
+    inputs = []
+    for view in plan.views:
+        x = torch.from_numpy(normalize(read(view.read), lowhigh))
+        inputs.append(x.pin_memory() if pin else x)
+    return inputs
+
+
+def run_block(net, plan: BlockPlan, inputs, geometry: Geometry, *, batch_size: int = 8,
+              device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+              keep_views: bool = False, net_ortho=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The network part of :func:`predict_block`: every view of ``plan`` from its input
+    (:func:`view_inputs`), summed and resized back to the core.
+
+    ``dtype`` is the network's compute type (default: each network's own ``dtype`` attribute,
+    else float32). Returns the core's flows ``(4, z, y, x)`` float32 and, with ``keep_views``,
+    each view's own ``(3, z, y, x)`` output at the core's resolution (on ``device``).
+    """
+    flows = torch.zeros((4, *(s.stop - s.start for s in plan.out)), dtype=torch.float32, device=device)
+    kept = []
+    for view, x in zip(plan.views, inputs):
+        scaled = to_network_scale(x.to(device, non_blocking=True), view.read, view.region, geometry)
+        vnet = net if view.view == "YX" or net_ortho is None else net_ortho
+        vdtype = dtype if dtype is not None and vnet is net else getattr(vnet, "dtype", dtype or torch.float32)
+        y = run_view(vnet, scaled, view, plan.out, geometry, batch_size=batch_size, dtype=vdtype)
+        del scaled
+        add_view(flows, y, view.view)
+        if keep_views:
+            kept.append(from_network_scale(y, plan.out, plan.core, geometry))
+        del y
+    return from_network_scale(flows, plan.out, plan.core, geometry), kept
+
+
 def predict_block(net, read, core: Box, geometry: Geometry, lowhigh, *, batch_size: int = 8,
-                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                  device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
                   keep_views: bool = False, net_ortho=None):
     """Cellpose's flows of the voxels ``core``, equal to a whole-volume run.
+
+    The predict phase runs the same two steps (:func:`view_inputs` in its reader thread,
+    :func:`run_block` on the device), so this is the code production runs.
 
     Parameters
     ----------
@@ -491,7 +533,7 @@ def predict_block(net, read, core: Box, geometry: Geometry, lowhigh, *, batch_si
     lowhigh : (C, 2) array-like
         Global normalisation values.
     batch_size, device, dtype
-        See :func:`run_view`.
+        See :func:`run_block`.
     keep_views : bool
         Also return each view's output at the core's resolution.
     net_ortho : callable, optional
@@ -508,19 +550,7 @@ def predict_block(net, read, core: Box, geometry: Geometry, lowhigh, *, batch_si
         ``planes`` and ``tiles`` run.
     """
     plan = plan_block(geometry, core)
-    out_shape = tuple(s.stop - s.start for s in plan.out)
-    flows = torch.zeros((4, *out_shape), dtype=torch.float32, device=device)
-    kept = []
-    for view in plan.views:
-        x = torch.from_numpy(normalize(read(view.read), lowhigh)).to(device)
-        scaled = to_network_scale(x, view.read, view.region, geometry)
-        del x
-        vnet = net if view.view == "YX" or net_ortho is None else net_ortho
-        y = run_view(vnet, scaled, view, plan.out, geometry, batch_size=batch_size,
-                     dtype=dtype if vnet is net else getattr(vnet, "dtype", dtype))
-        add_view(flows, y, view.view)
-        if keep_views:
-            kept.append(from_network_scale(y, plan.out, plan.core, geometry).cpu().numpy())
-    result = from_network_scale(flows, plan.out, plan.core, geometry).cpu().numpy()
-    views = np.stack(kept) if keep_views else None
-    return result, views, {"planes": plan.planes, "tiles": plan.ntiles}
+    flows, kept = run_block(net, plan, view_inputs(plan, read, lowhigh), geometry, batch_size=batch_size,
+                            device=device, dtype=dtype, keep_views=keep_views, net_ortho=net_ortho)
+    views = np.stack([v.cpu().numpy() for v in kept]) if keep_views else None
+    return flows.cpu().numpy(), views, {"planes": plan.planes, "tiles": plan.ntiles}

@@ -1,7 +1,7 @@
 """``zseg synth``: a synthetic volume of touching cells, its ground truth and its exact flows.
 
 Writes ``OUTPUT/image.ome.zarr`` (OME-Zarr with ``labels/cells``) and, with ``flows``,
-``OUTPUT/flows.zarr``: the Cellpose flows of the ground truth (DESIGN.md §5 layout), so the
+``OUTPUT/flows.zarr``: the Cellpose flows of the ground truth (the flow-store layout of docs/architecture.md, "Contracts"), so the
 whole pipeline after the network can run without model weights.
 """
 

@@ -25,8 +25,11 @@ import math
 
 import numpy as np
 
-from zseg.pipeline.manifest import Run
+from zseg.outputs.labels import voxel_size_um
 from zseg.storage import uri as U
+from zseg.workspace import usage
+from zseg.workspace import work as W
+from zseg.workspace.context import RunContext
 
 log = logging.getLogger(__name__)
 QC_DIR = "qc"
@@ -45,7 +48,7 @@ def view_plan(shape) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
     return stride, sampled, centre
 
 
-def write_chunk_views(run: Run, index: int, core_labels: np.ndarray, image: np.ndarray) -> None:
+def write_chunk_views(run: RunContext, index: int, core_labels: np.ndarray, image: np.ndarray) -> None:
     """This core's pieces of the slices and projections (first channel), see the module doc."""
     g = run.grid
     core = g.core(index)
@@ -74,7 +77,7 @@ def write_chunk_views(run: Run, index: int, core_labels: np.ndarray, image: np.n
     U.write_npz(run.chunk_file(QC_DIR, index), **out)
 
 
-def assemble_views(run: Run) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def assemble_views(run: RunContext) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The six pictures as ``name -> (intensity, labels)`` over the sampled grid."""
     g = run.grid
     _, sampled, _ = view_plan(g.shape)
@@ -266,7 +269,7 @@ def _figure(src: str, caption: str, alt: str) -> str:
     return f'<figure><img src="{_e(src)}" alt="{_e(alt)}"><figcaption>{_e(caption)}</figcaption></figure>'
 
 
-def write_report(run: Run, report: dict, lay, *, volumes: np.ndarray | None = None,
+def write_report(run: RunContext, report: dict, lay, *, volumes: np.ndarray | None = None,
                  chunk_cells: np.ndarray | None = None, chunk_seconds: np.ndarray | None = None) -> str:
     """Write ``qc/report.html`` and its PNGs; returns the page's URI.
 
@@ -274,23 +277,19 @@ def write_report(run: Run, report: dict, lay, *, volumes: np.ndarray | None = No
     ----------
     report : dict
         The run's result (counts, ``table`` summary, ``usage``).
-    lay : zseg.pipeline.outputs.Layout
+    lay : zseg.outputs.labels.Layout
         The datasets of ``labels.zarr``.
     volumes : (V,) ndarray of int, optional
         Number of cells of each volume in voxels (index = volume).
     chunk_cells, chunk_seconds : (nchunks,) ndarray, optional
         Cells owned and seconds of all map tasks, per chunk.
     """
-    from zseg.pipeline import percentiles as PCT
-    from zseg.pipeline.outputs import voxel_size_um
-    from zseg.pipeline.usage import by_phase
-
     g = run.grid
     qc_dir = U.join(run.params.output, QC_DIR)
     stride, sampled, centre = view_plan(g.shape)
     vs = voxel_size_um(run)
     try:
-        low, high = (float(v) for v in PCT.load(run)[0])
+        low, high = (float(v) for v in W.lowhigh(run)[0])
     except Exception:  # no percentiles (an older run): the pictures' own range
         low, high = None, None
     views = assemble_views(run)
@@ -322,9 +321,7 @@ def write_report(run: Run, report: dict, lay, *, volumes: np.ndarray | None = No
     if size_png:
         U.write_bytes(U.join(qc_dir, "sizes.png"), size_png)
     if chunk_cells is None or chunk_seconds is None:
-        from zseg.pipeline.usage import scan
-
-        _, chunk_seconds, chunk_cells = scan(run)
+        _, chunk_seconds, chunk_cells = usage.scan(run)
     U.write_bytes(U.join(qc_dir, "chunks.png"),
                   chunk_maps(np.asarray(chunk_cells).reshape(g.grid_shape), np.asarray(chunk_seconds).reshape(g.grid_shape)))
 
@@ -352,10 +349,10 @@ def write_report(run: Run, report: dict, lay, *, volumes: np.ndarray | None = No
         verdict = (f'<p class="warn">Not chunk-exact: {_e(report.get("long_trajectories"))} long trajectories, '
                    f'{_e(report.get("cells_cut_by_block"))} cells cut by a block face. Re-run with halo '
                    f'{_e(report.get("suggested_halo"))}.</p>')
-    usage = report.get("usage") or {}
+    stage_usage = report.get("usage") or {}
     usage_rows = [(name, u.get("kind", ""), u.get("tasks", ""), u.get("seconds", ""),
-                   u.get("longest_task_seconds", ""), u.get("peak_rss_mib", "")) for name, u in usage.items()]
-    phase_rows = [(p, u["tasks"], u["seconds"], u["peak_rss_mib"]) for p, u in by_phase(usage).items()]
+                   u.get("longest_task_seconds", ""), u.get("peak_rss_mib", "")) for name, u in stage_usage.items()]
+    phase_rows = [(p, u["tasks"], u["seconds"], u["peak_rss_mib"]) for p, u in usage.by_phase(stage_usage).items()]
     versions = run.manifest.get("versions") or {}
     params = [(k, json.dumps(v) if isinstance(v, (list, dict)) else ("" if v is None else v))
               for k, v in (run.manifest.get("params") or {}).items()]

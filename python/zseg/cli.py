@@ -1,7 +1,7 @@
 """The ``zseg`` command line: one subcommand per phase, plus ``run`` and ``synth``.
 
 Command bodies are thin: build the parameters, call one pipeline function. Options of
-``plan`` and ``run`` are generated from :class:`zseg.pipeline.params.RunParams`, so the CLI,
+``plan`` and ``run`` are generated from :class:`zseg.params.RunParams`, so the CLI,
 the config file and ``nextflow_schema.json`` cannot drift apart.
 
 Exit codes: 0 success, 2 bad input or parameters (one line per problem), 1 anything else.
@@ -22,7 +22,11 @@ import typer
 
 from zseg import __version__
 from zseg.errors import UserError
-from zseg.pipeline.params import RunParams
+from zseg.outputs.verify import verify_output
+from zseg.params import RunParams, build_params
+from zseg.phases.plan import plan as do_plan
+from zseg.phases.synth import synth as do_synth
+from zseg.run.entry import run_local, run_phase
 
 app = typer.Typer(
     name="zseg",
@@ -93,8 +97,6 @@ def _emit(path: Optional[str], payload: dict) -> None:
 
 
 def _params(input: str, output: str, config: Optional[str], flags: dict) -> RunParams:
-    from zseg.pipeline.params import build_params
-
     return build_params(config, input=input, output=output, **flags)
 
 
@@ -123,8 +125,6 @@ def plan(
     flags: dict,
 ):
     """Validate input and parameters, fix the chunk grid, write OUTPUT/run.json."""
-    from zseg.pipeline.plan import plan as do_plan
-
     run = do_plan(_params(input, output, config, flags), check_model=check_model)
     summary = {"run": run.root, "nchunks": run.grid.nchunks, "grid": run.manifest["grid"]}
     _emit(emit, summary)
@@ -141,8 +141,6 @@ def run(
     flags: dict,
 ):
     """Every phase in this process (a pool of --workers), resuming an unfinished run."""
-    from zseg.pipeline.local import run_local
-
     result = run_local(_params(input, output, config, flags))
     if result.get("skipped"):
         done = "; ".join(k if v == "done" else f"{k} {v}" for k, v in result["skipped"].items())
@@ -151,8 +149,6 @@ def run(
 
 
 def _map_or_reduce(phase: str, run: str, chunks, shard, stage: Optional[str], reduce: bool, emit):
-    from zseg.pipeline.local import run_phase
-
     summary = run_phase(run, phase, stage=stage, chunks=chunks, shard=shard, reduce=reduce)
     _emit(emit, summary)
     typer.echo(json.dumps(summary))
@@ -205,8 +201,6 @@ def finalize(run: str = RunOpt, chunks: Optional[str] = ChunksOpt, shard: Option
 @app.command()
 def verify(output: str = typer.Argument(..., help="Output folder of a run (path or s3:// URI).")):
     """Check a finished output: every chunk as written, labels 1..N as recorded, valid metadata."""
-    from zseg.pipeline.verify import verify_output
-
     typer.echo(json.dumps(verify_output(output)))
 
 
@@ -223,8 +217,6 @@ def synth(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing files."),
 ):
     """A synthetic volume of touching cells with ground truth (and its exact flows)."""
-    from zseg.pipeline.synth import synth as do_synth
-
     typer.echo(json.dumps(do_synth(output, shape=shape, diameter=diameter, anisotropy=anisotropy, seed=seed,
                                    flows=flows, membrane=membrane, zarr_format=zarr_format,
                                    overwrite=overwrite)))

@@ -35,7 +35,6 @@ import logging
 import os
 import urllib.error
 import urllib.request
-import uuid
 from importlib import resources
 from pathlib import Path
 
@@ -44,6 +43,7 @@ import torch
 from zseg.engine.cp3 import CP3Net, cp3_from_state_dict, describe_cp3_state_dict, is_cp3_state_dict
 from zseg.engine.cpsam import CPSAMNet, cpsam_from_state_dict, describe_state_dict
 from zseg.errors import UserError
+from zseg.storage.uri import atomic_local_file
 
 log = logging.getLogger(__name__)
 
@@ -126,22 +126,18 @@ def _download(name: str) -> Path:
     base = os.environ.get("ZSEG_MODEL_URL") or CELLPOSE_URL
     url = base.rstrip("/") + "/" + name
     target = model_dir() / name
-    tmp = target.with_name(f".{name}.{uuid.uuid4().hex[:8]}.partial")
     log.warning("model %s is not in %s: downloading it from %s", name, model_dir(), url)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as response, open(tmp, "wb") as f:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as response, atomic_local_file(str(target)) as f:
             while chunk := response.read(1 << 22):
                 f.write(chunk)
-        os.replace(tmp, target)
     except (OSError, urllib.error.URLError, ValueError) as e:
         reason = getattr(e, "reason", None) or e
         raise UserError(
             f"model {name!r} is not in {model_dir()} and could not be downloaded from {url} ({reason}); "
             f"{_where_to_put(name)}."
         ) from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return target
 
 

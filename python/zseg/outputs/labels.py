@@ -33,9 +33,10 @@ import zarr
 
 from zseg import __version__
 from zseg.engine import pyramid as P
-from zseg.pipeline.manifest import Run
+from zseg.workspace.context import RunContext
 from zseg.storage import uri as U
 from zseg.storage.arrays import create_array, open_array
+from zseg.storage.omezarr import axis_names, ome_attributes, set_ome_attributes
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ _METERS = {"angstrom": 1e-10, "picometer": 1e-12, "nanometer": 1e-9, "micrometer
            "millimeter": 1e-3, "centimeter": 1e-2, "decimeter": 1e-1, "meter": 1.0}
 
 
-def labels_uri(run: Run) -> str:
+def labels_uri(run: RunContext) -> str:
     return U.join(run.params.output, "labels.zarr")
 
 
@@ -119,7 +120,7 @@ def viewer_chunks(region) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _input_geometry(run: Run) -> dict:
+def _input_geometry(run: RunContext) -> dict:
     """Scale and translation (spatial axes) of level 0 and the segmented level of an OME-Zarr
     input, plus level 0's shape; empty for other inputs or when the metadata is unusable."""
     info = run.manifest.get("input") or {}
@@ -127,9 +128,8 @@ def _input_geometry(run: Run) -> dict:
         return {}
     try:
         group = zarr.open_group(run.params.input, mode="r", storage_options=U.storage_options(run.params.input) or None)
-        attrs = group.attrs.asdict()
-        ms = attrs.get("ome", attrs)["multiscales"][0]
-        axes = [a if isinstance(a, str) else a.get("name") for a in ms.get("axes") or []]
+        ms = ome_attributes(group)["multiscales"][0]
+        axes = axis_names(ms)
         zyx = [axes.index(a) for a in AXES]
 
         def transforms(ts):
@@ -156,13 +156,13 @@ def _input_geometry(run: Run) -> dict:
         return {}
 
 
-def _unit(run: Run) -> str | None:
+def _unit(run: RunContext) -> str | None:
     if run.params.voxel_size is not None:
         return "micrometer"
     return (run.manifest.get("input") or {}).get("unit") or None
 
 
-def voxel_size_um(run: Run) -> tuple[float, ...]:
+def voxel_size_um(run: RunContext) -> tuple[float, ...]:
     """Voxel size of the segmented grid in micrometres (1 per axis when unknown)."""
     vs = run.manifest.get("voxel_size") or [1.0] * run.grid.ndim
     unit = _unit(run)
@@ -170,7 +170,7 @@ def voxel_size_um(run: Run) -> tuple[float, ...]:
     return tuple(float(v) * k for v in vs)
 
 
-def plan_layout(run: Run, dtype: str) -> Layout:
+def plan_layout(run: RunContext, dtype: str) -> Layout:
     """Decide every dataset of ``labels.zarr`` for this run (pure geometry, no writes)."""
     g = run.grid
     nd = g.ndim
@@ -233,11 +233,11 @@ def plan_layout(run: Run, dtype: str) -> Layout:
     return Layout(tuple(levels), str(np.dtype(dtype)), _unit(run), fmt)
 
 
-def layout(run: Run) -> Layout:
+def layout(run: RunContext) -> Layout:
     return Layout.from_json(U.read_json(run.path(LAYOUT)))
 
 
-def _source_image(run: Run) -> str | None:
+def _source_image(run: RunContext) -> str | None:
     """The input as seen from ``labels.zarr`` (relative when both are local), for OME-Zarr inputs."""
     info = run.manifest.get("input") or {}
     if not str(info.get("format", "")).startswith("ome-zarr"):
@@ -248,7 +248,7 @@ def _source_image(run: Run) -> str | None:
     return src
 
 
-def ngff_attributes(run: Run, lay: Layout) -> dict:
+def ngff_attributes(run: RunContext, lay: Layout) -> dict:
     """The group attributes of ``labels.zarr`` (without the 0.5 ``ome`` wrapper)."""
     axes = [{"name": a, "type": "space", **({"unit": lay.unit} if lay.unit else {})} for a in AXES[-run.grid.ndim:]]
     datasets = []
@@ -279,14 +279,14 @@ def ngff_attributes(run: Run, lay: Layout) -> dict:
     return {"multiscales": [multiscale], "image-label": image_label}
 
 
-def create_labels(run: Run, dtype: str):
+def create_labels(run: RunContext, dtype: str):
     """Create ``labels.zarr``: NGFF metadata and every (empty) dataset; remember the layout."""
     uri = labels_uri(run)
     lay = plan_layout(run, dtype)
     fmt = lay.zarr_format
     group = zarr.open_group(uri, mode="w", zarr_format=fmt, storage_options=U.storage_options(uri) or None)
     meta = ngff_attributes(run, lay)
-    group.attrs.update({"ome": {"version": "0.5", **meta}} if fmt == 3 else meta)
+    set_ome_attributes(group, meta, fmt)
     for lv in lay.levels:
         create_array(U.join(uri, lv.path), shape=lv.shape, chunks=lv.chunks, shards=lv.shards, dtype=lay.dtype,
                      zarr_format=fmt, overwrite=True, dimension_names=list(AXES[-run.grid.ndim:]) if fmt == 3 else None)
@@ -297,7 +297,7 @@ def create_labels(run: Run, dtype: str):
     return open_array(U.join(uri, lay.segmented.path), mode="r+")
 
 
-def open_labels(run: Run, mode: str = "r", level: Level | None = None):
+def open_labels(run: RunContext, mode: str = "r", level: Level | None = None):
     """A dataset of ``labels.zarr``; by default the segmented level (the run's grid)."""
     path = (level or layout(run).segmented).path
     return open_array(U.join(labels_uri(run), path), mode=mode)
@@ -309,7 +309,7 @@ def _region(core, factor, shape) -> tuple[slice, ...]:
 
 
 # -- per chunk: the labels stage ------------------------------------------------------------------
-def write_levels(run: Run, index: int, core_labels: np.ndarray, lay: Layout | None = None) -> None:
+def write_levels(run: RunContext, index: int, core_labels: np.ndarray, lay: Layout | None = None) -> None:
     """Write the core of chunk ``index`` into every level a chunk's task writes."""
     lay = lay or layout(run)
     g = run.grid
@@ -323,7 +323,7 @@ def write_levels(run: Run, index: int, core_labels: np.ndarray, lay: Layout | No
         _write_full(run, lv, core, core_labels)
 
 
-def _write_full(run: Run, lv: Level, core, core_labels: np.ndarray) -> None:
+def _write_full(run: RunContext, lv: Level, core, core_labels: np.ndarray) -> None:
     """The core at the input's full resolution, in z slabs of at most about one core of voxels."""
     g = run.grid
     f = lv.factor
@@ -339,34 +339,8 @@ def _write_full(run: Run, lv: Level, core, core_labels: np.ndarray) -> None:
         arr[(zs, *box[1:])] = P.upsample_nearest(core_labels[z0:z1], f, shape)
 
 
-def finish_chunk(run: Run, index: int, core_labels: np.ndarray, final_ids: np.ndarray, owners: np.ndarray) -> dict:
-    """Everything ``finalize:labels`` writes for its core besides level 0's hole filling.
-
-    Parameters
-    ----------
-    core_labels : (z, y, x) ndarray
-        Final labels of the core.
-    final_ids, owners : (K,) ndarray of int
-        The final IDs of the block's cells and the chunk that owns each (its seed's chunk);
-        0 IDs (removed cells) are ignored.
-
-    Returns
-    -------
-    dict
-        For the chunk's marker.
-    """
-    from zseg.pipeline import qc, table
-
-    lay = layout(run)
-    write_levels(run, index, core_labels, lay)
-    image = run.volume.read(run.grid.core(index))
-    parts = table.write_partials(run, index, core_labels, image, final_ids, owners)
-    qc.write_chunk_views(run, index, core_labels, image)
-    return {"owners": parts}
-
-
 # -- once: the report stage -----------------------------------------------------------------------
-def build_reduced_levels(run: Run, lay: Layout | None = None) -> int:
+def build_reduced_levels(run: RunContext, lay: Layout | None = None) -> int:
     """Build the pyramid levels that no chunk task could, tile by tile from the level below.
 
     Memory is one output chunk and its window in the level below. Returns the number of
@@ -388,43 +362,3 @@ def build_reduced_levels(run: Run, lay: Layout | None = None) -> int:
             out[box] = P.downsample_mode(np.asarray(below[src]), lv.step)
             tiles += 1
     return tiles
-
-
-def finish_run(run: Run, result: dict) -> dict:
-    """The once-per-run outputs: the coarse pyramid, ``cells.parquet``, ``qc/report.html``.
-
-    Returns what ``run.json``'s result gains: the output paths and counts, and the usage
-    (time, peak memory) of every stage.
-    """
-    import time
-
-    from zseg.pipeline import qc, table, usage
-
-    t0 = time.perf_counter()
-    lay = layout(run)
-    tiles = build_reduced_levels(run, lay)
-    cells = table.write_table(run)
-    out = {
-        "outputs": {
-            "labels": labels_uri(run),
-            "levels": [{"path": lv.path, "role": lv.role, "shape": list(lv.shape), "scale": list(lv.scale)}
-                       for lv in lay.levels],
-            **cells["outputs"],
-            "qc": U.join(run.params.output, "qc", "report.html"),
-        },
-        "table": cells["summary"],
-        "pyramid_tiles": tiles,
-    }
-    out["usage"], chunk_seconds, chunk_cells = usage.scan(run)
-
-    def so_far():  # this stage is still running: its time and peak memory so far
-        out["usage"]["finalize:report"] = {"kind": "reduce", "phase": "finalize", "tasks": 1,
-                                           "seconds": round(time.perf_counter() - t0, 3),
-                                           "peak_rss_mib": round(usage.peak_mib(), 1)}
-
-    so_far()
-    qc.write_report(run, {**result, **out}, lay, volumes=cells["volumes"], chunk_cells=chunk_cells,
-                    chunk_seconds=chunk_seconds)
-    so_far()
-    out["usage_by_phase"] = usage.by_phase(out["usage"])
-    return out

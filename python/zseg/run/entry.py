@@ -1,4 +1,5 @@
-"""What the CLI calls: a whole run in-process, or one phase (stage) on a set of chunks."""
+"""What the CLI calls: a whole run in this process (``zseg run``), or one stage on a set of
+chunks (``zseg <phase> --run RUN``: what every Nextflow task runs)."""
 
 from __future__ import annotations
 
@@ -6,30 +7,28 @@ import logging
 import time
 
 from zseg.errors import UserError
-from zseg.pipeline.manifest import Run
-from zseg.pipeline.params import RunParams
-from zseg.pipeline.runner import run_all, run_map, run_reduce
-from zseg.pipeline.stages import STAGES
-from zseg.storage.grid import select_chunks
+from zseg.params import RunParams
+from zseg.phases.plan import plan
+from zseg.run.pool import run_all, run_map, run_reduce
+from zseg.storage import uri as U
+from zseg.workspace import work as W
+from zseg.workspace.chunks import chunk_ranges, select_chunks
+from zseg.workspace.context import RunContext
+from zseg.workspace.progress import done_work
+from zseg.workspace.stages import STAGES
 
 log = logging.getLogger(__name__)
 
 
 def run_local(params: RunParams) -> dict:
     """Plan (or resume) and run every stage; returns the run report."""
-    from zseg.pipeline.finalize import REPORT_RESULT
-    from zseg.pipeline.plan import plan
-    from zseg.storage import uri as U
-
     t0 = time.perf_counter()
     run = plan(params, check_model=True)
-    from zseg.pipeline.verify import done_work
-
-    skipped = done_work(run)  # a resumed run: what it will not redo (the runner skips exactly this)
+    skipped = done_work(run)  # a resumed run: what it will not redo (the scheduler skips exactly this)
     if skipped:
         log.info("resuming: already done %s", skipped)
     timings = run_all(run, workers=params.workers)
-    report = U.read_json(run.path(REPORT_RESULT))
+    report = U.read_json(run.path(W.REPORT_RESULT))
     report["wall_seconds"] = round(time.perf_counter() - t0, 3)
     report["stage_seconds"] = timings
     report["skipped"] = skipped
@@ -50,7 +49,7 @@ def _stage(phase: str, stage: str | None, reduce: bool):
 
 def run_phase(root: str, phase: str, *, stage=None, chunks=None, shard=None, reduce=False) -> dict:
     """One stage of ``phase`` on the selected chunks (map) or once (reduce), skipping done work."""
-    run = Run.open(root)
+    run = RunContext.open(root)
     st = _stage(phase, stage, reduce)
     if not st.applies(run):  # e.g. predict in a run given precomputed --flows
         log.info("%s does not apply to this run: nothing to do", st.name)
@@ -60,7 +59,5 @@ def run_phase(root: str, phase: str, *, stage=None, chunks=None, shard=None, red
         return {"run": root, "stage": st.name, "ran": ran}
     selected = select_chunks(run.grid.nchunks, chunks, shard)
     ran = run_map(run, st, selected)
-    from zseg.pipeline.verify import chunk_ranges
-
     return {"run": root, "stage": st.name, "chunks": len(selected), "ran": ran, "skipped": len(selected) - len(ran),
             "skipped_chunks": chunk_ranges(sorted(set(selected) - set(ran)))}

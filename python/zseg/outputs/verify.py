@@ -1,9 +1,4 @@
-"""What is done and what is not: the progress of a run, and ``zseg verify OUTPUT``.
-
-Progress is read from the markers the stages leave (``work/<stage dir>/cNNNNNNN.json``, written
-last by a map stage; a reduce's result file): a stage may start only when every applicable
-stage before it is complete (:func:`require_complete`), and a resumed run reports what it
-skipped (:func:`done_work`).
+"""``zseg verify OUTPUT``, and the per-chunk digests it compares with.
 
 :func:`verify_output` checks a finished output folder on its own (``work/`` may have been
 deleted): the manifest is valid and marked complete; ``labels.zarr`` has valid NGFF metadata and
@@ -20,108 +15,22 @@ import logging
 import zlib
 
 import numpy as np
+import pyarrow.parquet as pq
+import zarr
 
 from zseg.errors import UserError
-from zseg.pipeline.manifest import MANIFEST, Run
 from zseg.storage import uri as U
+from zseg.storage.arrays import open_array
+from zseg.storage.omezarr import axis_names, ome_attributes
+from zseg.workspace import work as W
+from zseg.workspace.context import MANIFEST, RunContext
+from zseg.workspace.progress import chunk_ranges, short_ranges, stage_missing
+from zseg.workspace.stages import applicable
 
 log = logging.getLogger(__name__)
 
 #: Key of the per-chunk digests in ``run.json``.
 DIGESTS = "chunk_digests"
-
-
-# -- chunk lists -----------------------------------------------------------------------------------
-def chunk_ranges(indices) -> str:
-    """Indices as the ``--chunks`` syntax: ``[0, 1, 2, 5, 7, 8]`` -> ``"0-2,5,7-8"``."""
-    parts, run = [], None
-    for i in sorted(int(v) for v in indices):
-        if run and i == run[1] + 1:
-            run[1] = i
-            continue
-        if run:
-            parts.append(run)
-        run = [i, i]
-    if run:
-        parts.append(run)
-    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in parts)
-
-
-def _short(spec: str, limit: int = 120) -> str:
-    if len(spec) <= limit:
-        return spec
-    cut = spec[:limit].rsplit(",", 1)[0]
-    return f"{cut},... ({spec.count(',') - cut.count(',')} more ranges)"
-
-
-# -- progress ------------------------------------------------------------------------------------
-def _stages(run: Run):
-    from zseg.pipeline.stages import STAGES
-
-    return [s for s in STAGES.values() if s.applies(run)]
-
-
-def stage_missing(run: Run, stage) -> list[int] | bool:
-    """For a map stage the chunks without a marker; for a reduce whether its result is missing."""
-    if stage.kind == "map":
-        return run.pending(stage.marker_dir, range(run.grid.nchunks), ext="json")
-    return not U.exists(run.path(stage.result))
-
-
-def done_work(run: Run) -> dict:
-    """The work already done: ``{stage: "0-5,9"}`` for map stages, ``{stage: "done"}`` for reduces."""
-    done = {}
-    for stage in _stages(run):
-        missing = stage_missing(run, stage)
-        if stage.kind == "map":
-            have = sorted(set(range(run.grid.nchunks)) - set(missing))
-            if have:
-                done[stage.name] = chunk_ranges(have)
-        elif not missing:
-            done[stage.name] = "done"
-    return done
-
-
-def command_for(run: Run, stage) -> str:
-    """The ``zseg`` command that runs ``stage`` on every chunk not done yet."""
-    sub = stage.name.partition(":")[2]
-    cmd = f"zseg {stage.phase} --run {run.root}"
-    if sub == "reduce":
-        cmd += " --reduce"
-    elif sub:
-        cmd += f" --stage {sub}"
-    return cmd
-
-
-def require_complete(run: Run, stage) -> None:
-    """Refuse to start ``stage`` while an applicable stage before it is incomplete.
-
-    Names the first incomplete stage, its missing chunks, and the command that runs them. Only
-    the stage just before ``stage`` is listed when all is well: each of its tasks passed this
-    same check when it started, and markers are only ever added, so its being complete means
-    every stage before it is complete too (one listing per task, however many stages).
-    """
-    stages = _stages(run)
-    names = [s.name for s in stages]
-    before = stages[: names.index(stage.name)] if stage.name in names else stages
-    if not before:
-        return
-    missing = stage_missing(run, before[-1])
-    if not missing:
-        return
-    first = before[-1]
-    for s in before[:-1]:  # the error path: name the earliest incomplete stage, each listed once
-        earlier = stage_missing(run, s)
-        if earlier:
-            first, missing = s, earlier
-            break
-    if first.kind == "map":
-        raise UserError(
-            f"{stage.name} cannot start: {len(missing)} of {run.grid.nchunks} chunk(s) of {first.name} "
-            f"are not done ({_short(chunk_ranges(missing))}); run `{command_for(run, first)}` first "
-            "(it skips the chunks that are done)."
-        )
-    raise UserError(f"{stage.name} cannot start: {first.name} is not done; run `{command_for(run, first)}` first.")
 
 
 # -- digests -------------------------------------------------------------------------------------
@@ -132,7 +41,7 @@ def chunk_digest(core_labels: np.ndarray) -> dict:
     return {"crc32": zlib.crc32(data.tobytes()), "labelled_voxels": int(np.count_nonzero(data))}
 
 
-def gather_digests(run: Run, stage_dir: str = "labels") -> dict:
+def gather_digests(run: RunContext, stage_dir: str = W.LABELS_DIR) -> dict:
     """The per-chunk digests from the markers of ``finalize:labels``, for ``run.json``."""
     crc, count = [], []
     for i in range(run.grid.nchunks):
@@ -145,7 +54,7 @@ def gather_digests(run: Run, stage_dir: str = "labels") -> dict:
 
 
 # -- verify --------------------------------------------------------------------------------------
-def _segmented_path(run: Run) -> str:
+def _segmented_path(run: RunContext) -> str:
     levels = ((run.manifest.get("result") or {}).get("outputs") or {}).get("levels") or []
     for lv in levels:
         if isinstance(lv, dict) and lv.get("role") == "segmented":
@@ -153,22 +62,19 @@ def _segmented_path(run: Run) -> str:
     return "0"
 
 
-def _check_ngff(run: Run, uri: str, problems: list[str]) -> list[str]:
+def _check_ngff(run: RunContext, uri: str, problems: list[str]) -> list[str]:
     """Problems of the NGFF metadata of ``labels.zarr``; returns its dataset paths."""
-    import zarr
-
     try:
         group = zarr.open_group(uri, mode="r", storage_options=U.storage_options(uri) or None)
-        attrs = group.attrs.asdict()
+        ome = ome_attributes(group)
     except Exception as e:
         problems.append(f"{uri}: not a readable zarr group ({type(e).__name__}: {e}); the labels are missing.")
         return []
-    ome = attrs.get("ome", attrs)
     ms = ome.get("multiscales")
     if not isinstance(ms, list) or not ms or not isinstance(ms[0], dict):
         problems.append(f"{uri}: no OME-Zarr 'multiscales' metadata; viewers cannot open it.")
         return []
-    axes = [a.get("name") if isinstance(a, dict) else a for a in ms[0].get("axes") or []]
+    axes = axis_names(ms[0])
     if axes != list("zyx"[-run.grid.ndim:]):
         problems.append(f"{uri}: multiscales axes are {axes}, not {list('zyx'[-run.grid.ndim:])}.")
     paths = []
@@ -194,20 +100,18 @@ def verify_output(root: str) -> dict:
     UserError
         One line per problem found.
     """
-    from zseg.storage.arrays import open_array
-
     if not U.exists(U.join(root, MANIFEST)):
         raise UserError(f"{root!r} holds no {MANIFEST}: it is not a zseg output folder (or the run never started).")
-    run = Run.open(root)  # a damaged manifest: one line per problem
+    run = RunContext.open(root)  # a damaged manifest: one line per problem
     problems: list[str] = []
     if not run.manifest.get("complete"):
         lines = [f"{root}: the run is not finished (run.json says complete: false)."]
         if U.exists(run.work):
-            for stage in _stages(run):
+            for stage in applicable(run):
                 missing = stage_missing(run, stage)
                 if stage.kind == "map" and missing:
                     lines.append(f"{stage.name}: {len(missing)} of {run.grid.nchunks} chunk(s) not done "
-                                 f"({_short(chunk_ranges(missing))}).")
+                                 f"({short_ranges(chunk_ranges(missing))}).")
                 elif stage.kind == "reduce" and missing:
                     lines.append(f"{stage.name}: not done.")
         lines.append("resume it with the same `zseg run` command, or run the stages listed above.")
@@ -253,11 +157,11 @@ def verify_output(root: str) -> dict:
                 altered.append(i)
     if unreadable:
         problems.append(f"{labels}/{seg}: {len(unreadable)} chunk(s) cannot be read "
-                        f"({_short(chunk_ranges([i for i, _ in unreadable]))}): {unreadable[0][1]}")
+                        f"({short_ranges(chunk_ranges([i for i, _ in unreadable]))}): {unreadable[0][1]}")
     if altered:
         problems.append(
             f"{labels}/{seg}: {len(altered)} chunk(s) differ from what the run wrote "
-            f"({_short(chunk_ranges(altered))}): a stored chunk is missing or was changed; "
+            f"({short_ranges(chunk_ranges(altered))}): a stored chunk is missing or was changed; "
             f"re-run `zseg finalize --run {run.root} --stage labels --chunks ...` after deleting their markers, "
             "or run again."
         )
@@ -274,14 +178,12 @@ def verify_output(root: str) -> dict:
             "labels": f"{labels}/{seg}", "digests_checked": crcs is not None}
 
 
-def _check_table(run: Run, ncells: int) -> list[str]:
+def _check_table(run: RunContext, ncells: int) -> list[str]:
     """The cell table, when the run wrote one: one row per cell, IDs 1..N."""
     uri = U.join(run.root, "cells.parquet")
     if not U.exists(uri):
         return []
     try:
-        import pyarrow.parquet as pq
-
         with U.open_file(uri) as f:
             table = pq.read_table(f)
     except Exception as e:

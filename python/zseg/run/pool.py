@@ -1,4 +1,4 @@
-"""The local runner: every stage of every phase, in order, over a process pool.
+"""Scheduling for ``zseg run``: every stage of every phase, in order, over one process pool.
 
 A *map* stage runs once per chunk and leaves a per-chunk marker; a *reduce* stage runs once
 and leaves one result file. Both are skipped when their marker/result exists, so a killed
@@ -15,15 +15,18 @@ import sys
 import time
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 
+import numba
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from zseg.pipeline.manifest import Run
-from zseg.pipeline.stages import STAGES, Stage
+from zseg.run import tasks
 from zseg.storage import uri as U
+from zseg.workspace.context import RunContext
+from zseg.workspace.progress import require_complete
+from zseg.workspace.stages import STAGES, Stage
 
 log = logging.getLogger(__name__)
 
-_RUNS: dict[str, Run] = {}
+_RUNS: dict[str, RunContext] = {}
 
 
 def _worker_init(threads: int) -> None:
@@ -31,18 +34,16 @@ def _worker_init(threads: int) -> None:
     # function imports the stages), and changing NUMBA_NUM_THREADS after its threads have
     # started makes the next compilation (a cold cache) fail.
     try:
-        import numba
-
         numba.set_num_threads(threads)
-    except Exception:  # numba not importable or already fixed: keep its default
+    except Exception:  # numba's threads already fixed: keep its default
         pass
 
 
 def _run_chunk(root: str, stage_name: str, index: int) -> tuple[int, dict]:
     run = _RUNS.get(root)
     if run is None:
-        run = _RUNS[root] = Run.open(root)
-    return index, STAGES[stage_name].run_chunk(run, index)
+        run = _RUNS[root] = RunContext.open(root)
+    return index, tasks.run_chunk(run, STAGES[stage_name], index)
 
 
 def _progress(enabled: bool) -> Progress:
@@ -66,7 +67,7 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     )
 
 
-def run_map(run: Run, stage: Stage, chunks, *, pool: ProcessPoolExecutor | None = None,
+def run_map(run: RunContext, stage: Stage, chunks, *, pool: ProcessPoolExecutor | None = None,
             progress: Progress | None = None) -> list[int]:
     """Run a map stage on the pending chunks of ``chunks`` (in ``pool`` if given); return them."""
     chunks = list(chunks)
@@ -75,10 +76,10 @@ def run_map(run: Run, stage: Stage, chunks, *, pool: ProcessPoolExecutor | None 
     if skipped:
         log.info("%s: %d chunk(s) already done, skipped", stage.name, skipped)
     if todo:
-        check_complete(run, stage)
+        require_complete(run, stage)
     task = progress.add_task(stage.name, total=len(todo)) if progress else None
-    if pool is None or len(todo) <= 1 or stage.batch is not None:  # a batch stage runs in this process
-        for i, stats in stage.run_chunks(run, todo):
+    if pool is None or len(todo) <= 1 or stage.name in tasks.BATCHES:  # a batch stage runs in this process
+        for i, stats in tasks.run_chunks(run, stage, todo):
             log.debug("%s: chunk %d: %s", stage.name, i, stats)
             if progress:
                 progress.advance(task)
@@ -94,16 +95,16 @@ def run_map(run: Run, stage: Stage, chunks, *, pool: ProcessPoolExecutor | None 
     return todo
 
 
-def run_reduce(run: Run, stage: Stage) -> bool:
+def run_reduce(run: RunContext, stage: Stage) -> bool:
     """Run a reduce stage unless its result exists; True when it ran."""
     if U.exists(run.path(stage.result)):
         log.info("%s: already done, skipped", stage.name)
         return False
-    stage.run_reduce(run)
+    tasks.run_reduce(run, stage)
     return True
 
 
-def run_all(run: Run, *, workers: int = 1, show_progress: bool | None = None) -> dict:
+def run_all(run: RunContext, *, workers: int = 1, show_progress: bool | None = None) -> dict:
     """Every stage in order; returns seconds per stage (stages skipped as done count 0)."""
     if show_progress is None:
         show_progress = sys.stderr.isatty()
@@ -130,9 +131,3 @@ def run_all(run: Run, *, workers: int = 1, show_progress: bool | None = None) ->
             pool.shutdown(cancel_futures=True)
     return timings
 
-
-def check_complete(run: Run, stage: Stage) -> None:
-    """Refuse ``stage`` while any stage before it is incomplete; name the missing chunks."""
-    from zseg.pipeline.verify import require_complete
-
-    require_complete(run, stage)

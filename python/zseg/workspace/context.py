@@ -1,4 +1,4 @@
-"""The run manifest (``OUTPUT/run.json``) and the handle every phase works through.
+"""The run context: the manifest ``OUTPUT/run.json`` and the handle every phase works through.
 
 A run folder holds ``run.json`` (written once by ``plan``) and the phases' outputs. Each
 per-chunk result file is written atomically and *last*, after the chunk's array data, so its
@@ -17,9 +17,10 @@ from pydantic import ValidationError
 
 from zseg import __version__
 from zseg.errors import UserError
-from zseg.pipeline.params import RunParams
+from zseg.params import RunParams
 from zseg.storage import uri as U
 from zseg.storage.grid import ChunkGrid
+from zseg.storage.volume import open_volume
 
 MANIFEST = "run.json"
 
@@ -35,8 +36,9 @@ def versions() -> dict[str, str]:
     return out
 
 
-class Run:
-    """A planned run: its parameters, input description, chunk grid and file layout."""
+class RunContext:
+    """A planned run as every phase sees it: its parameters, input, chunk grid and file layout
+    (read from ``run.json``; the one handle a task works through)."""
 
     def __init__(self, root: str, manifest: dict):
         self.root = str(root)
@@ -49,7 +51,7 @@ class Run:
         self.grid = ChunkGrid(tuple(g["shape"]), tuple(g["chunk_shape"]), tuple(g["halo"]))
 
     @classmethod
-    def open(cls, root: str) -> "Run":
+    def open(cls, root: str) -> "RunContext":
         path = U.join(root, MANIFEST)
         if not U.exists(path):
             raise UserError(
@@ -89,8 +91,6 @@ class Run:
     # -- inputs ------------------------------------------------------------------------------
     @functools.cached_property
     def volume(self):
-        from zseg.storage.volume import open_volume
-
         p = self.params
         return open_volume(
             p.input, axes=p.axes, level=p.level, channels=p.channels, timepoint=p.timepoint

@@ -1,6 +1,6 @@
 """``nextflow_schema.json`` generated from the parameter model, plus the Nextflow-only parameters.
 
-The Nextflow pipeline passes every :class:`~zseg.pipeline.params.RunParams` field to
+The Nextflow pipeline passes every :class:`~zseg.params.RunParams` field to
 ``zseg plan`` as the flag of the same name, so its parameters *are* the model's fields, with
 three differences, all listed here:
 
@@ -9,7 +9,7 @@ three differences, all listed here:
 - a few parameters exist only on the Nextflow side (:data:`NEXTFLOW_ONLY`): how chunks are
   grouped into tasks, queues, the synthetic test volume, where Nextflow's reports go.
 
-``python -m zseg.pipeline.schema > nextflow_schema.json`` writes the schema (JSON Schema draft
+``python -m zseg.schema > nextflow_schema.json`` writes the schema (JSON Schema draft
 2020-12 with nf-core's ``$defs`` groups); ``--markdown`` prints the parameter table of
 ``docs/nextflow.md``. A test fails when either file drifts from this module.
 """
@@ -23,7 +23,7 @@ import typing
 import annotated_types
 from pydantic.fields import FieldInfo
 
-from zseg.pipeline.params import RunParams
+from zseg.params import RunParams
 
 SCHEMA_URI = "https://json-schema.org/draft/2020-12/schema"
 
@@ -214,7 +214,7 @@ def build_schema() -> dict:
         "$schema": SCHEMA_URI,
         "title": "zseg pipeline parameters",
         "description": "Cellpose segmentation of microscopy volumes of any size, identical whatever the chunking. "
-        "Generated from zseg.pipeline.params.RunParams by `python -m zseg.pipeline.schema`; do not edit.",
+        "Generated from zseg.params.RunParams by `python -m zseg.schema`; do not edit.",
         "type": "object",
         "$defs": defs,
         "allOf": [{"$ref": f"#/$defs/{key}"} for key in defs],
@@ -252,7 +252,7 @@ def main(argv=None) -> int:
     elif not argv:
         sys.stdout.write(render_json())
     else:
-        sys.stderr.write("usage: python -m zseg.pipeline.schema [--markdown] > nextflow_schema.json\n")
+        sys.stderr.write("usage: python -m zseg.schema [--markdown] > nextflow_schema.json\n")
         return 2
     return 0
 

@@ -24,8 +24,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import uuid
 
 import numpy as np
 import pyarrow as pa
@@ -33,21 +31,21 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from zseg.engine import stats as S
-from zseg.pipeline.manifest import Run
+from zseg.outputs.labels import labels_uri, voxel_size_um
 from zseg.storage import uri as U
+from zseg.workspace import work as W
+from zseg.workspace.context import RunContext
 
 log = logging.getLogger(__name__)
-PARTIALS = "partials"
-CELLS = "cells"
 #: Rows per Parquet row group (and the most rows held in memory while writing).
 ROW_GROUP = 65536
 
 
-def _owner_dir(run: Run, owner: int) -> str:
-    return run.path(PARTIALS, f"o{owner:07d}")
+def _owner_dir(run: RunContext, owner: int) -> str:
+    return run.path(W.PARTIALS_DIR, f"o{owner:07d}")
 
 
-def write_partials(run: Run, index: int, core_labels: np.ndarray, image: np.ndarray,
+def write_partials(run: RunContext, index: int, core_labels: np.ndarray, image: np.ndarray,
                    final_ids: np.ndarray, owners: np.ndarray) -> int:
     """Partial statistics of the core of chunk ``index``, filed by owner chunk; returns the
     number of owners written to."""
@@ -73,32 +71,30 @@ def write_partials(run: Run, index: int, core_labels: np.ndarray, image: np.ndar
     return int(len(np.unique(row_owner)))
 
 
-def _columns(run: Run) -> list[str]:
+def _columns(run: RunContext) -> list[str]:
     nch = len((run.manifest.get("input") or {}).get("channels") or [0])
     return list(S.cell_table(S.empty_stats(run.grid.ndim, nch), (1.0,) * run.grid.ndim))
 
 
-def cells_chunk(run: Run, index: int) -> dict:
-    """Merge the partial statistics of the cells chunk ``index`` owns into complete rows."""
-    from zseg.pipeline.outputs import voxel_size_um
-
+def cells_chunk(run: RunContext, index: int) -> dict:
+    """The ``finalize:cells`` stage: reads ``work/partials/o<index>/*.npz`` (every chunk's
+    statistics of the cells chunk ``index`` owns); writes their merged, complete rows to
+    ``work/cells/cNNNNNNN.npz``."""
     names = U.listdir(_owner_dir(run, index))
     parts = [U.read_npz(U.join(_owner_dir(run, index), n)) for n in names if n.endswith(".npz")]
     parts = [p for p in parts if len(p["label"])]
     if not parts:
-        U.write_npz(run.chunk_file(CELLS, index), **{c: np.zeros(0) for c in _columns(run)})
+        U.write_npz(run.chunk_file(W.CELLS_DIR, index), **{c: np.zeros(0) for c in _columns(run)})
         return {"cells": 0, "parts": 0}
     merged = S.merge_stats(parts)
     cols = S.cell_table(merged, voxel_size_um(run))
-    U.write_npz(run.chunk_file(CELLS, index), **cols)
+    U.write_npz(run.chunk_file(W.CELLS_DIR, index), **cols)
     log.debug("chunk %d: %d cells merged from %d chunks", index, len(merged["label"]), len(parts))
     return {"cells": int(len(merged["label"])), "parts": len(parts),
             "voxels": int(merged["count"].sum())}
 
 
-def _schema(run: Run, label_dtype: str) -> pa.Schema:
-    from zseg.pipeline.outputs import labels_uri, voxel_size_um
-
+def _schema(run: RunContext, label_dtype: str) -> pa.Schema:
     fields = []
     for name in _columns(run):
         if name == "label":
@@ -125,31 +121,11 @@ def _schema(run: Run, label_dtype: str) -> pa.Schema:
     return pa.schema(fields, metadata={"zseg": json.dumps(meta)})
 
 
-@contextlib.contextmanager
-def _atomic_file(uri: str):
-    """A binary file at ``uri`` that appears only when complete (temp + rename locally; S3
-    multipart uploads appear on close)."""
-    if U.is_remote(uri):
-        with U.open_file(uri, "wb") as f:
-            yield f
-        return
-    _, path = U.filesystem(uri)
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    tmp = f"{path}.{uuid.uuid4().hex}.partial"
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def table_uri(run: Run, ext: str = "parquet") -> str:
+def table_uri(run: RunContext, ext: str = "parquet") -> str:
     return U.join(run.params.output, f"cells.{ext}")
 
 
-def write_table(run: Run) -> dict:
+def write_table(run: RunContext) -> dict:
     """Stream every owner chunk's rows into ``cells.parquet`` (and ``cells.csv`` when asked).
 
     Returns ``{"outputs": {...}, "summary": {...}, "volumes": bincount}`` where the summary has
@@ -157,7 +133,7 @@ def write_table(run: Run) -> dict:
     count of cells per volume in voxels (for the QC histogram; its length is the largest cell
     plus one, not the number of cells).
     """
-    label_dtype = U.read_json(run.path("final_number.json"))["dtype"]
+    label_dtype = U.read_json(run.path(W.FINAL_NUMBER_RESULT))["dtype"]
     schema = _schema(run, label_dtype)
     csv = bool(getattr(run.params, "cells_csv", False))
     outputs = {"cells": table_uri(run)}
@@ -167,11 +143,11 @@ def write_table(run: Run) -> dict:
     volumes = np.zeros(1, np.int64)
     um3_min, um3_max = np.inf, -np.inf
     with contextlib.ExitStack() as stack:
-        f = stack.enter_context(_atomic_file(outputs["cells"]))
+        f = stack.enter_context(U.atomic_file(outputs["cells"]))
         writer = stack.enter_context(pq.ParquetWriter(f, schema, compression="zstd"))
         csv_writer = None
         if csv:
-            fc = stack.enter_context(_atomic_file(outputs["cells_csv"]))
+            fc = stack.enter_context(U.atomic_file(outputs["cells_csv"]))
             csv_writer = stack.enter_context(pacsv.CSVWriter(fc, schema.remove_metadata()))
         pending, npending = [], 0
 
@@ -186,7 +162,7 @@ def write_table(run: Run) -> dict:
             pending, npending = [], 0
 
         for i in range(run.grid.nchunks):
-            d = U.read_npz(run.chunk_file(CELLS, i))
+            d = U.read_npz(run.chunk_file(W.CELLS_DIR, i))
             n = len(d["label"])
             if not n:
                 continue

@@ -13,15 +13,14 @@ import fastremap
 import numpy as np
 
 from zseg.engine import dynamics as D
-from zseg.pipeline import flowstore as FS
-from zseg.pipeline import number as N
-from zseg.pipeline.manifest import Run
-from zseg.pipeline.seeds import block_end_points, load_seeds
+from zseg.phases.seeds import block_end_points, load_seeds
 from zseg.storage import uri as U
 from zseg.storage.grid import box_origin, box_shape
+from zseg.workspace import work as W
+from zseg.workspace.context import RunContext
 
 
-def _block_seeds(run: Run, box, offsets):
+def _block_seeds(run: RunContext, box, offsets):
     parts = []
     for c in run.grid.intersecting(box):
         d = load_seeds(run, c)
@@ -29,7 +28,7 @@ def _block_seeds(run: Run, box, offsets):
         parts.append(d)
     nd = run.grid.ndim
     if not parts:
-        return np.zeros((0, nd), np.int64), np.zeros(0, np.int32), np.zeros((0,) + (11,) * nd, bool), np.zeros(0, np.int64)
+        return np.zeros((0, nd), np.int64), np.zeros(0, np.int32), np.zeros((0,) + (D.REGION_WINDOW,) * nd, bool), np.zeros(0, np.int64)
     cat = {k: np.concatenate([p[k] for p in parts]) for k in ("seeds", "counts", "regions", "ids")}
     return cat["seeds"], cat["counts"], cat["regions"], cat["ids"]
 
@@ -43,10 +42,12 @@ def seed_priority(seeds: np.ndarray, counts: np.ndarray, shape) -> np.ndarray:
     return rank
 
 
-def process_chunk(run: Run, index: int) -> dict:
+def process_chunk(run: RunContext, index: int) -> dict:
+    """Reads the seeds of the chunks meeting the block and the core's end points; writes the
+    core of ``work/masks.zarr`` and ``work/masks/cNNNNNNN.npz`` (voxels per provisional ID)."""
     g = run.grid
     core, block = g.core(index), g.block(index)
-    offsets, dtype = N.load(run)
+    offsets, dtype = W.seed_offsets(run)
     seeds, counts, regions, ids = _block_seeds(run, block, offsets)
     painted = D.paint_regions(
         box_shape(block), box_origin(block), seeds, regions,
@@ -59,8 +60,8 @@ def process_chunk(run: Run, index: int) -> dict:
     labels = np.zeros(box_shape(core), dtype=dtype)
     labels[tuple((starts - box_origin(core)).T)] = painted[tuple(local.T)]
     labels[tuple((starts[outside] - box_origin(core)).T)] = 0
-    FS.masks(run, mode="r+")[core] = labels
+    W.masks(run, mode="r+")[core] = labels
     uniq, cnt = fastremap.unique(labels, return_counts=True)
     keep = uniq != 0
-    U.write_npz(run.chunk_file("masks", index), ids=uniq[keep].astype(np.int64), counts=cnt[keep].astype(np.int64))
+    U.write_npz(run.chunk_file(W.MASKS_DIR, index), ids=uniq[keep].astype(np.int64), counts=cnt[keep].astype(np.int64))
     return {"labelled": int(cnt[keep].sum()), "ends_outside_block": int(outside.sum())}

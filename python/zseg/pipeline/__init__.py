@@ -1,1 +1,0 @@
-"""Phases and orchestration: parameters, the run manifest, one module per phase, the runner, the CLI."""

@@ -1,0 +1,79 @@
+"""What is done and what is not: the progress of a run, read from its markers.
+
+Progress is read from the markers the stages leave (``work/<stage dir>/cNNNNNNN.json``, written
+last by a map stage; a reduce's result file): a stage may start only when every applicable
+stage before it is complete (:func:`require_complete`), and a resumed run reports what it
+skipped (:func:`done_work`).
+"""
+
+from __future__ import annotations
+
+from zseg.errors import UserError
+from zseg.storage import uri as U
+from zseg.workspace.chunks import chunk_ranges, short_ranges
+from zseg.workspace.context import RunContext
+from zseg.workspace.stages import applicable
+
+
+# -- progress ------------------------------------------------------------------------------------
+def stage_missing(run: RunContext, stage) -> list[int] | bool:
+    """For a map stage the chunks without a marker; for a reduce whether its result is missing."""
+    if stage.kind == "map":
+        return run.pending(stage.marker_dir, range(run.grid.nchunks), ext="json")
+    return not U.exists(run.path(stage.result))
+
+
+def done_work(run: RunContext) -> dict:
+    """The work already done: ``{stage: "0-5,9"}`` for map stages, ``{stage: "done"}`` for reduces."""
+    done = {}
+    for stage in applicable(run):
+        missing = stage_missing(run, stage)
+        if stage.kind == "map":
+            have = sorted(set(range(run.grid.nchunks)) - set(missing))
+            if have:
+                done[stage.name] = chunk_ranges(have)
+        elif not missing:
+            done[stage.name] = "done"
+    return done
+
+
+def command_for(run: RunContext, stage) -> str:
+    """The ``zseg`` command that runs ``stage`` on every chunk not done yet."""
+    sub = stage.name.partition(":")[2]
+    cmd = f"zseg {stage.phase} --run {run.root}"
+    if sub == "reduce":
+        cmd += " --reduce"
+    elif sub:
+        cmd += f" --stage {sub}"
+    return cmd
+
+
+def require_complete(run: RunContext, stage) -> None:
+    """Refuse to start ``stage`` while an applicable stage before it is incomplete.
+
+    Names the first incomplete stage, its missing chunks, and the command that runs them. Only
+    the stage just before ``stage`` is listed when all is well: each of its tasks passed this
+    same check when it started, and markers are only ever added, so its being complete means
+    every stage before it is complete too (one listing per task, however many stages).
+    """
+    stages = applicable(run)
+    names = [s.name for s in stages]
+    before = stages[: names.index(stage.name)] if stage.name in names else stages
+    if not before:
+        return
+    missing = stage_missing(run, before[-1])
+    if not missing:
+        return
+    first = before[-1]
+    for s in before[:-1]:  # the error path: name the earliest incomplete stage, each listed once
+        earlier = stage_missing(run, s)
+        if earlier:
+            first, missing = s, earlier
+            break
+    if first.kind == "map":
+        raise UserError(
+            f"{stage.name} cannot start: {len(missing)} of {run.grid.nchunks} chunk(s) of {first.name} "
+            f"are not done ({short_ranges(chunk_ranges(missing))}); run `{command_for(run, first)}` first "
+            "(it skips the chunks that are done)."
+        )
+    raise UserError(f"{stage.name} cannot start: {first.name} is not done; run `{command_for(run, first)}` first.")

@@ -1,0 +1,59 @@
+"""The stages of a run, in order: the one list the scheduler, the CLI, progress and Nextflow follow.
+
+This is data only: each stage's name, its phase, its kind and where it leaves its markers.
+Which function runs a stage is :mod:`zseg.run.tasks`' business (a layer above the phases).
+
+A phase (docs/architecture.md, "Phases and stages") has one or more stages. A *map* stage
+works on one chunk at a time and writes its chunk's marker ``work/<marker_dir>/cNNNNNNN.json``
+last, after its data, so a marker means the chunk is complete. A *reduce* stage runs once and
+writes ``work/<result>``. No stage starts while a stage before it in this list is incomplete
+(:func:`zseg.workspace.progress.require_complete`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+from zseg.workspace import work as W
+
+
+def _always(run) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    phase: str
+    kind: Literal["map", "reduce"]
+    marker_dir: str | None = None
+    result: str | None = None
+    applies: Callable = field(default=_always)
+    """``applies(run)``: whether this run has the stage (predict is skipped with ``--flows``)."""
+
+
+def _predicts(run) -> bool:
+    return run.params.flows is None
+
+
+STAGES: dict[str, Stage] = {s.name: s for s in (
+    Stage("percentiles", "percentiles", "map", marker_dir=W.PERCENTILES_DIR),
+    Stage("percentiles:reduce", "percentiles", "reduce", result=W.PERCENTILES_RESULT),
+    Stage("predict", "predict", "map", marker_dir=W.PREDICT_DIR, applies=_predicts),
+    Stage("seeds:follow", "seeds", "map", marker_dir=W.FOLLOW_DIR),
+    Stage("seeds:find", "seeds", "map", marker_dir=W.SEEDS_DIR),
+    Stage("number", "number", "reduce", result=W.NUMBER_RESULT),
+    Stage("masks", "masks", "map", marker_dir=W.MASKS_DIR),
+    Stage("finalize:sizes", "finalize", "map", marker_dir=W.SIZES_DIR),
+    Stage("finalize:number", "finalize", "reduce", result=W.FINAL_NUMBER_RESULT),
+    Stage("finalize:labels", "finalize", "map", marker_dir=W.LABELS_DIR),
+    Stage("finalize:cells", "finalize", "map", marker_dir=W.CELLS_DIR),
+    Stage("finalize:report", "finalize", "reduce", result=W.REPORT_RESULT),
+)}
+"""Every stage, in the order a run executes them."""
+
+
+def applicable(run) -> list[Stage]:
+    """The stages of ``run``, in order."""
+    return [s for s in STAGES.values() if s.applies(run)]

@@ -1,0 +1,96 @@
+"""Where a run keeps its intermediate results under ``work/``, and how they are laid out.
+
+One home for every name under the work folder, so a phase, an output and the progress
+report all agree on it:
+
+- flows: ``params.flows`` (a precomputed store) or ``work/flows.zarr`` (written by ``predict``),
+  ``(ndim + 1, *shape)`` = dZ, dY, dX, cellprob in Cellpose's 3D convention.
+- ``work/ends.zarr``: for every foreground voxel, the integer displacement to the voxel its
+  trajectory ends in (``floor`` of the float displacement), ``(ndim, *shape)``; background
+  voxels hold ``ENDS_EMPTY``.
+- ``work/masks.zarr``: provisional labels (global seed IDs before size decisions).
+- per-chunk results and markers in ``work/<stage dir>/cNNNNNNN.{npz,json}`` and the reduces'
+  results ``work/<name>.json`` (the ``*_DIR`` and ``*_RESULT`` names below).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from zseg.errors import UserError
+from zseg.storage import uri as U
+from zseg.storage.arrays import create_array, open_array
+
+ENDS_EMPTY = np.iinfo(np.int16).min
+
+# per-chunk folders (data and markers) of the map stages
+PERCENTILES_DIR = "percentiles"
+PREDICT_DIR = "predict"
+FOLLOW_DIR = "follow"
+SEEDS_DIR = "seeds"
+MASKS_DIR = "masks"
+SIZES_DIR = "sizes"
+FINAL_DIR = "final"
+LABELS_DIR = "labels"
+CELLS_DIR = "cells"
+PARTIALS_DIR = "partials"
+# results of the reduce stages
+PERCENTILES_RESULT = "percentiles.json"
+NUMBER_RESULT = "number.json"
+FINAL_NUMBER_RESULT = "final_number.json"
+REPORT_RESULT = "report.json"
+VIEWS_STORE = "views.zarr"
+
+
+def flows_uri(run) -> str:
+    return run.params.flows or run.path("flows.zarr")
+
+
+def flows(run):
+    return open_array(flows_uri(run))
+
+
+def ends_dtype(shape) -> np.dtype:
+    return np.dtype(np.int16 if max(shape) < np.iinfo(np.int16).max else np.int32)
+
+
+def create_ends(run):
+    g = run.grid
+    dt = ends_dtype(g.shape)
+    return create_array(
+        run.path("ends.zarr"), shape=(g.ndim, *g.shape), chunks=(g.ndim, *g.chunk_shape), dtype=dt,
+        zarr_format=run.params.zarr_format, fill_value=int(np.iinfo(dt).min), overwrite=True,
+    )
+
+
+def ends(run, mode: str = "r"):
+    return open_array(run.path("ends.zarr"), mode=mode)
+
+
+def masks(run, mode: str = "r"):
+    return open_array(run.path("masks.zarr"), mode=mode)
+
+
+def lowhigh(run) -> np.ndarray:
+    """The ``(nchannels, 2)`` low/high values of the percentiles reduce (Cellpose's ``lowhigh``)."""
+    path = run.path(PERCENTILES_RESULT)
+    if not U.exists(path):
+        raise UserError("percentiles have not been reduced yet; run `zseg percentiles --run RUN --reduce`.")
+    r = U.read_json(path)
+    return np.stack([r["low"], r["high"]], axis=1)
+
+
+def id_dtype(n: int) -> str:
+    """The label type for ``n`` cells: uint32, or uint64 past 2^32 - 1."""
+    return "uint32" if n < np.iinfo(np.uint32).max else "uint64"
+
+
+def seed_offsets(run) -> tuple[np.ndarray, str]:
+    """The ``number`` reduce's running total of seeds per chunk, and the provisional ID type."""
+    r = U.read_json(run.path(NUMBER_RESULT))
+    return np.asarray(r["offsets"], dtype=np.int64), r["dtype"]
+
+
+def owners(offsets: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Chunk owning each provisional ID (IDs ``offsets[c]+1 .. offsets[c+1]`` belong to ``c``)."""
+    return np.searchsorted(offsets, np.asarray(ids, dtype=np.int64) - 1, side="right") - 1
