@@ -29,7 +29,6 @@ import numpy as np
 import torch
 from scipy import ndimage as ndi
 
-from zseg.engine.cellpose_ref import cellpose_eval, cellpose_model  # noqa: F401  (re-exported for the tests)
 from zseg.engine.cpsam import CPSAMNet, cpsam_from_state_dict, cpsam_state_dict
 
 TINY = dict(dim=32, depth=1, heads=2, neck=32)

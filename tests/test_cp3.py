@@ -174,7 +174,6 @@ def test_loader_tells_cellpose3_from_the_weights():
 
 def test_loader_tells_cpsam_from_the_weights(tmp_path):
     from tests.predict_support import random_cpsam
-
     from zseg.storage import models
 
     path = tmp_path / "cpsam.pt"
@@ -273,7 +272,6 @@ def test_zseg_run_with_a_cellpose4_ortho_network_for_a_cellpose3_model(fx, tmp_p
     YX view is the Cellpose 3 network's, and a bad ortho file is one clear line before anything
     is written."""
     from tests.predict_support import random_cpsam
-
     from zseg.cli import main
     from zseg.storage.arrays import open_array
     from zseg.storage.omezarr import write_ome_zarr

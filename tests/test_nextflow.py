@@ -15,19 +15,18 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import typer
 import yaml
 
+from tests import nextflow_text as NT
 from zseg.cli import app
 from zseg.params import RunParams
 from zseg.schema import NEXTFLOW_ONLY, NOT_IN_NEXTFLOW, RENAMED, build_schema, markdown_table, render_json
-from tests import nextflow_text as NT
 from zseg.workspace.stages import STAGES
-
 
 ROOT = NT.ROOT
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -294,8 +293,9 @@ def test_schema_defaults_mean_the_model_defaults():
 
 def test_schema_generator_follows_model_changes(monkeypatch):
     """build_schema reads the model: a new field appears, with its type (so the drift test bites)."""
-    import zseg.schema as S
     from pydantic import Field, create_model
+
+    import zseg.schema as S
 
     Extended = create_model("Extended", __base__=RunParams, tile_overlap=(float, Field(0.1, gt=0, description="x")))
     monkeypatch.setattr(S, "RunParams", Extended)

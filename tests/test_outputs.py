@@ -15,15 +15,16 @@ import pytest
 import scipy.ndimage as ndi
 import zarr
 
+from tests.volumes import write_volume
 from zseg.engine import pyramid as P
 from zseg.engine import stats as S
 from zseg.engine.synth import flows_from_labels, synth_cells
 from zseg.outputs import labels as O
-from zseg.workspace import usage
-from zseg.run.entry import run_local
 from zseg.params import build_params
+from zseg.run.entry import run_local
 from zseg.storage.arrays import create_array, open_array
 from zseg.storage.omezarr import write_ome_zarr
+from zseg.workspace import usage
 
 SHAPE = (24, 64, 64)
 DIAMETER = 12.0
@@ -175,12 +176,10 @@ def volume(tmp_path_factory):
     root = tmp_path_factory.mktemp("outputs")
     image, labels = synth_cells(SHAPE, diameter=DIAMETER, seed=5)
     other = np.random.default_rng(9).integers(0, 4000, size=SHAPE).astype(np.uint16)
-    uri = str(root / "image.ome.zarr")
-    write_ome_zarr(uri, np.stack([image, other]), axes="czyx", voxel_size=VOXEL, chunks=(1, 8, 32, 32),
-                   channel_names=["cells", "noise"])
-    arr = create_array(str(root / "flows.zarr"), shape=(4, *SHAPE), chunks=(4, 8, 32, 32), dtype="float16")
-    arr[...] = flows_from_labels(labels).astype(np.float16)
-    return {"root": root, "image": uri, "flows": str(root / "flows.zarr"), "raw": np.stack([image, other])}
+    raw = np.stack([image, other])
+    written = write_volume(str(root), raw, flows_from_labels(labels), chunks=(8, 32, 32), axes="czyx",
+                           voxel_size=VOXEL, channel_names=["cells", "noise"])
+    return {"root": root, **written, "raw": raw}
 
 
 def _run(volume, out, monkeypatch=None, **kw):

@@ -6,14 +6,14 @@ import os
 
 import numpy as np
 import pytest
-import zarr
 
+from tests.volumes import write_volume
+from zseg.cli import main
 from zseg.engine.dynamics import compute_masks
 from zseg.engine.synth import flows_from_labels, synth_cells
-from zseg.cli import main
-from zseg.run.entry import run_local, run_phase
 from zseg.params import build_params
 from zseg.phases.plan import plan
+from zseg.run.entry import run_local, run_phase
 from zseg.storage.arrays import create_array, open_array
 from zseg.storage.omezarr import write_ome_zarr
 
@@ -21,22 +21,14 @@ SHAPE = (32, 64, 64)
 DIAMETER = 12.0
 
 
-def _write_flows(uri, flows, chunks=(16, 32, 32)):
-    arr = create_array(uri, shape=flows.shape, chunks=(flows.shape[0], *chunks), dtype="float16")
-    arr[...] = flows.astype(np.float16)
-
-
 @pytest.fixture(scope="module")
 def volume(tmp_path_factory):
     """A synthetic volume with cells crossing every chunk face, its truth and exact flows."""
     root = tmp_path_factory.mktemp("vol")
     image, labels = synth_cells(SHAPE, diameter=DIAMETER, seed=3)
-    write_ome_zarr(str(root / "image.ome.zarr"), image, axes="zyx", voxel_size=(1.0, 1.0, 1.0),
-                   chunks=(16, 32, 32), labels={"cells": labels})
     flows = flows_from_labels(labels)
-    _write_flows(str(root / "flows.zarr"), flows)
-    return {"root": root, "image": str(root / "image.ome.zarr"), "flows": str(root / "flows.zarr"),
-            "labels": labels, "dP": flows.astype(np.float16)}
+    written = write_volume(str(root), image, flows, chunks=(16, 32, 32), labels={"cells": labels})
+    return {"root": root, **written, "labels": labels, "dP": flows.astype(np.float16)}
 
 
 def _segment(volume, out, **kw):
@@ -118,10 +110,10 @@ def test_percentiles_equal_numpy(tmp_path, dtype, chunk_shape, exclude_zeros):
     assert main(["percentiles", "--run", out, "--shard", "0/2"]) == 0
     assert main(["percentiles", "--run", out, "--shard", "1/2"]) == 0
     assert main(["percentiles", "--run", out, "--reduce"]) == 0
-    from zseg.phases import percentiles as P
+    from zseg.workspace import work as W
     from zseg.workspace.context import RunContext
 
-    got = P.load(RunContext.open(out))[0]
+    got = W.lowhigh(RunContext.open(out))[0]
     values = vol[vol != 0] if exclude_zeros else vol
     np.testing.assert_array_equal(got, np.percentile(values, q))
 
@@ -151,12 +143,12 @@ def test_plan_and_percentiles_on_s3(s3_server, volume, tmp_path):
         assert main(["plan", src, out, "--chunk-shape", "8,16,16"]) == 0
         assert main(["percentiles", "--run", out]) == 0
         assert main(["percentiles", "--run", out, "--reduce"]) == 0
-        from zseg.phases import percentiles as P
+        from zseg.workspace import work as W
         from zseg.workspace.context import RunContext
 
         run = RunContext.open(out)
         assert run.anisotropy == 4.0
-        results.append(P.load(run))
+        results.append(W.lowhigh(run))
     np.testing.assert_array_equal(results[0], results[1])
     np.testing.assert_array_equal(results[0][0], np.percentile(image, (1, 99)))
 
@@ -244,14 +236,14 @@ def test_config_file_then_flags(tmp_path):
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_plan_and_percentiles_on_every_format(where, request, tmp_path):
     """`zseg plan` and `zseg percentiles` on OME-Zarr 0.4/0.5, zarr v2/v3 and TIFF, local and on S3."""
-    from test_storage import FORMATS, SOURCE, VOXEL, _write
-
-    from zseg.phases import percentiles as P
+    from tests.volumes import SOURCE, VOXEL, write_format
+    from zseg.storage.volume import FORMATS
+    from zseg.workspace import work as W
     from zseg.workspace.context import RunContext
 
     base = request.getfixturevalue("s3_server") + "/every" if where == "s3" else str(tmp_path)
     for fmt in FORMATS:
-        src = _write(fmt, base, tmp_path)
+        src = write_format(fmt, base, tmp_path)
         out = f"{base}/run-{fmt}"
         assert main(["plan", src, out, "--channels", "1,0", "--chunk-shape", "5,7,9"]) == 0, fmt
         assert main(["percentiles", "--run", out]) == 0
@@ -260,7 +252,7 @@ def test_plan_and_percentiles_on_every_format(where, request, tmp_path):
         assert run.manifest["input"]["format"] == fmt
         if fmt != "zarr-v2" and fmt != "zarr-v3":
             assert run.anisotropy == VOXEL[0] / VOXEL[1], fmt
-        got = P.load(run)
+        got = W.lowhigh(run)
         for row, channel in zip(got, (1, 0)):
             np.testing.assert_array_equal(row, np.percentile(SOURCE[channel], (1, 99)))
 
@@ -270,10 +262,7 @@ def test_anisotropic_volume_recovers_truth_and_is_chunk_invariant(tmp_path):
     from cellpose.metrics import average_precision
 
     image, labels = synth_cells((24, 64, 64), diameter=DIAMETER, anisotropy=2.0, seed=5)
-    src = str(tmp_path / "aniso.ome.zarr")
-    write_ome_zarr(src, image, axes="zyx", voxel_size=(2.0, 1.0, 1.0), chunks=(12, 32, 32))
-    _write_flows(str(tmp_path / "flows.zarr"), flows_from_labels(labels), chunks=(12, 32, 32))
-    vol = {"image": src, "flows": str(tmp_path / "flows.zarr")}
+    vol = write_volume(str(tmp_path), image, flows_from_labels(labels), chunks=(12, 32, 32), voxel_size=(2.0, 1.0, 1.0))
     whole, report = _segment(vol, tmp_path / "whole", chunk_shape=(24, 64, 64))
     chunked, chunked_report = _segment(vol, tmp_path / "chunked", chunk_shape=(8, 24, 40))
     assert report["chunk_exact"] and chunked_report["chunk_exact"]

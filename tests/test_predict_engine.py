@@ -12,12 +12,13 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from tests.predict_support import cellpose_eval, load, random_cpsam
 
+from tests.predict_support import load, random_cpsam
+from zseg.engine.cellpose_ref import cellpose_eval
 from zseg.engine.cpsam import cpsam_from_state_dict, cpsam_state_dict, describe_state_dict
-from zseg.engine.views import Geometry, normalize, plan_block, predict_block
 from zseg.engine.resample import resize_axis, source_range
 from zseg.engine.tiles import AxisTiles, plane_padding, taper
+from zseg.engine.views import Geometry, normalize, plan_block, predict_block
 
 cv2 = pytest.importorskip("cv2")
 transforms = pytest.importorskip("cellpose.transforms")

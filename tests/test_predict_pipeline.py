@@ -8,9 +8,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from tests.predict_support import blobs, cellpose_eval, gradient_cpsam, load, random_cpsam
 
+from tests.predict_support import blobs, gradient_cpsam, load, random_cpsam
 from zseg.cli import main
+from zseg.engine.cellpose_ref import cellpose_eval
 from zseg.run.entry import run_phase
 from zseg.storage.arrays import open_array
 from zseg.storage.omezarr import write_ome_zarr

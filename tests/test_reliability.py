@@ -22,16 +22,18 @@ import numpy as np
 import pytest
 import zarr
 
+from tests.volumes import write_volume
+from zseg.cli import main
 from zseg.engine.synth import flows_from_labels, synth_cells
 from zseg.errors import UserError
-from zseg.cli import main
-from zseg.run.entry import run_local, run_phase
-from zseg.workspace.context import RunContext
+from zseg.outputs.verify import verify_output
 from zseg.params import build_params
 from zseg.phases.plan import plan
-from zseg.outputs.verify import chunk_ranges, verify_output
+from zseg.run.entry import run_local, run_phase
 from zseg.storage.arrays import create_array, open_array
 from zseg.storage.omezarr import write_ome_zarr
+from zseg.workspace.chunks import chunk_ranges
+from zseg.workspace.context import RunContext
 
 SHAPE = (16, 48, 48)
 CHUNK = (8, 16, 16)  # 2 x 3 x 3 = 18 chunks
@@ -41,17 +43,6 @@ MARKER = re.compile(r"^c(\d{7})\.json$")
 
 
 # -- data ------------------------------------------------------------------------------------------
-def write_volume(base: str, image: np.ndarray, flows: np.ndarray | None = None) -> dict:
-    """``base``/image.ome.zarr (and ``base``/flows.zarr): local paths or s3:// URIs."""
-    out = {"image": f"{base}/image.ome.zarr"}
-    write_ome_zarr(out["image"], image, axes="zyx", voxel_size=(1.0, 1.0, 1.0), chunks=CHUNK)
-    if flows is not None:
-        out["flows"] = f"{base}/flows.zarr"
-        arr = create_array(out["flows"], shape=flows.shape, chunks=(flows.shape[0], *CHUNK), dtype="float16")
-        arr[...] = flows.astype(np.float16)
-    return out
-
-
 @pytest.fixture(scope="module")
 def cells():
     image, labels = synth_cells(SHAPE, diameter=DIAMETER, seed=7)

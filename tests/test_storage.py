@@ -11,16 +11,13 @@ import pytest
 import tifffile
 import zarr
 
+from tests.volumes import NAMES, SOURCE, VOXEL, put_file, write_format
 from zseg.errors import UserError
 from zseg.storage import volume as volume_module
 from zseg.storage.arrays import create_array, open_array, read_region, write_region
 from zseg.storage.omezarr import write_ome_zarr
-from zseg.storage.uri import filesystem
 from zseg.storage.volume import FORMATS, open_volume
 
-SOURCE = np.random.default_rng(0).integers(0, 4000, size=(2, 12, 16, 20), dtype=np.uint16)
-NAMES = ["DAPI", "GFP"]
-VOXEL = (2.0, 0.5, 0.25)  # z, y, x micrometres
 BOX = (slice(3, 9), slice(2, 14), slice(5, 17))
 EVERYWHERE = ["local", "s3"]
 
@@ -32,37 +29,6 @@ def _mean2(a: np.ndarray) -> np.ndarray:
     return np.round(m).astype(a.dtype)
 
 
-def _put(local_path: str, uri: str) -> str:
-    fs, path = filesystem(uri)
-    fs.put(local_path, path)
-    return uri
-
-
-def _write(fmt: str, base: str, tmp, data=SOURCE) -> str:
-    """Write ``data`` (C, Z, Y, X) as ``fmt`` under ``base``; return its URI."""
-    if fmt in ("ome-zarr-0.4", "ome-zarr-0.5"):
-        uri = f"{base}/{fmt}.ome.zarr"
-        write_ome_zarr(uri, data, axes="czyx", voxel_size=VOXEL, chunks=(1, 5, 8, 8),
-                       zarr_format=2 if fmt.endswith("0.4") else 3, levels=2,
-                       channel_names=NAMES)
-    elif fmt in ("zarr-v2", "zarr-v3"):
-        uri = f"{base}/{fmt}.zarr"
-        arr = create_array(uri, shape=data.shape, chunks=(1, 5, 8, 8), dtype=data.dtype,
-                           zarr_format=int(fmt[-1]))
-        arr[...] = data
-    else:  # ImageJ hyperstack, stored Z, C, Y, X
-        local = str(tmp / "stack.tif")
-        tifffile.imwrite(local, np.ascontiguousarray(data.transpose(1, 0, 2, 3)), imagej=True,
-                         resolution=(1 / VOXEL[2], 1 / VOXEL[1]),
-                         metadata={"axes": "ZCYX", "spacing": VOXEL[0], "unit": "um"})
-        uri = f"{base}/stack.tif"
-        if base.startswith("s3://"):
-            _put(local, uri)
-        else:
-            uri = local
-    return uri
-
-
 @pytest.fixture(scope="module")
 def inputs(request, tmp_path_factory):
     """Every format written once per location: {("local"|"s3", fmt): uri}."""
@@ -71,7 +37,7 @@ def inputs(request, tmp_path_factory):
         tmp = tmp_path_factory.mktemp(f"inputs-{where}")
         base = request.getfixturevalue("s3_server") + "/inputs" if where == "s3" else str(tmp)
         for fmt in FORMATS:
-            made[where, fmt] = _write(fmt, base, tmp)
+            made[where, fmt] = write_format(fmt, base, tmp)
     return made
 
 
@@ -149,7 +115,7 @@ def test_pyramidal_ome_tiff_levels(where, tmp_path, request):
             "axes": "ZCYX", "PhysicalSizeZ": VOXEL[0], "PhysicalSizeY": VOXEL[1],
             "PhysicalSizeX": VOXEL[2], "Channel": {"Name": NAMES}})
         tw.write(_mean2(zcyx), subfiletype=1)
-    uri = _put(local, request.getfixturevalue("s3_server") + "/pyr.ome.tif") \
+    uri = put_file(local, request.getfixturevalue("s3_server") + "/pyr.ome.tif") \
         if where == "s3" else local
     full = open_volume(uri, channels=["GFP"])
     assert full.voxel_size == pytest.approx(VOXEL) and full.channel_names == ["GFP"]
@@ -166,7 +132,7 @@ def test_s3_tiff_reads_only_the_pages_of_the_box(s3_server, tmp_path, monkeypatc
     stack = np.random.default_rng(1).integers(0, 60000, (32, 64, 64), dtype=np.uint16)
     local = str(tmp_path / "big.tif")
     tifffile.imwrite(local, stack)  # 32 pages of 8 KiB
-    uri = _put(local, f"{s3_server}/lazy/big.tif")
+    uri = put_file(local, f"{s3_server}/lazy/big.tif")
     vol = open_volume(uri)
     assert vol.format == "tiff" and vol.shape == stack.shape and vol.chunks[0] == 1
     box = (slice(10, 12), slice(0, 64), slice(3, 40))
