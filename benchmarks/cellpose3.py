@@ -83,9 +83,9 @@ def main() -> None:
     import zarr
     from cellpose.metrics import average_precision
 
+    from zseg.cli import main as zseg
     from zseg.engine.synth import synth_cells
     from zseg.storage import models
-    from zseg.cli import main as zseg
     from zseg.storage.omezarr import write_ome_zarr
 
     shape = tuple(int(v) for v in args.shape.split(","))

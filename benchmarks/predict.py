@@ -168,10 +168,10 @@ def _phase(a, img, sd, net, device):
     """The predict phase of a planned run; the network built above is the one the phase loads."""
     import torch
 
-    from zseg.storage import models
-    from zseg.run.entry import run_phase
     from zseg.params import build_params
     from zseg.phases.plan import plan
+    from zseg.run.entry import run_phase
+    from zseg.storage import models
     from zseg.storage.omezarr import write_ome_zarr
 
     tmp = tempfile.mkdtemp(prefix="zseg-bench-")

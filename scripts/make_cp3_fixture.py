@@ -32,12 +32,11 @@ import json
 import sys
 from pathlib import Path
 
+import cellpose
 import numpy as np
 import torch
-from scipy import ndimage as ndi
-
-import cellpose
 from cellpose import models, resnet_torch
+from scipy import ndimage as ndi
 
 NBASE = [2, 4, 8, 16]
 K = 10.0  # offset that keeps signals positive through the ReLUs of the hand-set network

@@ -43,7 +43,6 @@ import numpy as np
 import scipy.ndimage
 from numba import njit, prange
 
-
 __all__ = [
     "prepare_flows",
     "sampling",

@@ -51,7 +51,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
 __all__ = [
     "FLOAT32_KEY_BITS",
     "FLOAT32_MANTISSA_BITS",

@@ -19,7 +19,6 @@ from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 from scipy.spatial.transform import Rotation
 
-
 __all__ = ["flows_from_labels", "synth_cells"]
 
 # Seed spacing: two seeds stay at least SPACING * (r_i + r_j) apart. Random sequential addition

@@ -33,10 +33,10 @@ import zarr
 
 from zseg import __version__
 from zseg.engine import pyramid as P
-from zseg.workspace.context import RunContext
 from zseg.storage import uri as U
 from zseg.storage.arrays import create_array, open_array
 from zseg.storage.omezarr import axis_names, ome_attributes, set_ome_attributes
+from zseg.workspace.context import RunContext
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,8 @@ import numpy as np
 
 from zseg.engine import percentiles as P
 from zseg.errors import UserError
-from zseg.errors import UserError
-from zseg.workspace.context import RunContext
 from zseg.storage import uri as U
+from zseg.workspace.context import RunContext
 
 log = logging.getLogger(__name__)
 PHASE = "percentiles"
