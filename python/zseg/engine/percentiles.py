@@ -141,7 +141,7 @@ class Histogram:
         if "key_bits" in arrays and int(np.asarray(arrays["key_bits"])) != _KEY_BITS[dtype]:
             raise ValueError(
                 f"histogram was written with {int(np.asarray(arrays['key_bits']))}-bit keys, this version "
-                f"uses {_KEY_BITS[dtype]} for {dtype}; recompute the percentiles phase"
+                f"uses {_KEY_BITS[dtype]} for {dtype}; recompute the histogram"
             )
         return cls(
             dtype,
