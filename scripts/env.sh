@@ -19,3 +19,5 @@ else
         || "$VENV/bin/python" -m pip install --quiet -e "$ROOT[test]"
 fi
 export PATH="$VENV/bin:$PATH"
+# Nextflow (pinned in scripts/nextflow/pom.xml) from Maven Central, cached beside the venv
+source "$ROOT/scripts/nextflow/install.sh"

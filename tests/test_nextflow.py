@@ -13,10 +13,13 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tomllib
 import typer
@@ -538,44 +541,175 @@ def _groovy_map(values: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# With a real Nextflow (skipped when `nextflow` is not on the PATH)
+# With a real Nextflow: scripts/env.sh installs the release pinned in scripts/nextflow/pom.xml from
+# Maven Central. In CI a missing `nextflow` fails these tests instead of skipping them.
 # ---------------------------------------------------------------------------------------------
 
-needs_nextflow = pytest.mark.skipif(shutil.which("nextflow") is None, reason="no `nextflow` on the PATH")
+PROFILES = {  # profile -> a line `nextflow config` must show for it
+    "standard": "executor = 'local'", "test": "shard_size = 3", "docker": "docker {\n   enabled = true",
+    "singularity": "singularity {\n   enabled = true", "apptainer": "apptainer {\n   enabled = true", "gpu": "accelerator", "slurm": "executor = 'slurm'",
+    "awsbatch": "executor = 'awsbatch'", "google": "executor = 'google-batch'", "codeocean": "executor = 'local'",
+}
+TEST_SYNTH = ["--shape", "16,48,48", "--diameter", "12", "--seed", "1"]  # what -profile test makes (conf/test.config)
 
 
-def _nextflow(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "NXF_ANSI_LOG": "false", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    return subprocess.run(
-        ["nextflow", "run", str(ROOT / "main.nf"), "-w", str(tmp_path / "work"), *args],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800,
-    )
+@pytest.fixture(scope="module")
+def nextflow() -> str:
+    exe = shutil.which("nextflow")
+    if exe is None:
+        if os.environ.get("CI"):
+            pytest.fail("no `nextflow` on the PATH: scripts/env.sh installs it from Maven Central (java and mvn needed)")
+        pytest.skip("no `nextflow` on the PATH (scripts/env.sh installs it)")
+    return exe
 
 
-@needs_nextflow
+def _env() -> dict:
+    return {**os.environ, "NXF_ANSI_LOG": "false",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+
+def _nextflow(tmp_path: Path, *args: str, background: bool = False):
+    argv = ["nextflow", "run", str(ROOT / "main.nf"), "-w", str(tmp_path / "work"), *args]
+    if background:
+        return subprocess.Popen(argv, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+    return subprocess.run(argv, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=1200)
+
+
+def _trace(tmp_path: Path) -> list[dict]:
+    """The rows of the last run's execution trace (the file is overwritten by each run)."""
+    lines = (tmp_path / "pipeline_info" / "execution_trace.txt").read_text().splitlines()
+    header = lines[0].split("\t")
+    return [dict(zip(header, line.split("\t"))) for line in lines[1:] if line.strip()]
+
+
+def _labels(out) -> np.ndarray:
+    import zarr
+
+    return np.asarray(zarr.open_array(str(Path(out) / "labels.zarr" / "0"), mode="r")[...])
+
+
+def _zseg_run(tmp_path: Path, data: Path, out: Path) -> np.ndarray:
+    """The same segmentation as -profile test, by `zseg run` in this process."""
+    from zseg.cli import main
+
+    argv = ["run", str(data / "image.ome.zarr"), str(out), "--flows", str(data / "flows.zarr"),
+            "--diameter", "12", "--chunk-shape", "8,24,24"]
+    assert main(argv) == 0
+    return _labels(out)
+
+
+@pytest.fixture(scope="module")
+def test_profile_run(nextflow, tmp_path_factory):
+    """One real `nextflow run main.nf -profile test`, and `zseg run` on the same synthetic data."""
+    from zseg.cli import main
+
+    tmp = tmp_path_factory.mktemp("nf")
+    run = _nextflow(tmp, "-profile", "test", "--outdir", str(tmp / "results"))
+    assert run.returncode == 0, run.stdout + run.stderr
+    data = tmp / "synth"
+    assert main(["synth", str(data), *TEST_SYNTH]) == 0
+    return {"tmp": tmp, "stdout": run.stdout, "trace": _trace(tmp), "reference": _zseg_run(tmp, data, tmp / "zseg")}
+
+
 @pytest.mark.slow
-def test_nextflow_stub_run(tmp_path):
+def test_nextflow_profile_test_gives_the_labels_of_zseg_run(test_profile_run):
+    tmp = test_profile_run["tmp"]
+    report = json.loads((tmp / "results" / "run.json").read_text())
+    assert report["complete"] and report["result"]["cells"] > 0
+    np.testing.assert_array_equal(_labels(tmp / "results"), test_profile_run["reference"])
+    statuses = {row["status"] for row in test_profile_run["trace"]}
+    assert statuses == {"COMPLETED"}, statuses
+    names = {row["name"].split(" ")[0].split(":")[-1] for row in test_profile_run["trace"]}
+    assert {"ZSEG_PLAN", "ZSEG_SEEDS_FOLLOW", "ZSEG_MASKS", "ZSEG_FINALIZE_REPORT"} <= names
+
+
+@pytest.mark.slow
+def test_nextflow_resume_of_a_finished_run_runs_nothing_again(test_profile_run):
+    tmp = test_profile_run["tmp"]
+    again = _nextflow(tmp, "-profile", "test", "-resume", "--outdir", str(tmp / "results"))
+    assert again.returncode == 0, again.stdout + again.stderr
+    rows = _trace(tmp)
+    assert len(rows) == len(test_profile_run["trace"])
+    assert {row["status"] for row in rows} == {"CACHED"}, [(r["name"], r["status"]) for r in rows]
+    np.testing.assert_array_equal(_labels(tmp / "results"), test_profile_run["reference"])
+
+
+def _task_pids(words: tuple[str, ...]) -> list[int]:
+    """Processes whose command line is a `zseg <phase>` task of one of ``words``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "zseg" in cmd and "--run" in cmd and any(f" {w} " in f" {cmd} " for w in words):
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_nextflow_resume_after_a_killed_task_caches_what_finished(nextflow, test_profile_run, tmp_path):
+    """SIGKILL one task midway (with retries off, the run stops), then -resume: every task that had
+    finished is CACHED and the labels are those of the uninterrupted run."""
+    (tmp_path / "no-retry.config").write_text("process.errorStrategy = 'terminate'\nprocess.maxRetries = 0\n")
+    args = ("-profile", "test", "-c", str(tmp_path / "no-retry.config"), "--outdir", str(tmp_path / "results"))
+    proc = _nextflow(tmp_path, *args, background=True)
+    killed = None
+    deadline = time.monotonic() + 600
+    while killed is None and proc.poll() is None and time.monotonic() < deadline:
+        pids = _task_pids(("masks", "finalize"))
+        if pids:
+            os.kill(pids[0], signal.SIGKILL)
+            killed = pids[0]
+        time.sleep(0.02)
+    out, _ = proc.communicate(timeout=600)
+    assert killed is not None, "no masks or finalize task was seen running: " + out[-2000:]
+    assert proc.returncode != 0, out[-2000:]
+    before = {r["hash"]: r for r in _trace(tmp_path)}
+    finished = {h for h, r in before.items() if r["status"] == "COMPLETED"}
+    assert finished and any(r["status"] in ("FAILED", "ABORTED") for r in before.values()), before
+    again = _nextflow(tmp_path, *args[:-2], "-resume", "--outdir", str(tmp_path / "results"))
+    assert again.returncode == 0, again.stdout + again.stderr
+    rows = {r["hash"]: r for r in _trace(tmp_path)}
+    assert all(rows[h]["status"] == "CACHED" for h in finished if h in rows), {h: rows[h]["status"] for h in finished if h in rows}
+    assert finished <= set(rows), "a task that had finished ran under another hash"
+    assert any(r["status"] == "COMPLETED" for r in rows.values()), "the killed task was not run again"
+    np.testing.assert_array_equal(_labels(tmp_path / "results"), test_profile_run["reference"])
+
+
+@pytest.mark.slow
+def test_nextflow_with_given_flows_equals_zseg_run(nextflow, test_profile_run, tmp_path):
+    from zseg.cli import main
+
+    data = tmp_path / "data"
+    assert main(["synth", str(data), *TEST_SYNTH]) == 0
+    run = _nextflow(tmp_path, "--input", str(data / "image.ome.zarr"), "--flows", str(data / "flows.zarr"),
+                    "--diameter", "12", "--chunk_shape", "8,24,24", "--shard_size", "4", "--outdir", str(tmp_path / "out"))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert {r["status"] for r in _trace(tmp_path)} == {"COMPLETED"}
+    np.testing.assert_array_equal(_labels(tmp_path / "out"), test_profile_run["reference"])
+
+
+@pytest.mark.slow
+def test_nextflow_stub_run(nextflow, tmp_path):
     run = _nextflow(tmp_path, "-profile", "test", "-stub-run", "--outdir", str(tmp_path / "results"))
     assert run.returncode == 0, run.stdout + run.stderr
-    trace = (tmp_path / "pipeline_info" / "execution_trace.txt").read_text()
-    for name in ("ZSEG_PLAN", "ZSEG_SEEDS_FOLLOW", "ZSEG_FINALIZE_REPORT"):
-        assert name in trace
+    names = {row["name"].split(" ")[0].split(":")[-1] for row in _trace(tmp_path)}
+    assert {"ZSEG_PLAN", "ZSEG_SEEDS_FOLLOW", "ZSEG_FINALIZE_REPORT"} <= names
 
 
-@needs_nextflow
-@pytest.mark.slow
-def test_nextflow_profile_test(tmp_path):
-    run = _nextflow(tmp_path, "-profile", "test", "--outdir", str(tmp_path / "results"))
-    assert run.returncode == 0, run.stdout + run.stderr
-    report = json.loads((tmp_path / "results" / "run.json").read_text())
-    assert report.get("complete")
-    # resuming a finished run does no new work
-    again = _nextflow(tmp_path, "-profile", "test", "-resume", "--outdir", str(tmp_path / "results"))
-    assert again.returncode == 0, again.stdout + again.stderr
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_nextflow_config_resolves_every_profile(nextflow, profile, tmp_path):
+    cfg = subprocess.run(["nextflow", "config", "-profile", profile, str(ROOT)], cwd=tmp_path, env=_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert cfg.returncode == 0, cfg.stdout + cfg.stderr
+    assert PROFILES[profile] in cfg.stdout, cfg.stdout
 
 
-@needs_nextflow
-def test_nextflow_requires_input(tmp_path):
+def test_nextflow_requires_input(nextflow, tmp_path):
     run = _nextflow(tmp_path, "--outdir", str(tmp_path / "results"))
     assert run.returncode != 0
     assert "--input is missing" in run.stdout + run.stderr

@@ -70,6 +70,23 @@ NEXTFLOW_ONLY: dict[str, dict] = {
         "type": "string",
         "description": "Queue or partition for the GPU tasks (label process_gpu) with -profile gpu; default: queue.",
     },
+    "max_cpus": {
+        "type": "integer",
+        "minimum": 1,
+        "description": "Most CPUs a task may request; default: this machine's CPUs on the local executor, no cap "
+        "under -profile slurm, awsbatch or google.",
+    },
+    "max_memory": {
+        "type": "string",
+        "pattern": r"^\d+(\.\d+)?\s*\.?\s*(K|M|G|T)B$",
+        "description": "Most memory a task may request, e.g. '64 GB'; default: this machine's memory on the "
+        "local executor, no cap under -profile slurm, awsbatch or google.",
+    },
+    "max_time": {
+        "type": "string",
+        "pattern": r"^\d+(\.\d+)?\s*(s|m|h|d)$",
+        "description": "Longest time a task may request, e.g. '48h'; default 240h on the local executor.",
+    },
     "gpu_type": {
         "type": "string",
         "description": "Accelerator type requested for a GPU task with -profile gpu, where the executor "
@@ -98,7 +115,7 @@ GROUPS = [
      ["chunk_shape", "halo", "shard_size", "device", "zarr_format", "cells_csv", "overwrite"]),
     ("nextflow_options", "Nextflow", "fas fa-cogs",
      "Queues, accelerators and reports of the Nextflow run.",
-     ["queue", "gpu_queue", "gpu_type", "tracedir"]),
+     ["queue", "gpu_queue", "gpu_type", "max_cpus", "max_memory", "max_time", "tracedir"]),
 ]
 OTHER_GROUP = ("other_options", "Other zseg parameters", "fas fa-question", "Parameters without a group yet.")
 
