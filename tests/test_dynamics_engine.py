@@ -248,8 +248,8 @@ def test_follow_flows_is_block_invariant_3d(shape, seed, magnitude, sink, quanti
     _check_block_invariance(shape, seed, magnitude, sink, quantize, niter, data)
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
+#: Random smooth 2D flow fields and blocks of them (hypothesis strategies).
+PLANE_FIELDS = dict(
     shape=st.tuples(st.integers(3, 20), st.integers(3, 20)),
     seed=st.integers(0, 2**32 - 1),
     magnitude=st.floats(0.1, 3.0),
@@ -258,20 +258,16 @@ def test_follow_flows_is_block_invariant_3d(shape, seed, magnitude, sink, quanti
     niter=st.integers(0, 40),
     data=st.data(),
 )
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(**PLANE_FIELDS)
 def test_follow_flows_is_block_invariant_2d(shape, seed, magnitude, sink, quantize, niter, data):
     _check_block_invariance(shape, seed, magnitude, sink, quantize, niter, data)
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    shape=st.tuples(st.integers(3, 20), st.integers(3, 20)),
-    seed=st.integers(0, 2**32 - 1),
-    magnitude=st.floats(0.1, 3.0),
-    sink=st.sampled_from([0.0, 1.0]),
-    quantize=st.booleans(),
-    niter=st.integers(0, 40),
-    data=st.data(),
-)
+@given(**PLANE_FIELDS)
 def test_the_2d_kernel_equals_the_3d_kernel_on_one_plane(shape, seed, magnitude, sink, quantize, niter, data):
     """The 2D kernel stays a kernel of its own (the 3D one costs 20 % more on a plane:
     benchmarks/kernel2d.py), so it is pinned to the 3D kernel: the same plane as a volume one voxel

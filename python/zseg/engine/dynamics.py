@@ -26,6 +26,8 @@ oscillating around a sink are counted in other histogram bins.) :func:`compute_m
 the steps on a whole volume and is the reference that the chunked phases must reproduce bit
 for bit.
 
+docs/architecture.md ("Invariants") says how the chunked phases use these functions.
+
 All functions accept 2D (``ndim = 2``) and 3D (``ndim = 3``) data. Flow fields have shape
 ``(ndim, *spatial)``, point lists ``(N, ndim)``; coordinates are in voxels, axis order
 as in the array (``Z, Y, X`` or ``Y, X``).

@@ -1,4 +1,5 @@
-"""Phase 6, ``finalize``: per-cell decisions made once per cell, consecutive IDs, the labels.
+"""Phase 6, ``finalize``: per-cell decisions made once per cell, consecutive IDs, the labels
+(docs/architecture.md, "Phases and stages" and "Invariants").
 
 Stages:
 

@@ -8,7 +8,8 @@ frame: this is what makes the labels independent of the chunking.
 
 Stage ``find`` (map, after every ``follow``): the end points of all voxels of the block are
 histogrammed over the core grown by ``MARGIN``; the histogram's local maxima that lie in the
-core are the chunk's seeds, and each seed's region is grown as Cellpose grows it. Exact as
+core are the chunk's seeds, and each seed's region is grown as Cellpose grows it
+(docs/architecture.md, "Invariants": what the halo must hold). Exact as
 long as no trajectory is longer than ``halo - MARGIN`` (counted and reported otherwise).
 """
 

@@ -8,7 +8,8 @@ name says otherwise. The grid is N-dimensional (3D volumes and 2D slides use the
   arrays are chunked with ``chunk_shape``, so a task that writes its cores writes whole zarr
   chunks that no other task writes.
 - A **block** is a core grown by ``halo`` voxels on each side, clipped at the volume border. A
-  task reads its block and writes its core.
+  task reads its block and writes its core. What the halo must hold for the labels to be exact:
+  docs/architecture.md, "Invariants".
 """
 
 from __future__ import annotations
