@@ -45,42 +45,6 @@ workflow {
         container_options: mountOptions([params.input, params.flows, params.outdir, params.work, params.mask, modelPath(params.model), modelPath(params.model_ortho)]),
     ]
 
-    // Every RunParams field but input, output and flows (given with the data) and workers (a
-    // local run's pool); null leaves zseg's default (nextflow_schema.json shows it).
-    def run_params = [
-        work: params.work ? absoluteUri(params.work) : null,
-        axes: params.axes,
-        level: params.level,
-        channels: params.channels,
-        timepoint: params.timepoint,
-        voxel_size: params.voxel_size,
-        anisotropy: params.anisotropy,
-        model: modelPath(params.model) ?: params.model,
-        model_ortho: modelPath(params.model_ortho) ?: params.model_ortho,
-        diameter: params.diameter,
-        percentiles: params.percentiles,
-        exclude_zeros: params.exclude_zeros,
-        tile_overlap: params.tile_overlap,
-        augment: params.augment,
-        batch_size: params.batch_size,
-        use_bfloat16: params.use_bfloat16,
-        skip_empty: params.skip_empty,
-        mask: params.mask ? absoluteUri(params.mask) : null,
-        keep_views: params.keep_views,
-        flows_dtype: params.flows_dtype,
-        cellprob_threshold: params.cellprob_threshold,
-        niter: params.niter,
-        flow3D_smooth: params.flow3D_smooth,
-        min_size: params.min_size,
-        max_size: params.max_size,
-        chunk_shape: params.chunk_shape,
-        halo: params.halo,
-        device: params.device,
-        zarr_format: params.zarr_format,
-        cells_csv: params.cells_csv,
-        overwrite: params.overwrite,
-    ]
-
     def ch_data = null
     if (params.synth) {
         ZSEG_SYNTH(channel.value([meta, params.synth.toString()]))
@@ -90,7 +54,10 @@ workflow {
         ch_data = channel.value([meta, absoluteUri(params.input), params.flows ? absoluteUri(params.flows) : ''])
     }
 
-    ZSEG(ch_data, run_params, params.shard_size as Integer)
+    // every parameter goes to `zseg plan` as it is: zseg maps Nextflow's names to its own,
+    // resolves relative paths and model names, and refuses what it does not know
+    // (launch_dir as text: a Path in a task's script would be hashed with its mtime, and break -resume)
+    ZSEG(ch_data, new LinkedHashMap(params) + [launch_dir: workflow.launchDir.toString()], params.shard_size as Integer)
 
     ZSEG.out.report.view { m, _report -> "zseg: finished; labels in ${m.run}/labels.zarr, run report in ${m.run}/run.json" }
 }

@@ -9,6 +9,7 @@ and a script or stub that is one triple-double-quoted string.
 from __future__ import annotations
 
 import re
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,7 +97,8 @@ def processes(root: Path = ROOT) -> dict[str, ProcessText]:
 
 
 def render(template: str, values: dict[str, str]) -> str:
-    """Fill a Groovy GString template: each ``${expr}`` from ``values[expr]`` (KeyError if unknown)."""
+    """Fill a Groovy GString template: each ``${expr}`` from ``values[expr]`` (KeyError if unknown),
+    then strip the common indentation, as Nextflow does with a process script."""
     if re.search(r"(?<![\\$])\$[A-Za-z_]", template):
         raise ValueError("write ${name}, not $name, in templates (the tests fill ${...} only)")
 
@@ -106,7 +108,7 @@ def render(template: str, values: dict[str, str]) -> str:
             raise KeyError(f"no test value for ${{{key}}}")
         return str(values[key])
 
-    return _INTERP.sub(fill, template).replace("\\$", "$")
+    return textwrap.dedent(_INTERP.sub(fill, template).replace("\\$", "$"))
 
 
 def params_used(root: Path = ROOT) -> dict[str, set[Path]]:

@@ -25,7 +25,7 @@ include { ZSEG_FINALIZE_REPORT    } from '../modules/local/finalize/report'
 workflow ZSEG {
     take:
     ch_data     // channel: [ meta, input URI, flows URI or '' (predict computes them) ]; meta.run is the output folder URI
-    run_params  // map: the other RunParams fields (null: zseg's default)
+    run_params  // map: the run's params, Nextflow's names (zseg plan reads them; null: zseg's default)
     shard_size  // integer: chunks per map task
 
     main:

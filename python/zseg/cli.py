@@ -27,6 +27,7 @@ from zseg.params import RunParams, build_params
 from zseg.phases.plan import plan as do_plan
 from zseg.phases.synth import synth as do_synth
 from zseg.run.entry import run_local, run_phase
+from zseg.schema import params_from_nextflow
 
 app = typer.Typer(
     name="zseg",
@@ -96,6 +97,17 @@ def _emit(path: Optional[str], payload: dict) -> None:
             json.dump(payload, f, indent=2)
 
 
+def _read_json(path: str, flag: str) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{flag} {path!r} cannot be read as JSON ({e}).") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{flag} {path!r} holds a {type(data).__name__}, not a JSON object of parameters.")
+    return data
+
+
 def _params(input: str, output: str, config: Optional[str], flags: dict) -> RunParams:
     return build_params(config, input=input, output=output, **flags)
 
@@ -115,9 +127,12 @@ def _root(
 @app.command()
 @param_options()
 def plan(
-    input: str = typer.Argument(..., help="Input volume (path or s3:// URI)."),
-    output: str = typer.Argument(..., help="Output/run folder (path or s3:// URI)."),
+    input: Optional[str] = typer.Argument(None, help="Input volume (path or s3:// URI)."),
+    output: Optional[str] = typer.Argument(None, help="Output/run folder (path or s3:// URI)."),
     config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML/JSON parameter file; flags win."),
+    nextflow_params: Optional[str] = typer.Option(
+        None, "--nextflow-params", help="JSON of a Nextflow run's params (what the pipeline's plan task writes): "
+        "Nextflow's names, relative paths against its launch_dir; flags win."),
     emit: Optional[str] = EmitOpt,
     check_model: bool = typer.Option(False, "--check-model/--no-check-model",
                                      help="Also find and check the network now (download a missing built-in one)."),
@@ -125,7 +140,18 @@ def plan(
     flags: dict,
 ):
     """Validate input and parameters, fix the chunk grid, write OUTPUT/run.json."""
-    run = do_plan(_params(input, output, config, flags), check_model=check_model)
+    if nextflow_params is not None:
+        if config is not None:
+            raise UserError("give --config or --nextflow-params, not both.")
+        values = params_from_nextflow(_read_json(nextflow_params, "--nextflow-params"))
+        input, output = input or values.pop("input", None), output or values.pop("output", None)
+        given = {k: v for k, v in flags.items() if v is not None}  # flags win over the JSON
+        params = build_params(None, **{**values, "input": input, "output": output, **given})
+    elif input is None or output is None:
+        raise UserError("give INPUT and OUTPUT (or --nextflow-params): `zseg plan INPUT OUTPUT [options]`.")
+    else:
+        params = _params(input, output, config, flags)
+    run = do_plan(params, check_model=check_model)
     summary = {"run": run.root, "nchunks": run.grid.nchunks, "grid": run.manifest["grid"]}
     _emit(emit, summary)
     typer.echo(json.dumps(summary))

@@ -17,12 +17,15 @@ three differences, all listed here:
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
 import typing
 
 import annotated_types
 from pydantic.fields import FieldInfo
 
+from zseg.errors import UserError
 from zseg.params import RunParams
 
 SCHEMA_URI = "https://json-schema.org/draft/2020-12/schema"
@@ -193,6 +196,63 @@ def _property(name: str, field: FieldInfo) -> dict:
     elif name in ("output", "work", "flows"):
         prop["format"] = "directory-path"
     return prop
+
+
+#: RunParams fields that hold a path or URI (relative local paths are the launch folder's), and
+#: those that hold a model: a name (cpsam) or a path (anything with a slash or a .pt/.pth suffix).
+PATH_FIELDS = ("input", "output", "work", "flows", "mask")
+MODEL_FIELDS = ("model", "model_ortho")
+
+
+def _is_remote(value: str) -> bool:
+    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", value) is not None
+
+
+def _absolute(value, launch_dir: str | None):
+    text = str(value)
+    if _is_remote(text) or launch_dir is None:
+        return text
+    return os.path.normpath(os.path.join(launch_dir, os.path.expanduser(text)))
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])([A-Z])", lambda m: "_" + m.group(1).lower(), name)
+
+
+def params_from_nextflow(values: dict) -> dict:
+    """The RunParams values of a Nextflow run's ``params`` (as main.nf's plan task writes them).
+
+    Nextflow's names become the model's (``outdir`` -> ``output``; ``chunk-shape`` and Nextflow's
+    camelCase copy ``chunkShape`` -> ``chunk_shape``), Nextflow-only parameters are dropped, empty
+    values mean zseg's default, and relative local paths (and model paths) are resolved against
+    ``launch_dir``, the folder ``nextflow run`` was started in. A parameter that is neither a field
+    nor Nextflow-only (a typo) is refused, one line each.
+    """
+    values = dict(values)
+    launch_dir = values.pop("launch_dir", None)
+    back = {v: k for k, v in RENAMED.items()}
+    out, unknown = {}, []
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        name = back.get(name, name)
+        if name not in RunParams.model_fields:
+            name = back.get(_snake(key), _snake(key))
+        if name in NEXTFLOW_ONLY or name in NOT_IN_NEXTFLOW:
+            continue
+        if name not in RunParams.model_fields:
+            unknown.append(key)
+            continue
+        if value is None or value == "":
+            continue
+        if name in PATH_FIELDS:
+            value = _absolute(value, launch_dir)
+        elif name in MODEL_FIELDS and ("/" in str(value) or str(value).endswith((".pt", ".pth"))):
+            value = _absolute(value, launch_dir)
+        out[name] = value
+    if unknown:
+        raise UserError(*(f"--{k} is not a parameter of the zseg pipeline; see docs/nextflow.md for the list."
+                          for k in sorted(unknown)))
+    return out
 
 
 def nextflow_params() -> dict[str, dict]:

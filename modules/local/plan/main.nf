@@ -1,6 +1,7 @@
 // Validate the input and the parameters (and, without flows, find and check the network), fix the
 // chunk grid and write RUN/run.json; emits plan.json ({"run": ..., "nchunks": N, "grid": {...}}),
-// from which the workflow makes the shards.
+// from which the workflow makes the shards. run_params are the run's params as Nextflow has them,
+// with launch_dir, the folder relative paths are relative to.
 process ZSEG_PLAN {
     tag "${meta.id}"
     label 'process_low'
@@ -16,31 +17,19 @@ process ZSEG_PLAN {
 
     script:
     def args = task.ext.args ?: ''
-    def flows_flag = flows ? "--flows '${flows}'" : ''
+    // The parameters travel as one line of JSON in a quoted here-document: no flag is built and
+    // nothing is quoted here (JSON escapes line breaks, so no line can end the document early).
+    def values = run_params + [input: input, flows: flows ?: null, outdir: meta.run]
+    def json = groovy.json.JsonOutput.toJson(values)
     """
-    zseg plan '${input}' '${meta.run}' ${flows_flag} ${planFlags(run_params)} --check-model --emit plan.json ${args}
+    cat > nextflow_params.json <<'ZSEG_PARAMS'
+    ${json}
+    ZSEG_PARAMS
+    zseg plan --nextflow-params nextflow_params.json --check-model --emit plan.json ${args}
     """
 
     stub:
     """
     echo '{"run": "${meta.run}", "nchunks": 8, "grid": {}, "stub": true}' > plan.json
     """
-}
-
-// RunParams values as `zseg plan` flags, each the field's name in kebab case: a list becomes
-// "a,b,c", a boolean --name or --no-name; null values are left out, so zseg's defaults apply.
-def planFlags(Map values) {
-    return values
-        .findAll { _name, value -> value != null }
-        .collect { name, value -> planFlag(name, value) }
-        .join(' ')
-}
-
-def planFlag(String name, value) {
-    def flag = '--' + name.replace('_', '-')
-    if (value instanceof Boolean) {
-        return value ? flag : '--no-' + flag.substring(2)
-    }
-    def text = value instanceof List ? value.join(',') : value.toString()
-    return flag + " '" + text.replace("'", "'\\''") + "'"
 }
