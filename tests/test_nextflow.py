@@ -28,7 +28,16 @@ import yaml
 from tests import nextflow_text as NT
 from zseg.cli import app
 from zseg.params import RunParams
-from zseg.schema import NEXTFLOW_ONLY, NOT_IN_NEXTFLOW, RENAMED, build_schema, markdown_table, render_json
+from zseg.errors import UserError
+from zseg.schema import (
+    NEXTFLOW_ONLY,
+    NOT_IN_NEXTFLOW,
+    RENAMED,
+    build_schema,
+    markdown_table,
+    params_from_nextflow,
+    render_json,
+)
 from zseg.workspace.stages import STAGES
 
 ROOT = NT.ROOT
@@ -45,13 +54,6 @@ NOT_STAGES = {"ZSEG_PLAN": "plan", "ZSEG_SYNTH": "the synthetic test volume of -
 #: The only processes that may output something other than a small JSON manifest, and why.
 NON_MANIFEST_OUTPUTS = {"ZSEG_SYNTH": "the tiny test volume lives in its task folder; plan gets its URI"}
 
-#: RunParams fields not passed to `zseg plan` through the run_params map of main.nf, and why.
-NOT_IN_RUN_PARAMS = {
-    "input": "given with the data channel (or made by ZSEG_SYNTH)",
-    "output": "outdir: the run folder, meta.run",
-    "flows": "given with the data channel (or made by ZSEG_SYNTH)",
-    **NOT_IN_NEXTFLOW,
-}
 
 
 def _values(tmp: Path | str = "/tmp/zseg-run") -> dict[str, str]:
@@ -65,18 +67,21 @@ def _values(tmp: Path | str = "/tmp/zseg-run") -> dict[str, str]:
         "shape": "16,48,48",
         "input": "/data/volume.ome.zarr",
         "flows": "/data/flows.zarr",
-        "flows_flag": "--flows '/data/flows.zarr'",
         "task.cpus": "2",
         "args": "",
-        "planFlags(run_params)": "",
+        "json": "{}",
     }
 
 
 def _zseg_call(proc: NT.ProcessText, values=None) -> list[str]:
+    """The process's one call of a bin/ entrypoint, as the ``zseg`` command it runs:
+    ``zseg-seeds --run R`` -> ``["zseg", "seeds", "--run", "R"]``."""
     lines = [ln.strip() for ln in NT.render(proc.script, values or _values()).splitlines()]
-    calls = [ln for ln in lines if ln.startswith("zseg ")]
-    assert len(calls) == 1, f"{proc.name}: expected one zseg command in its script, found {calls}"
-    return shlex.split(calls[0])
+    calls = [ln for ln in lines if ln.startswith("zseg-")]
+    assert len(calls) == 1, f"{proc.name}: expected one zseg-<phase> command in its script, found {calls}"
+    argv = shlex.split(calls[0])
+    assert (ROOT / "bin" / argv[0]).is_file(), f"{proc.name}: {argv[0]} is not in bin/"
+    return ["zseg", argv[0].removeprefix("zseg-"), *argv[1:]]
 
 
 def _stage_of(argv: list[str]):
@@ -233,27 +238,91 @@ def test_config_declares_every_param_with_the_schema_default():
             assert value is None, f"params.{name} = {value!r}: leave model fields null (zseg's default)"
 
 
-def test_main_passes_every_model_field_to_plan(cli):
+def test_main_hands_every_parameter_to_plan_as_json(procs):
+    """No hand-kept list of fields in Groovy: main.nf passes params whole, the plan task writes them
+    as JSON in a quoted here-document and `zseg plan --nextflow-params` reads them."""
     body = NT.workflow_body(ROOT / "main.nf", "")
-    run_params = NT.map_literal(body, "run_params")
-    expected = set(RunParams.model_fields) - set(NOT_IN_RUN_PARAMS)
-    assert set(run_params) == expected, f"run_params vs RunParams: {set(run_params) ^ expected}"
-    plan_opts = {o for p in cli.commands["plan"].params for o in (*p.opts, *p.secondary_opts)}
-    for key, expr in run_params.items():
-        assert re.search(rf"\bparams\.{key}\b", expr), f"run_params.{key} = {expr}: should read params.{key}"
-        flag = "--" + key.replace("_", "-")
-        assert flag in plan_opts, f"run_params.{key}: `zseg plan` has no {flag}"
-        if RunParams.model_fields[key].annotation is bool:
-            assert "--no-" + flag[2:] in plan_opts, f"`zseg plan` has no --no-{flag[2:]}"
-
-
-def test_flows_are_optional_and_passed_only_when_given(procs):
-    body = NT.workflow_body(ROOT / "main.nf", "")
-    assert "--flows is missing" not in body  # without flows, the predict stage computes them
-    assert "params.flows ? absoluteUri(params.flows) : ''" in body
+    assert "ZSEG(ch_data, new LinkedHashMap(params) + [launch_dir: workflow.launchDir.toString()]," in body
+    assert "run_params = [" not in body
     plan = procs["ZSEG_PLAN"]
-    assert "def flows_flag = flows ? \"--flows '${flows}'\" : ''" in plan.script_groovy
-    assert "--flows" not in NT.render(plan.script, {**_values(), "flows_flag": ""})
+    assert "groovy.json.JsonOutput.toJson(values)" in plan.script_groovy
+    assert "flows: flows ?: null" in plan.script_groovy  # without flows, the predict stage computes them
+    argv = _zseg_call(plan)
+    assert argv[:4] == ["zseg", "plan", "--nextflow-params", "nextflow_params.json"], argv  # bin/zseg-plan
+    rendered = NT.render(plan.script, _values())
+    assert "cat > nextflow_params.json <<'ZSEG_PARAMS'\n{}\nZSEG_PARAMS\n" in rendered
+
+
+def test_every_pipeline_parameter_reaches_plan_under_its_own_name():
+    """Each parameter of nextflow_schema.json is a RunParams field (under Nextflow's name) or a
+    Nextflow-only one that plan drops; a typo is refused."""
+    schema = json.loads((ROOT / "nextflow_schema.json").read_text())
+    names = [n for group in schema["$defs"].values() for n in group["properties"]]
+    values = {n: None for n in names}
+    assert params_from_nextflow(values) == {}  # null everywhere: zseg's defaults
+    for name in names:
+        field = {v: k for k, v in RENAMED.items()}.get(name, name)
+        assert field in RunParams.model_fields or name in NEXTFLOW_ONLY, name
+    with pytest.raises(UserError, match="--diamter is not a parameter"):
+        params_from_nextflow({"diamter": 12})
+
+
+def test_plan_maps_nextflow_names_and_resolves_paths_against_the_launch_folder():
+    got = params_from_nextflow({
+        "launch_dir": "/launch", "input": "data/img.ome.zarr", "outdir": "results", "flows": "s3://b/flows.zarr",
+        "chunk-shape": "8,24,24", "chunkShape": "8,24,24", "flow3D_smooth": 1, "model": "cpsam",
+        "model_ortho": "nets/ortho.pt", "mask": "", "shard_size": 4, "synth": None, "tracedir": "pipeline_info",
+    })
+    assert got == {"input": "/launch/data/img.ome.zarr", "output": "/launch/results", "flows": "s3://b/flows.zarr",
+                   "chunk_shape": "8,24,24", "flow3D_smooth": 1, "model": "cpsam",
+                   "model_ortho": "/launch/nets/ortho.pt"}
+
+
+def test_bin_has_one_entrypoint_per_phase_that_is_the_cli():
+    """bin/ (on every task's PATH) holds an executable `zseg-<phase>` per phase, each only handing
+    its arguments to the CLI's command of that phase."""
+    phases = {name.split(":")[0] for name in STAGES} | {"plan", "synth"}
+    scripts = {p.name: p for p in (ROOT / "bin").iterdir()}
+    assert set(scripts) == {f"zseg-{ph}" for ph in phases}, sorted(scripts)
+    for name, path in scripts.items():
+        assert os.access(path, os.X_OK), f"bin/{name} is not executable"
+        text = path.read_text()
+        assert text.startswith("#!/usr/bin/env python3\n") and "from zseg.cli import main" in text, name
+        assert f'main(["{name.removeprefix("zseg-")}", *sys.argv[1:]])' in text, name
+
+
+def test_a_plain_checkout_runs_the_entrypoints_without_installing_zseg(tmp_path):
+    """What a local or conda run of the pipeline does: the dependencies in the environment, zseg
+    from the checkout's python/ (nextflow.config puts it on PYTHONPATH), nothing installed. Here
+    the installed zseg is hidden by starting Python without its site hooks (-S)."""
+    import sysconfig
+
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'python'}{os.pathsep}{sysconfig.get_paths()['purelib']}"}
+    where = subprocess.run([sys.executable, "-S", "-c", "import zseg; print(zseg.__file__)"], env=env,
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert where == str(ROOT / "python" / "zseg" / "__init__.py")
+    out = tmp_path / "synth"
+    run = subprocess.run([sys.executable, "-S", str(ROOT / "bin" / "zseg-synth"), str(out), "--shape", "8,16,16",
+                          "--diameter", "6"], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["cells"] > 0 and (out / "flows.zarr").exists()
+
+
+def test_python_path_is_the_checkouts_without_a_container_and_the_images_within():
+    config = (ROOT / "nextflow.config").read_text()
+    assert 'PYTHONPATH       = "${projectDir}/python"' in config
+    for profile in ("docker", "singularity", "apptainer"):
+        block = config.split(f"    {profile} {{", 1)[1].split("\n    }", 1)[0]
+        assert "env.PYTHONPATH" in block and "''" in block, profile
+
+
+def test_plan_from_nextflow_params_refuses_bad_files(tmp_path, refused):
+    bad = tmp_path / "params.json"
+    bad.write_text("[1, 2]")
+    refused(["plan", "--nextflow-params", str(bad)], "not a JSON object")
+    bad.write_text('{"input": "x", "outdir": "y", "diamter": 3}')
+    refused(["plan", "--nextflow-params", str(bad)], "--diamter is not a parameter of the zseg pipeline")
+    refused(["plan", str(tmp_path / "in")], "give INPUT and OUTPUT")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,39 +538,17 @@ def test_test_extra_has_the_tools_these_tests_use():
 
 @pytest.mark.slow
 def test_emulated_run_of_the_rendered_scripts(procs, tmp_path):
-    """Run each process's script as the workflow would (plan, then every stage, per shard).
+    """Run each process's script as the workflow would (plan, then every stage, per shard), with
+    bash and without Nextflow: the real runs are below; this one needs neither java nor Maven.
 
-    The plan flags come from the Groovy functions of modules/local/plan/main.nf, evaluated by
-    the Groovy in the language-server jar, so their quoting is tested as Nextflow runs it. This
-    checks what the text tests cannot: the stage order and shards really make a finished run.
-    """
-    pytest.importorskip("jpype")
-    if shutil.which("java") is None:
-        pytest.skip("no java")
-    from tests import nextflow_ls
-
-    nextflow_ls._start()
-    from jpype import JClass
-
-    plan_nf = (ROOT / "modules/local/plan/main.nf").read_text()
-    functions = plan_nf[plan_nf.index("def planFlags"):]
-
-    def plan_flags(values: dict) -> str:
-        return str(JClass("groovy.lang.GroovyShell")().evaluate(f"{functions}\nplanFlags({_groovy_map(values)})\n"))
-
-    odd = {"chunk_shape": [8, 24, 24], "exclude_zeros": True, "overwrite": False, "min_size": None,
-           "model": "it's a path", "diameter": 12.5}
-    assert shlex.split(plan_flags(odd)) == ["--chunk-shape", "8,24,24", "--exclude-zeros", "--no-overwrite",
-                                            "--model", "it's a path", "--diameter", "12.5"]
-    flags = plan_flags({"chunk_shape": "8,24,24", "diameter": 12, "overwrite": False, "min_size": None})
-
+    The plan task's JSON is what its Groovy writes: the run's params under Nextflow's names."""
     bash = shutil.which("bash")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {**os.environ, "PATH": os.pathsep.join([str(ROOT / "bin"), str(Path(sys.executable).parent), os.environ["PATH"]])}
 
     def run(proc, **extra):
         work = tmp_path / "work" / f"{proc.name}.{extra.get('index', '')}"
         work.mkdir(parents=True)
-        values = {**_values(tmp_path / "results"), "planFlags(run_params)": flags, "task.cpus": "1", **extra}
+        values = {**_values(tmp_path / "results"), "task.cpus": "1", **extra}
         done = subprocess.run([bash, "-euo", "pipefail", "-c", NT.render(proc.script, values)], cwd=work, env=env,
                               capture_output=True, text=True)
         assert done.returncode == 0, f"{proc.name}: {done.stderr}"
@@ -509,8 +556,10 @@ def test_emulated_run_of_the_rendered_scripts(procs, tmp_path):
 
     work = run(procs["ZSEG_SYNTH"], shape="16,48,48", args="--diameter 12 --seed 1")
     data = work / "synth"
-    work = run(procs["ZSEG_PLAN"], input=str(data / "image.ome.zarr"),
-               flows_flag=f"--flows '{data / 'flows.zarr'}'")
+    nf_params = {"chunk_shape": "8,24,24", "diameter": 12, "overwrite": False, "min_size": None, "shard_size": 3,
+                 "input": str(data / "image.ome.zarr"), "flows": str(data / "flows.zarr"),
+                 "outdir": str(tmp_path / "results"), "launch_dir": str(tmp_path)}
+    work = run(procs["ZSEG_PLAN"], json=json.dumps(nf_params))
     nchunks = json.loads((work / "plan.json").read_text())["nchunks"]
     assert nchunks == 8
     count = -(-nchunks // 3)  # shard_size 3: shards of 3, 3 and 2 chunks
@@ -523,21 +572,6 @@ def test_emulated_run_of_the_rendered_scripts(procs, tmp_path):
     report = json.loads((tmp_path / "results" / "run.json").read_text())
     assert report.get("complete"), "the run did not finish"
     assert (tmp_path / "results" / "labels.zarr").exists()
-
-
-def _groovy_map(values: dict) -> str:
-    def lit(v):
-        if v is None:
-            return "null"
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, list):
-            return "[" + ", ".join(lit(x) for x in v) + "]"
-        return "'" + str(v).replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-    return "[" + ", ".join(f"{k}: {lit(v)}" for k, v in values.items()) + "]"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -635,8 +669,9 @@ def test_nextflow_resume_of_a_finished_run_runs_nothing_again(test_profile_run):
     np.testing.assert_array_equal(_labels(tmp / "results"), test_profile_run["reference"])
 
 
-def _task_pids(words: tuple[str, ...]) -> list[int]:
-    """Processes whose command line is a `zseg <phase>` task of one of ``words``."""
+def _task_pids(run: Path, words: tuple[str, ...]) -> list[int]:
+    """Processes whose command line is a `zseg <phase>` task, of one of ``words``, of the run in
+    folder ``run`` (never another test's, which may run at the same time)."""
     pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -645,7 +680,7 @@ def _task_pids(words: tuple[str, ...]) -> list[int]:
             cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if "zseg" in cmd and "--run" in cmd and any(f" {w} " in f" {cmd} " for w in words):
+        if f"--run {run} " in f"{cmd} " and any(f"zseg-{w} " in cmd or f"zseg {w} " in cmd for w in words):
             pids.append(int(proc.name))
     return pids
 
@@ -660,7 +695,7 @@ def test_nextflow_resume_after_a_killed_task_caches_what_finished(nextflow, test
     killed = None
     deadline = time.monotonic() + 600
     while killed is None and proc.poll() is None and time.monotonic() < deadline:
-        pids = _task_pids(("masks", "finalize"))
+        pids = _task_pids(tmp_path / "results", ("masks", "finalize"))
         if pids:
             os.kill(pids[0], signal.SIGKILL)
             killed = pids[0]

@@ -14,7 +14,7 @@ process ZSEG_SYNTH {
     script:
     def args = task.ext.args ?: ''
     """
-    zseg synth synth --shape '${shape}' ${args}
+    zseg-synth synth --shape '${shape}' ${args}
     """
 
     stub:
