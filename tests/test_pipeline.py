@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from tests.volumes import write_volume
+from zseg import __version__
 from zseg.cli import main
 from zseg.engine.dynamics import compute_masks
 from zseg.engine.synth import flows_from_labels, synth_cells
@@ -50,6 +51,17 @@ def test_help_lists_the_phases_that_exist(capsys):
     out = capsys.readouterr().out
     for phase in ("plan", "percentiles", "predict", "seeds", "number", "masks", "finalize", "run", "synth"):
         assert phase in out
+
+
+def test_version_and_usage_errors(capsys):
+    """--version prints and exits 0; a usage error (unknown option, missing argument) exits 2,
+    whichever click typer brings (its own copy since typer 0.26)."""
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"zseg {__version__}"
+    for argv in (["plan", "--bogus"], ["run"], ["seeds", "--run", "x"], ["nosuchcommand"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "Usage: zseg" in err and "failed" not in err, (argv, err)
 
 
 # -- chunk invariance and fidelity (issue 3) ----------------------------------------------------

@@ -17,7 +17,6 @@ import sys
 import typing
 from typing import Optional
 
-import click
 import typer
 
 from zseg import __version__
@@ -112,16 +111,20 @@ def _params(input: str, output: str, config: Optional[str], flags: dict) -> RunP
     return build_params(config, input=input, output=output, **flags)
 
 
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"zseg {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _root(
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More log output (-v INFO, -vv DEBUG)."),
-    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
+                                 help="Print the version and exit."),
 ):
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    if version:
-        typer.echo(f"zseg {__version__}")
-        raise typer.Exit(0)
 
 
 @app.command()
@@ -255,21 +258,21 @@ def main(argv=None) -> int:
         return rv if isinstance(rv, int) else 0
     except UserError as e:
         for line in e.problems or [str(e)]:
-            click.echo(f"zseg: error: {line}", err=True)
+            typer.echo(f"zseg: error: {line}", err=True)
         return 2
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         return e.exit_code
-    except click.ClickException as e:
+    except typer.Abort:
+        typer.echo("zseg: aborted", err=True)
+        return 1
+    except typer.TyperException as e:  # a usage error (unknown option, missing argument): exit code 2
         e.show()
         return e.exit_code
-    except click.exceptions.Abort:
-        click.echo("zseg: aborted", err=True)
-        return 1
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # a bug or an environment failure: one line, the traceback at -vv
         log.debug("traceback", exc_info=True)
-        click.echo(f"zseg: failed: {type(e).__name__}: {e} (run with -vv for the traceback)", err=True)
+        typer.echo(f"zseg: failed: {type(e).__name__}: {e} (run with -vv for the traceback)", err=True)
         return 1
 
 
