@@ -10,8 +10,9 @@
  * docs/nextflow.md), and hands them to the ZSEG workflow.
  */
 
-include { ZSEG       } from './workflows/zseg'
-include { ZSEG_SYNTH } from './modules/local/synth'
+include { ZSEG             } from './workflows/zseg'
+include { ZSEG_SYNTH       } from './modules/local/synth'
+include { ZSEG_SAMPLESHEET } from './modules/local/samplesheet'
 
 workflow {
     if (!params.outdir) {
@@ -39,27 +40,47 @@ workflow {
     }
 
     def outdir = absoluteUri(params.outdir)
-    def meta = [
-        id: outdir.tokenize('/')[-1],
-        run: outdir,
-        container_options: mountOptions([params.input, params.flows, params.outdir, params.work, params.mask, modelPath(params.model), modelPath(params.model_ortho)]),
-    ]
-
+    def modelMounts = [modelPath(params.model), modelPath(params.model_ortho), modelsDir(params.models_dir)]
+    def run_params = new LinkedHashMap(params) + [launch_dir: workflow.launchDir.toString()]
     def ch_data = null
     if (params.synth) {
+        def meta = [id: outdir.tokenize('/')[-1], run: outdir, container_options: mountOptions([params.outdir, params.work] + modelMounts)]
         ZSEG_SYNTH(channel.value([meta, params.synth.toString()]))
         ch_data = ZSEG_SYNTH.out.data.map { m, image, flows -> [m, image.toUriString(), flows.toUriString()] }
     }
+    else if (params.input.toString().toLowerCase().endsWith('.csv')) {
+        // a samplesheet: zseg validates it and names each row's output folder; one run per row
+        def sheet = absoluteUri(params.input)
+        def sheet_meta = [id: sheet.tokenize('/')[-1], container_options: mountOptions([sheet] + samplesheetPaths(sheet))]
+        ZSEG_SAMPLESHEET(channel.value([sheet_meta, isRemote(sheet) ? [] : file(sheet)]), run_params)
+        ch_data = ZSEG_SAMPLESHEET.out.samples.flatMap { json ->
+            new groovy.json.JsonSlurper().parse(json.toFile()).samples.collect { row ->
+                def mounts = [row.image, row.flows, row.outdir, row.work, params.mask] + modelMounts
+                [[id: row.sample, run: row.outdir, work: row.work, container_options: mountOptions(mounts)], row.image, row.flows ?: '']
+            }
+        }
+    }
     else {
+        def meta = [id: outdir.tokenize('/')[-1], run: outdir, container_options: mountOptions([params.input, params.flows, params.outdir, params.work, params.mask] + modelMounts)]
         ch_data = channel.value([meta, absoluteUri(params.input), params.flows ? absoluteUri(params.flows) : ''])
     }
 
     // every parameter goes to `zseg plan` as it is: zseg maps Nextflow's names to its own,
     // resolves relative paths and model names, and refuses what it does not know
     // (launch_dir as text: a Path in a task's script would be hashed with its mtime, and break -resume)
-    ZSEG(ch_data, new LinkedHashMap(params) + [launch_dir: workflow.launchDir.toString()], params.shard_size as Integer)
+    ZSEG(ch_data, run_params, params.shard_size as Integer)
 
     ZSEG.out.report.view { m, _report -> "zseg: finished; labels in ${m.run}/labels.zarr, run report in ${m.run}/run.json" }
+}
+
+// Cellpose's model folder as the tasks see it (the rule of env.CELLPOSE_LOCAL_MODELS_PATH in
+// nextflow.config), made if missing, so that a container mounts it and a download lands there.
+def modelsDir(given) {
+    def dir = given ?: (System.getenv('CELLPOSE_LOCAL_MODELS_PATH') ?: "${System.getProperty('user.home')}/.cellpose/models")
+    if (!isRemote(dir.toString()) && workflow.containerEngine) {
+        file(dir.toString()).mkdirs()
+    }
+    return absoluteUri(dir)
 }
 
 // --model as an absolute path when it names a file (a built-in name such as cpsam is looked up
@@ -67,6 +88,21 @@ workflow {
 def modelPath(model) {
     def text = model ? model.toString() : ''
     return text.contains('/') || text.endsWith('.pt') || text.endsWith('.pth') ? absoluteUri(text) : null
+}
+
+// The image and flows paths a local samplesheet names, for mounting into the container of the task
+// that checks it (zseg itself reads and validates the sheet: a sheet it cannot parse here gives none).
+def samplesheetPaths(String sheet) {
+    if (isRemote(sheet) || !file(sheet).exists()) {
+        return []
+    }
+    try {
+        return file(sheet).splitCsv(header: true).collectMany { row -> [row.image, row.flows] }
+            .findAll { value -> value }.collect { value -> absoluteUri(value.toString().trim()) }
+    }
+    catch (Exception _e) {
+        return []
+    }
 }
 
 // A URI (s3://...) as given; a local path made absolute, since each task runs in its own folder.
@@ -89,11 +125,9 @@ def mountOptions(List values) {
     if (workflow.containerEngine in ['singularity', 'apptainer']) {
         return dirs.collect { dir -> "-B ${dir}" }.join(' ')
     }
-    if (workflow.containerEngine == 'docker') {
+    if (workflow.containerEngine in ['docker', 'podman']) {
+        // the calling user, not the image's, so that the task can write its folders
         return (['-u $(id -u):$(id -g)'] + dirs.collect { dir -> "-v ${dir}:${dir}" }).join(' ')
-    }
-    if (workflow.containerEngine == 'podman') {
-        return dirs.collect { dir -> "-v ${dir}:${dir}" }.join(' ')
     }
     return ''
 }

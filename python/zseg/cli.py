@@ -25,7 +25,8 @@ from zseg.outputs.verify import verify_output
 from zseg.params import RunParams, build_params
 from zseg.phases.plan import plan as do_plan
 from zseg.phases.synth import synth as do_synth
-from zseg.run.entry import run_local, run_phase
+from zseg.run.entry import finished, run_local, run_phase
+from zseg.samplesheet import is_samplesheet, read_samplesheet, sample_runs
 from zseg.schema import params_from_nextflow
 
 app = typer.Typer(
@@ -130,8 +131,8 @@ def _root(
 @app.command()
 @param_options()
 def plan(
-    input: Optional[str] = typer.Argument(None, help="Input volume (path or s3:// URI)."),
-    output: Optional[str] = typer.Argument(None, help="Output/run folder (path or s3:// URI)."),
+    input: Optional[str] = typer.Argument(None, help="Input volume (path or s3://, gs:// URI)."),
+    output: Optional[str] = typer.Argument(None, help="Output/run folder (path or s3://, gs:// URI)."),
     config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML/JSON parameter file; flags win."),
     nextflow_params: Optional[str] = typer.Option(
         None, "--nextflow-params", help="JSON of a Nextflow run's params (what the pipeline's plan task writes): "
@@ -154,6 +155,9 @@ def plan(
         raise UserError("give INPUT and OUTPUT (or --nextflow-params): `zseg plan INPUT OUTPUT [options]`.")
     else:
         params = _params(input, output, config, flags)
+    if is_samplesheet(params.input):
+        raise UserError(f"INPUT {params.input} is a samplesheet; zseg plan plans one image: "
+                        "`zseg run SHEET OUTDIR` or `nextflow run main.nf --input SHEET` runs every row.")
     run = do_plan(params, check_model=check_model)
     summary = {"run": run.root, "nchunks": run.grid.nchunks, "grid": run.manifest["grid"]}
     _emit(emit, summary)
@@ -163,18 +167,59 @@ def plan(
 @app.command()
 @param_options()
 def run(
-    input: str = typer.Argument(..., help="Input volume (path or s3:// URI)."),
-    output: str = typer.Argument(..., help="Output folder (path or s3:// URI)."),
+    input: str = typer.Argument(..., help="Input volume (path or s3://, gs:// URI)."),
+    output: str = typer.Argument(..., help="Output folder (path or s3://, gs:// URI)."),
     config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML/JSON parameter file; flags win."),
     *,
     flags: dict,
 ):
-    """Every phase in this process (a pool of --workers), resuming an unfinished run."""
-    result = run_local(_params(input, output, config, flags))
+    """Every phase in this process (a pool of --workers), resuming an unfinished run. INPUT may be a
+    samplesheet (.csv: sample,image[,flows]): each row then runs in turn into OUTPUT/<sample>."""
+    if not is_samplesheet(input):
+        _run_one(_params(input, output, config, flags))
+        return
+    if flags.get("flows") is not None:
+        raise UserError("--flows with a samplesheet: give each image's flows in the samplesheet's flows column.")
+    samples = sample_runs(read_samplesheet(input), output, flags.get("work"))
+    for s in samples:  # one after another; a rerun resumes the unfinished ones and skips the finished
+        if finished(s["outdir"]) and not flags.get("overwrite"):
+            typer.echo(f"zseg: sample {s['sample']}: finished already in {s['outdir']}; skipped "
+                       "(--overwrite recomputes every sample)", err=True)
+            continue
+        typer.echo(f"zseg: sample {s['sample']} -> {s['outdir']}", err=True)
+        _run_one(_params(s["image"], s["outdir"], config, {**flags, "flows": s.get("flows"), "work": s.get("work")}))
+
+
+def _run_one(params: RunParams) -> None:
+    result = run_local(params)
     if result.get("skipped"):
         done = "; ".join(k if v == "done" else f"{k} {v}" for k, v in result["skipped"].items())
         typer.echo(f"zseg: resumed an unfinished run, skipping the work already done: {done}", err=True)
     typer.echo(json.dumps(result))
+
+
+@app.command()
+def samplesheet(
+    sheet: Optional[str] = typer.Argument(None, help="Samplesheet (.csv: sample,image[,flows]; path or URI)."),
+    outdir: Optional[str] = typer.Argument(None, help="Folder that gets one output folder per sample."),
+    nextflow_params: Optional[str] = typer.Option(
+        None, "--nextflow-params", help="JSON of a Nextflow run's params: the sheet is its input, the folder its outdir."),
+    emit: Optional[str] = EmitOpt,
+):
+    """Validate a samplesheet against assets/schema_input.json; print its rows with their output folders."""
+    work = flows = launch_dir = None
+    if nextflow_params is not None:
+        raw = _read_json(nextflow_params, "--nextflow-params")
+        values = params_from_nextflow(raw)
+        sheet, outdir = sheet or values.get("input"), outdir or values.get("output")
+        work, flows, launch_dir = values.get("work"), values.get("flows"), raw.get("launch_dir")
+    if sheet is None or outdir is None:
+        raise UserError("give SHEET and OUTDIR (or --nextflow-params): `zseg samplesheet SHEET OUTDIR`.")
+    if flows is not None:
+        raise UserError("--flows with a samplesheet: give each image's flows in the samplesheet's flows column.")
+    samples = sample_runs(read_samplesheet(sheet, launch_dir), outdir, work)
+    _emit(emit, {"samples": samples})
+    typer.echo(json.dumps({"samples": samples}))
 
 
 def _map_or_reduce(phase: str, run: str, chunks, shard, stage: Optional[str], reduce: bool, emit):
@@ -228,7 +273,7 @@ def finalize(run: str = RunOpt, chunks: Optional[str] = ChunksOpt, shard: Option
 
 
 @app.command()
-def verify(output: str = typer.Argument(..., help="Output folder of a run (path or s3:// URI).")):
+def verify(output: str = typer.Argument(..., help="Output folder of a run (path or s3://, gs:// URI).")):
     """Check a finished output: every chunk as written, labels 1..N as recorded, valid metadata."""
     typer.echo(json.dumps(verify_output(output)))
 

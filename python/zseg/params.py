@@ -36,9 +36,9 @@ class RunParams(BaseModel):
 
     # -- where ---------------------------------------------------------------------------------
     input: str
-    """Input volume: OME-Zarr (0.4/0.5), a zarr v2/v3 array or a TIFF stack; a local path or s3:// URI."""
+    """Input volume: OME-Zarr (0.4/0.5), a zarr v2/v3 array or a TIFF stack; a local path or s3:// or gs:// URI."""
     output: str
-    """Output folder (local path or s3:// URI): labels.zarr, cells.parquet, run.json, qc/, work/."""
+    """Output folder (local path or s3:// or gs:// URI): labels.zarr, cells.parquet, run.json, qc/, work/."""
     work: str | None = None
     """Folder for intermediates (flows, seeds, provisional labels); default OUTPUT/work. Deletable after a run."""
     flows: str | None = None

@@ -69,6 +69,15 @@ NEXTFLOW_ONLY: dict[str, dict] = {
         "description": "Queue (SLURM partition, AWS Batch job queue) for the CPU tasks; required by -profile "
         "awsbatch; default: the executor's default queue.",
     },
+    "account": {
+        "type": "string",
+        "description": "SLURM account to charge the tasks to (sbatch --account) under -profile slurm.",
+    },
+    "aws_region": {
+        "type": "string",
+        "description": "AWS region of the Batch queue and the S3 stores under -profile awsbatch (e.g. eu-west-1); "
+        "default: the AWS configuration of the launching machine.",
+    },
     "gpu_queue": {
         "type": "string",
         "description": "Queue or partition for the GPU tasks (label process_gpu) with -profile gpu; default: queue.",
@@ -90,6 +99,14 @@ NEXTFLOW_ONLY: dict[str, dict] = {
         "pattern": r"^\d+(\.\d+)?\s*(s|m|h|d)$",
         "description": "Longest time a task may request, e.g. '48h'; default 240h on the local executor.",
     },
+    "models_dir": {
+        "type": "string",
+        "format": "directory-path",
+        "description": "Cellpose's model folder, where a built-in --model name (cpsam, cyto3, ...) is looked up and "
+        "cpsam is downloaded to; mounted into containers at the same path. Default: $CELLPOSE_LOCAL_MODELS_PATH of "
+        "the launching shell, else ~/.cellpose/models. On AWS Batch and Google Batch give a folder the workers "
+        "have, or --model as a path to weights that they can read.",
+    },
     "gpu_type": {
         "type": "string",
         "description": "Accelerator type requested for a GPU task with -profile gpu, where the executor "
@@ -108,7 +125,7 @@ GROUPS = [
      ["axes", "level", "channels", "timepoint", "voxel_size", "anisotropy"]),
     ("network_options", "Network", "fas fa-brain",
      "The Cellpose network and the intensity normalisation.",
-     ["model", "model_ortho", "diameter", "percentiles", "exclude_zeros", "tile_overlap", "augment", "batch_size", "use_bfloat16",
+     ["model", "model_ortho", "models_dir", "diameter", "percentiles", "exclude_zeros", "tile_overlap", "augment", "batch_size", "use_bfloat16",
       "skip_empty", "mask", "keep_views", "flows_dtype"]),
     ("dynamics_options", "Flow dynamics and cell sizes", "fas fa-wind",
      "Turning flows into cells (Cellpose's parameter names).",
@@ -118,7 +135,7 @@ GROUPS = [
      ["chunk_shape", "halo", "shard_size", "device", "zarr_format", "cells_csv", "overwrite"]),
     ("nextflow_options", "Nextflow", "fas fa-cogs",
      "Queues, accelerators and reports of the Nextflow run.",
-     ["queue", "gpu_queue", "gpu_type", "max_cpus", "max_memory", "max_time", "tracedir"]),
+     ["queue", "gpu_queue", "account", "aws_region", "gpu_type", "max_cpus", "max_memory", "max_time", "tracedir"]),
 ]
 OTHER_GROUP = ("other_options", "Other zseg parameters", "fas fa-question", "Parameters without a group yet.")
 
@@ -208,7 +225,7 @@ def _is_remote(value: str) -> bool:
     return re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", value) is not None
 
 
-def _absolute(value, launch_dir: str | None):
+def resolve_path(value, launch_dir: str | None):
     text = str(value)
     if _is_remote(text) or launch_dir is None:
         return text
@@ -245,9 +262,9 @@ def params_from_nextflow(values: dict) -> dict:
         if value is None or value == "":
             continue
         if name in PATH_FIELDS:
-            value = _absolute(value, launch_dir)
+            value = resolve_path(value, launch_dir)
         elif name in MODEL_FIELDS and ("/" in str(value) or str(value).endswith((".pt", ".pth"))):
-            value = _absolute(value, launch_dir)
+            value = resolve_path(value, launch_dir)
         out[name] = value
     if unknown:
         raise UserError(*(f"--{k} is not a parameter of the zseg pipeline; see docs/nextflow.md for the list."

@@ -19,7 +19,8 @@ process ZSEG_PLAN {
     def args = task.ext.args ?: ''
     // The parameters travel as one line of JSON in a quoted here-document: no flag is built and
     // nothing is quoted here (JSON escapes line breaks, so no line can end the document early).
-    def values = run_params + [input: input, flows: flows ?: null, outdir: meta.run]
+    // (a samplesheet's row: its image, flows, output and work folders replace the run's)
+    def values = run_params + [input: input, flows: flows ?: null, outdir: meta.run] + (meta.work ? [work: meta.work] : [:])
     def json = groovy.json.JsonOutput.toJson(values)
     """
     cat > nextflow_params.json <<'ZSEG_PARAMS'

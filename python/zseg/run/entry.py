@@ -13,11 +13,18 @@ from zseg.run.pool import run_all, run_map, run_reduce
 from zseg.storage import uri as U
 from zseg.workspace import work as W
 from zseg.workspace.chunks import chunk_ranges, select_chunks
-from zseg.workspace.context import RunContext
+from zseg.workspace.context import MANIFEST, RunContext
 from zseg.workspace.progress import done_work
 from zseg.workspace.stages import STAGES
 
 log = logging.getLogger(__name__)
+
+
+def finished(output: str) -> bool:
+    """Whether ``output`` holds a finished zseg run (what plan refuses to redo without --overwrite)."""
+    if not U.exists(U.join(output, MANIFEST)):
+        return False
+    return bool(RunContext.open(output).manifest.get("complete"))
 
 
 def run_local(params: RunParams) -> dict:

@@ -198,7 +198,7 @@ class CheckedArray:
             return op()
         except UserError:
             raise
-        except Exception as e:
+        except Exception:
             bad = damaged_chunks(self._array, self._uri, selection)
             if not bad:
                 raise

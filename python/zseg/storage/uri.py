@@ -1,11 +1,14 @@
-"""One funnel from a URI (local path or ``s3://...``) to a file system, plus small-file I/O.
+"""One funnel from a URI (local path, ``s3://...``, ``gs://...``) to a file system, plus small-file I/O.
 
 Small files (manifests, per-chunk results, done markers) are written atomically: on a local
 file system to a temporary name that is then renamed into place; on object stores a PUT is
 already all-or-nothing. A reader therefore never sees half a file.
 
 S3 credentials and endpoints come from the standard AWS variables and profiles
-(``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, ``AWS_ENDPOINT_URL`` ...), never from parameters.
+(``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, ``AWS_ENDPOINT_URL`` ...), never from parameters;
+``gs://`` (gcsfs) takes Google's application-default credentials (a Google Batch VM's service
+account, ``GOOGLE_APPLICATION_CREDENTIALS``) and ``STORAGE_EMULATOR_HOST`` for an emulator. Any
+other fsspec protocol works the same way (tests/test_uris.py runs the pipeline on ``memory://``).
 """
 
 from __future__ import annotations
