@@ -44,8 +44,7 @@ workflow {
     def run_params = new LinkedHashMap(params) + [launch_dir: workflow.launchDir.toString()]
     def ch_data = null
     if (params.synth) {
-        def meta = [id: outdir.tokenize('/')[-1], run: outdir, container_options: mountOptions([params.outdir, params.work] + modelMounts)]
-        ZSEG_SYNTH(channel.value([meta, params.synth.toString()]))
+        ZSEG_SYNTH(channel.value([runMeta(outdir, [params.outdir, params.work] + modelMounts), params.synth.toString()]))
         ch_data = ZSEG_SYNTH.out.data.map { m, image, flows -> [m, image.toUriString(), flows.toUriString()] }
     }
     else if (params.input.toString().toLowerCase().endsWith('.csv')) {
@@ -55,13 +54,13 @@ workflow {
         ZSEG_SAMPLESHEET(channel.value([sheet_meta, isRemote(sheet) ? [] : file(sheet)]), run_params)
         ch_data = ZSEG_SAMPLESHEET.out.samples.flatMap { json ->
             new groovy.json.JsonSlurper().parse(json.toFile()).samples.collect { row ->
-                def mounts = [row.image, row.flows, row.outdir, row.work, params.mask] + modelMounts
-                [[id: row.sample, run: row.outdir, work: row.work, container_options: mountOptions(mounts)], row.image, row.flows ?: '']
+                def meta = runMeta(row.outdir, [row.image, row.flows, row.outdir, row.work, params.mask] + modelMounts)
+                [meta + [work: row.work], row.image, row.flows ?: '']
             }
         }
     }
     else {
-        def meta = [id: outdir.tokenize('/')[-1], run: outdir, container_options: mountOptions([params.input, params.flows, params.outdir, params.work, params.mask] + modelMounts)]
+        def meta = runMeta(outdir, [params.input, params.flows, params.outdir, params.work, params.mask] + modelMounts)
         ch_data = channel.value([meta, absoluteUri(params.input), params.flows ? absoluteUri(params.flows) : ''])
     }
 
@@ -71,6 +70,12 @@ workflow {
     ZSEG(ch_data, run_params, params.shard_size as Integer)
 
     ZSEG.out.report.view { m, _report -> "zseg: finished; labels in ${m.run}/labels.zarr, run report in ${m.run}/run.json" }
+}
+
+// The meta of one run: its name (the output folder's; for a samplesheet row, its sample), its
+// output folder, and the container options that mount the local paths it reads and writes.
+def runMeta(String run, List mounts) {
+    return [id: run.tokenize('/')[-1], run: run, container_options: mountOptions(mounts)]
 }
 
 // Cellpose's model folder as the tasks see it (the rule of env.CELLPOSE_LOCAL_MODELS_PATH in

@@ -12,6 +12,11 @@ import numpy as np
 import zarr
 
 from tests.nextflow_text import ROOT
+from zseg.cli import main
+
+#: What -profile test makes (conf/test.config): `zseg synth DIR *TEST_SYNTH`, and how it segments it.
+TEST_SYNTH = ["--shape", "16,48,48", "--diameter", "12", "--seed", "1"]
+TEST_SEGMENT = ["--diameter", "12", "--chunk-shape", "8,24,24"]
 
 
 def nextflow_env() -> dict:
@@ -39,3 +44,11 @@ def trace(tmp_path: Path) -> list[dict]:
 def labels(out) -> np.ndarray:
     """The full-resolution labels of the run folder ``out``."""
     return np.asarray(zarr.open_array(str(Path(out) / "labels.zarr" / "0"), mode="r")[...])
+
+
+def zseg_run_with_flows(data: Path, out: Path) -> np.ndarray:
+    """The segmentation -profile test makes of DATA (a `zseg synth` folder), by `zseg run` in this
+    process with DATA's flows; returns the labels."""
+    argv = ["run", str(data / "image.ome.zarr"), str(out), "--flows", str(data / "flows.zarr"), *TEST_SEGMENT]
+    assert main(argv) == 0
+    return labels(out)

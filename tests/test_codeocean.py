@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 
 from tests import nextflow_text as NT
-from tests.nextflow_run import labels, nextflow_env
+from tests.nextflow_run import TEST_SEGMENT, TEST_SYNTH, labels, nextflow_env
 from zseg.cli import main
 
 ROOT = NT.ROOT
-DATA = ["--shape", "16,48,48", "--diameter", "12", "--seed", "1"]
 
 
 def _capsule(tmp_path):
@@ -34,7 +33,7 @@ def _run(env, *args):
 @pytest.mark.slow
 def test_code_run_segments_the_image_in_data_with_the_models_there(nextflow, tmp_path):
     folders, env = _capsule(tmp_path)
-    assert main(["synth", str(folders["data"] / "asset"), *DATA, "--no-flows"]) == 0
+    assert main(["synth", str(folders["data"] / "asset"), *TEST_SYNTH, "--no-flows"]) == 0
     (folders["data"] / "weights" / "models").mkdir(parents=True)
     shutil.copy(resources.files("zseg").joinpath("data/zseg_demo_cp3.pt"), folders["data"] / "weights" / "models" / "demo")
     run = _run(env, "--model", "demo", "--diameter", "12", "--chunk_shape", "8,24,24", "--shard_size", "4")
@@ -44,7 +43,7 @@ def test_code_run_segments_the_image_in_data_with_the_models_there(nextflow, tmp
     assert (folders["scratch"] / "zseg_work").is_dir() and (folders["scratch"] / "work").is_dir()
     assert not (folders["results"] / "zseg" / "work").exists(), "intermediates stay in /scratch"
     assert main(["run", str(folders["data"] / "asset" / "image.ome.zarr"), str(tmp_path / "here"),
-                 "--model", "zseg-demo", "--diameter", "12", "--chunk-shape", "8,24,24"]) == 0
+                 "--model", "zseg-demo", *TEST_SEGMENT]) == 0
     want = labels(tmp_path / "here")
     assert want.max() > 3
     np.testing.assert_array_equal(labels(folders["results"] / "zseg"), want)

@@ -19,15 +19,13 @@ import numpy as np
 import pytest
 
 from tests import nextflow_text as NT
-from tests.nextflow_run import labels, nextflow_env, nextflow_run, trace
+from tests.nextflow_run import TEST_SEGMENT, TEST_SYNTH, labels, nextflow_env, nextflow_run, trace, zseg_run_with_flows
 from zseg import __version__
 from zseg.cli import main
 
 ROOT = NT.ROOT
 IMAGE = f"localhost/zseg:{__version__}"
 RUNTIME = ROOT / "scripts" / "container" / "runc-no-rlimits"
-DATA = ["--shape", "16,48,48", "--diameter", "12", "--seed", "1"]
-SEGMENT = ["--diameter", "12", "--chunk-shape", "8,24,24"]
 
 
 def _podman(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -73,10 +71,10 @@ def test_image_runs_zseg_as_an_unprivileged_user(image):
 def test_the_demo_inside_the_image_gives_the_labels_of_zseg_here(image, tmp_path):
     """The network (the bundled demo) and every phase in the container, on a mounted folder: the
     labels equal those of `zseg run` in this environment."""
-    assert main(["synth", str(tmp_path / "data"), *DATA]) == 0
+    assert main(["synth", str(tmp_path / "data"), *TEST_SYNTH]) == 0
     assert main(["run", str(tmp_path / "data" / "image.ome.zarr"), str(tmp_path / "here"), "--model", "zseg-demo",
-                 *SEGMENT]) == 0
-    script = (f"zseg run /w/data/image.ome.zarr /w/inside --model zseg-demo {' '.join(SEGMENT)} >/dev/null")
+                 *TEST_SEGMENT]) == 0
+    script = (f"zseg run /w/data/image.ome.zarr /w/inside --model zseg-demo {' '.join(TEST_SEGMENT)} >/dev/null")
     run = _podman("run", "--rm", "-u", _user(), "-v", f"{tmp_path}:/w", image, "sh", "-c", script)
     assert run.returncode == 0, run.stderr
     want = labels(tmp_path / "here")
@@ -90,10 +88,8 @@ def test_nextflow_profile_test_podman(image, sandbox_config, tmp_path):
     run = nextflow_run(tmp_path, "-profile", "test,podman", "-c", str(sandbox_config), "--outdir", str(tmp_path / "results"))
     assert run.returncode == 0, run.stdout + run.stderr
     assert {r["status"] for r in trace(tmp_path)} == {"COMPLETED"}
-    assert main(["synth", str(tmp_path / "synth"), *DATA]) == 0
-    assert main(["run", str(tmp_path / "synth" / "image.ome.zarr"), str(tmp_path / "zseg"),
-                 "--flows", str(tmp_path / "synth" / "flows.zarr"), *SEGMENT]) == 0
-    np.testing.assert_array_equal(labels(tmp_path / "results"), labels(tmp_path / "zseg"))
+    assert main(["synth", str(tmp_path / "synth"), *TEST_SYNTH]) == 0
+    np.testing.assert_array_equal(labels(tmp_path / "results"), zseg_run_with_flows(tmp_path / "synth", tmp_path / "zseg"))
 
 
 @pytest.mark.slow
@@ -103,14 +99,14 @@ def test_nextflow_podman_finds_a_model_by_name_in_the_mounted_model_folder(image
     models = tmp_path / "models"
     models.mkdir()
     shutil.copy(resources.files("zseg").joinpath("data/zseg_demo_cp3.pt"), models / "my-demo")
-    assert main(["synth", str(tmp_path / "data"), *DATA]) == 0
+    assert main(["synth", str(tmp_path / "data"), *TEST_SYNTH]) == 0
     run = nextflow_run(tmp_path, "-profile", "podman", "-c", str(sandbox_config), "--input", "data/image.ome.zarr",
                     "--model", "my-demo", "--models_dir", str(models), "--diameter", "12", "--chunk_shape", "8,24,24",
                     "--shard_size", "4", "--max_cpus", "1", "--outdir", "results")
     assert run.returncode == 0, run.stdout + run.stderr
     assert any("ZSEG_PREDICT" in r["name"] for r in trace(tmp_path))
     assert main(["run", str(tmp_path / "data" / "image.ome.zarr"), str(tmp_path / "here"), "--model", "zseg-demo",
-                 *SEGMENT]) == 0
+                 *TEST_SEGMENT]) == 0
     want = labels(tmp_path / "here")
     assert want.max() > 3
     np.testing.assert_array_equal(labels(tmp_path / "results"), want)

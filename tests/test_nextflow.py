@@ -26,11 +26,19 @@ import typer
 import yaml
 
 from tests import nextflow_text as NT
-from tests.nextflow_run import labels, nextflow_env, nextflow_run, trace
+from tests.nextflow_run import TEST_SYNTH, labels, nextflow_env, nextflow_run, trace, zseg_run_with_flows
 from zseg.cli import app
 from zseg.errors import UserError
 from zseg.params import RunParams
-from zseg.schema import NEXTFLOW_ONLY, NOT_IN_NEXTFLOW, RENAMED, build_schema, markdown_table, params_from_nextflow, render_json
+from zseg.schema import (
+    NEXTFLOW_ONLY,
+    NOT_IN_NEXTFLOW,
+    RENAMED,
+    build_schema,
+    markdown_table,
+    params_from_nextflow,
+    render_json,
+)
 from zseg.workspace.stages import STAGES
 
 ROOT = NT.ROOT
@@ -612,19 +620,6 @@ PROFILES = {  # profile -> a line `nextflow config` must show for it
     "awsbatch": "executor = 'awsbatch'", "google": "executor = 'google-batch'", "codeocean": "executor = 'local'",
     "conda": "environment.yml", "podman": "podman {\n   enabled = true",
 }
-TEST_SYNTH = ["--shape", "16,48,48", "--diameter", "12", "--seed", "1"]  # what -profile test makes (conf/test.config)
-
-
-def _zseg_run(tmp_path: Path, data: Path, out: Path) -> np.ndarray:
-    """The same segmentation as -profile test, by `zseg run` in this process."""
-    from zseg.cli import main
-
-    argv = ["run", str(data / "image.ome.zarr"), str(out), "--flows", str(data / "flows.zarr"),
-            "--diameter", "12", "--chunk-shape", "8,24,24"]
-    assert main(argv) == 0
-    return labels(out)
-
-
 @pytest.fixture(scope="module")
 def test_profile_run(nextflow, tmp_path_factory):
     """One real `nextflow run main.nf -profile test`, and `zseg run` on the same synthetic data."""
@@ -635,7 +630,7 @@ def test_profile_run(nextflow, tmp_path_factory):
     assert run.returncode == 0, run.stdout + run.stderr
     data = tmp / "synth"
     assert main(["synth", str(data), *TEST_SYNTH]) == 0
-    return {"tmp": tmp, "stdout": run.stdout, "trace": trace(tmp), "reference": _zseg_run(tmp, data, tmp / "zseg")}
+    return {"tmp": tmp, "stdout": run.stdout, "trace": trace(tmp), "reference": zseg_run_with_flows(data, tmp / "zseg")}
 
 
 @pytest.mark.slow
@@ -786,7 +781,7 @@ def test_nextflow_samplesheet_runs_every_row_into_its_own_folder(nextflow, tmp_p
     names = [row["name"] for row in trace(tmp_path)]
     assert sum("ZSEG_SAMPLESHEET" in n for n in names) == 1 and sum("ZSEG_PLAN" in n for n in names) == 2, names
     for sample in ("first", "second"):
-        want = _zseg_run(tmp_path, tmp_path / sample, tmp_path / f"alone-{sample}")
+        want = zseg_run_with_flows(tmp_path / sample, tmp_path / f"alone-{sample}")
         assert want.max() > 3
         np.testing.assert_array_equal(labels(tmp_path / "results" / sample), want)
 

@@ -26,7 +26,7 @@ from zseg.params import RunParams, build_params
 from zseg.phases.plan import plan as do_plan
 from zseg.phases.synth import synth as do_synth
 from zseg.run.entry import finished, run_local, run_phase
-from zseg.samplesheet import is_samplesheet, read_samplesheet, sample_runs
+from zseg.samplesheet import is_samplesheet, sample_runs
 from zseg.schema import params_from_nextflow
 
 app = typer.Typer(
@@ -178,9 +178,7 @@ def run(
     if not is_samplesheet(input):
         _run_one(_params(input, output, config, flags))
         return
-    if flags.get("flows") is not None:
-        raise UserError("--flows with a samplesheet: give each image's flows in the samplesheet's flows column.")
-    samples = sample_runs(read_samplesheet(input), output, flags.get("work"))
+    samples = sample_runs(input, output, work=flags.get("work"), flows=flags.get("flows"))
     for s in samples:  # one after another; a rerun resumes the unfinished ones and skips the finished
         if finished(s["outdir"]) and not flags.get("overwrite"):
             typer.echo(f"zseg: sample {s['sample']}: finished already in {s['outdir']}; skipped "
@@ -215,9 +213,7 @@ def samplesheet(
         work, flows, launch_dir = values.get("work"), values.get("flows"), raw.get("launch_dir")
     if sheet is None or outdir is None:
         raise UserError("give SHEET and OUTDIR (or --nextflow-params): `zseg samplesheet SHEET OUTDIR`.")
-    if flows is not None:
-        raise UserError("--flows with a samplesheet: give each image's flows in the samplesheet's flows column.")
-    samples = sample_runs(read_samplesheet(sheet, launch_dir), outdir, work)
+    samples = sample_runs(sheet, outdir, work=work, flows=flows, launch_dir=launch_dir)
     _emit(emit, {"samples": samples})
     typer.echo(json.dumps({"samples": samples}))
 

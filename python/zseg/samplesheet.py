@@ -107,10 +107,14 @@ def _message(error: jsonschema.ValidationError) -> str:
     return f"{column} {error.instance!r}: {hint}." if hint else f"{column}: {error.message}."
 
 
-def sample_runs(rows: list[dict], outdir: str, work: str | None = None) -> list[dict]:
-    """Each row with its output folder ``OUTDIR/<sample>`` (and work folder ``WORK/<sample>``)."""
+def sample_runs(sheet: str, outdir: str, *, work: str | None = None, flows: str | None = None,
+                launch_dir: str | None = None) -> list[dict]:
+    """The rows of ``sheet`` (:func:`read_samplesheet`), each with its output folder ``OUTDIR/<sample>``
+    (and work folder ``WORK/<sample>``). A run-wide ``flows`` is refused: flows belong to a row."""
+    if flows is not None:
+        raise UserError("--flows with a samplesheet: give each image's flows in the samplesheet's flows column.")
     out = []
-    for row in rows:
+    for row in read_samplesheet(sheet, launch_dir):
         run = dict(row, outdir=uris.join(outdir, row["sample"]))
         if work:
             run["work"] = uris.join(work, row["sample"])
