@@ -19,7 +19,7 @@ from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 from scipy.spatial.transform import Rotation
 
-__all__ = ["flows_from_labels", "synth_cells"]
+__all__ = ["flows_from_labels", "synth_cells", "synth_multiplex"]
 
 # Seed spacing: two seeds stay at least SPACING * (r_i + r_j) apart. Random sequential addition
 # jams at ~38 % volume fraction of the exclusion spheres, which makes the mean cell volume
@@ -153,16 +153,148 @@ def flows_from_labels(labels: np.ndarray, *, niter: int | None = None) -> np.nda
     return out
 
 
+#: Marker levels of the multiplex slide: integers in [0, MARKER_MAX) (raw units).
+MARKER_MAX = 4000
+
+
+def synth_multiplex(
+    shape: tuple[int, int] = (512, 512),
+    *,
+    diameter: float = 24.0,
+    markers: int = 4,
+    seed: int = 0,
+    fill: float = 0.8,
+    noise: float = 0.02,
+) -> dict:
+    """A multiplex slide: cells with one nucleus each, a nuclear, a membrane and marker channels.
+
+    Parameters
+    ----------
+    shape : (Y, X)
+    diameter : float
+        Mean cell diameter in pixels (single cells vary by ±30 %); nuclei are about half of it.
+    markers : int
+        Marker channels after ``DAPI`` and ``Membrane``.
+    seed, fill, noise : as :func:`synth_cells`
+
+    Returns
+    -------
+    dict
+        ``image`` (C, Y, X) uint16 with ``channel_names`` (``DAPI``, ``Membrane``, ``M1``...);
+        ``cells`` and ``nuclei`` (Y, X) uint32 ground truth with one ID per cell (1..N): every
+        nucleus is a disc inside its cell's interior (its pixels and their 4-neighbours are the
+        cell's), so matching the truth pairs every cell with its own nucleus; ``levels``
+        (markers, N + 1, 2) int64: each marker's value in each cell's nucleus ``[..., 0]`` and
+        cytoplasm ``[..., 1]`` (row 0: background). Markers are piecewise constant without
+        noise, so those levels are the exact per-cell means; DAPI (bright nuclei) and Membrane
+        (bright cell boundaries) are blurred, noisy stains as in :func:`synth_cells`.
+    """
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 2 or min(shape) < 1:
+        raise ValueError(f"shape {shape} must be two positive sizes (Y, X).")
+    if not diameter > 4:
+        raise ValueError(f"diameter {diameter} must be > 4 pixels (a nucleus inside each cell).")
+    if int(markers) < 0:
+        raise ValueError(f"markers {markers} must be >= 0.")
+    if not 0 < fill <= 1:
+        raise ValueError(f"fill {fill} must lie in (0, 1].")
+    rng = np.random.default_rng(seed)
+    centers, radii = _place_seeds(shape, diameter / 2, rng)
+    lab = _power_voronoi_2d(shape, centers, radii, rng)
+    lab = _remove_to_fill(_largest_components(lab), fill, rng)
+    cells = _consecutive(lab)
+    nuclei = _nuclei_in(cells)
+    keep = np.zeros(int(cells.max()) + 1, bool)
+    keep[np.unique(nuclei)] = True  # a cell too thin for a nucleus is dropped
+    keep[0] = False
+    cells = _consecutive(np.where(keep[cells], cells, 0))
+    nuclei = np.where(nuclei > 0, cells, 0).astype(np.uint32)
+
+    n = int(cells.max())
+    fg = cells > 0
+    bright = np.concatenate(([0.0], rng.uniform(0.6, 1.4, n)))
+    dapi = np.where(nuclei > 0, 1.0, 0.0) * bright[nuclei]
+    edge = _boundary(cells)
+    membrane = np.where(edge, 1.0, np.where(fg, 0.1, 0.0)) * bright[cells]
+    stains = []
+    for signal in (dapi, membrane):
+        signal = ndi.gaussian_filter(signal.astype(np.float32), sigma=1.0, mode="nearest")
+        signal += np.float32(0.05) + rng.normal(0.0, noise, size=signal.shape).astype(np.float32)
+        stains.append(np.clip(np.rint(signal * 20000.0), 0, 65535).astype(np.uint16))
+    levels = rng.integers(0, MARKER_MAX, (int(markers), n + 1, 2))
+    levels[:, 0] = 0
+    in_nucleus = nuclei > 0
+    marker_planes = [np.where(in_nucleus, lv[cells, 0], lv[cells, 1]).astype(np.uint16) for lv in levels]
+    image = np.stack(stains + marker_planes)
+    names = ["DAPI", "Membrane"] + [f"M{i + 1}" for i in range(int(markers))]
+    return {"image": image, "channel_names": names, "cells": cells.astype(np.uint32), "nuclei": nuclei,
+            "levels": levels.astype(np.int64)}
+
+
 # ---------------------------------------------------------------------------------------------
 # helpers
 
 
+def _power_voronoi_2d(shape, centers, radii, rng):
+    """:func:`_power_voronoi` in 2D: ellipses, labels ``(Y, X)`` int32 in seed order."""
+    n = len(centers)
+    axes = np.exp(rng.uniform(-0.25, 0.25, (n, 2)))
+    axes /= np.sqrt(axes.prod(axis=1))[:, None]  # area preserving
+    theta = rng.uniform(0, np.pi, n)
+    semi = axes * (radii * _EXTENT)[:, None]
+    cos, sin = np.cos(theta), np.sin(theta)
+    half = np.stack([np.hypot(semi[:, 0] * cos, semi[:, 1] * sin),
+                     np.hypot(semi[:, 0] * sin, semi[:, 1] * cos)], axis=1)
+    best = np.full(shape, np.inf, np.float32)
+    lab = np.zeros(shape, np.int32)
+    hi_lim = np.asarray(shape)
+    for i in range(n):
+        lo = np.maximum(np.floor(centers[i] - half[i]).astype(int), 0)
+        hi = np.minimum(np.ceil(centers[i] + half[i]).astype(int) + 1, hi_lim)
+        if np.any(hi <= lo):
+            continue
+        gy = np.arange(lo[0], hi[0], dtype=np.float64)[:, None] - centers[i][0]
+        gx = np.arange(lo[1], hi[1], dtype=np.float64)[None, :] - centers[i][1]
+        u = (cos[i] * gy + sin[i] * gx) / semi[i, 0]
+        v = (-sin[i] * gy + cos[i] * gx) / semi[i, 1]
+        d = np.sqrt(u * u + v * v).astype(np.float32)
+        sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+        win = (d <= 1.0) & (d < best[sl])
+        best[sl][win] = d[win]
+        lab[sl][win] = i + 1
+    return lab
+
+
+def _nuclei_in(cells):
+    """A disc per cell around its deepest pixel, radius about half the cell's inscribed radius,
+    kept 1.5 pixels from the cell's edge so that it lies in the interior."""
+    out = np.zeros(cells.shape, np.uint32)
+    for i, sl in enumerate(ndi.find_objects(cells)):
+        if sl is None:
+            continue
+        sl = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl)
+        mask = cells[sl] == i + 1
+        edt = ndi.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+        py, px = np.unravel_index(int(np.argmax(edt)), edt.shape)
+        r_max = float(edt[py, px])
+        rho = min(0.55 * r_max, r_max - 1.5)
+        if rho < 0:
+            continue
+        yy, xx = np.ogrid[: mask.shape[0], : mask.shape[1]]
+        disc = ((yy - py) ** 2 + (xx - px) ** 2 <= rho * rho) & mask
+        out[sl][disc] = i + 1
+    return out
+
+
+
+
 def _place_seeds(shape, radius, rng):
-    """Random sequential addition: centres ``(N, 3)`` and radii ``(N,)`` in voxels."""
+    """Random sequential addition: centres ``(N, ndim)`` and radii ``(N,)`` in voxels (2D or 3D)."""
     vol = float(np.prod(shape))
-    expected = vol / (np.pi / 6 * (2 * radius) ** 3)
+    ball = np.pi / 6 * (2 * radius) ** 3 if len(shape) == 3 else np.pi / 4 * (2 * radius) ** 2
+    expected = vol / ball
     m = int(_CANDIDATES_PER_CELL * expected) + 20
-    cand = rng.uniform(0, 1, (m, 3)) * np.asarray(shape, float) - 0.5
+    cand = rng.uniform(0, 1, (m, len(shape))) * np.asarray(shape, float) - 0.5
     rad = radius * rng.uniform(0.7, 1.3, m)
     tree = cKDTree(cand)
     pairs = tree.query_pairs(_SPACING * 2 * radius * 1.3, output_type="ndarray")
