@@ -242,3 +242,22 @@ def test_layers_written_core_by_core_equal_the_whole_slides(pair, cy, cx, keep):
     cell_l, nuc_l, cyto_l = whole
     assert not np.any((nuc_l != 0) & (nuc_l != cell_l))  # one ID per cell across the layers
     np.testing.assert_array_equal(cyto_l, np.where(nuc_l != 0, 0, cell_l))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(label_pair())
+def test_labels_past_32_bits_give_the_same_pairs(pair):
+    """Labels of 2**32 and more take another path to the pairs: the same result."""
+    cells, nuclei = pair
+    big = np.uint64(2**40)
+    c64 = np.where(cells > 0, cells.astype(np.uint64) + big, 0).astype(np.uint64)
+    n64 = np.where(nuclei > 0, nuclei.astype(np.uint64) + big, 0).astype(np.uint64)
+    interior = (cells != 0) & ~M.inner_boundary(cells)
+    small = M.interior_overlaps(cells, nuclei, interior)
+    large = M.interior_overlaps(c64, n64, interior)
+    np.testing.assert_array_equal(large[0], small[0] + big)
+    np.testing.assert_array_equal(large[1], small[1] + big)
+    np.testing.assert_array_equal(large[2], small[2])
+    got = M.match_masks(c64, n64)
+    want = M.match_masks(cells, nuclei)
+    assert got[0].tolist() == (want[0] + big).tolist() and got[1].tolist() == (want[1] + big).tolist()

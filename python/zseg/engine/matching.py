@@ -96,6 +96,15 @@ def interior_overlaps(cells: np.ndarray, nuclei: np.ndarray, interior: np.ndarra
     if c.size == 0:
         z = np.zeros(0, np.uint64)
         return z, z.copy(), np.zeros(0, np.int64)
+    if int(c.max()) < 2**32 and int(n.max()) < 2**32:
+        # one uint64 key per pixel; a nucleus crosses a row in runs of one pair, so count runs
+        # (C order) first: the sort then sees ~10x fewer keys than pixels
+        key = (c << np.uint64(32)) | n
+        starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+        lengths = np.diff(np.r_[starts, len(key)])
+        uniq, inverse = np.unique(key[starts], return_inverse=True)
+        counts = np.bincount(inverse.ravel(), weights=lengths).astype(np.int64)
+        return uniq >> np.uint64(32), uniq & np.uint64(0xFFFFFFFF), counts
     pairs = np.stack([c, n], axis=1)
     uniq, counts = np.unique(pairs, axis=0, return_counts=True)
     return uniq[:, 0].copy(), uniq[:, 1].copy(), counts.astype(np.int64)
@@ -275,7 +284,9 @@ def block_match(cells: np.ndarray, nuclei: np.ndarray, *, origin, core: tuple[sl
 
     # the cells whose first pixel (C order) lies in the core: this chunk owns what they lead
     flat = cells.ravel()
-    ids, first = np.unique(flat, return_index=True)
+    runs = np.flatnonzero(np.r_[True, flat[1:] != flat[:-1]])  # a label's first pixel starts a run
+    ids, first_run = np.unique(flat[runs], return_index=True)
+    first = runs[first_run]
     first, ids = first[ids != 0], ids[ids != 0].astype(np.uint64)
     fy, fx = np.unravel_index(first, cells.shape)
     in_core = ((fy >= core[0].start) & (fy < core[0].stop) & (fx >= core[1].start) & (fx < core[1].stop))
