@@ -1,0 +1,180 @@
+"""Cellpose's 2D flow error, per cell, so that ``flow_threshold`` can be decided chunk by chunk.
+
+Cellpose's 2D ``eval`` removes every mask whose *flow error* exceeds ``flow_threshold`` (0.4):
+the mean, over the mask's pixels, of the squared difference between the network's flows / 5 and
+the flows of the mask itself (``cellpose.dynamics.flow_error``). The mask's flows come from heat
+diffusion inside each mask from its centre (``masks_to_flows_gpu``), written here from that
+description with the same arithmetic:
+
+- the centre of a mask is its mean pixel, rounded (half to even) in coordinates relative to the
+  mask's bounding box, or when that pixel is not in the mask the mask pixel nearest to it (the
+  first in C order among equals);
+- ``niter`` Jacobi steps: add 1 at every centre, then each mask pixel takes the sum of the
+  values of its 3x3 neighbourhood that lie in the same mask (in Cellpose's neighbour order)
+  divided by 9. Cellpose takes ``niter`` = 2 x the largest (height + width + 2) of any mask's
+  bounding box in the image, and float32 when the padded image has more than 4e7 pixels, float64
+  otherwise: both are properties of the whole image, which a chunked run gets from a reduce and
+  from the slide's shape (:func:`diffusion_settings`);
+- the flow at a pixel is (T below - T above, T right - T left) - the neighbours' values whatever
+  mask they belong to - normalised to unit length in float64.
+
+Diffusion never crosses masks, but the gradient at a mask's edge reads its neighbours' values:
+a cell's error depends on its own pixels and on the cells that touch it, nothing else. So a chunk
+decides the error of every cell that, with the cells touching it, lies in its block away from the
+faces inside the slide (``docs/architecture.md``, "Multiplex slides").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from numba import njit
+
+__all__ = ["diffusion_settings", "mask_extents", "mask_flows", "flow_errors"]
+
+#: Cellpose switches its diffusion to float32 above this many pixels (of the padded image).
+FLOAT32_ABOVE = 4e7
+
+# Cellpose's neighbour order (dy, dx): self, up, down, left, right, then the diagonals.
+_NEIGHBOURS = ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1), (-1, -1), (-1, 1), (1, -1), (1, 1))
+
+
+def diffusion_settings(slide_shape: Sequence[int], max_extent: int) -> tuple[int, bool]:
+    """Cellpose's ``(niter, float32)`` for an image of ``slide_shape`` whose largest mask extent
+    (bounding-box height + width + 2, :func:`mask_extents`) is ``max_extent``."""
+    padded = float(np.prod([int(s) + 2 for s in slide_shape]))
+    return 2 * int(max_extent), padded > FLOAT32_ABOVE
+
+
+def mask_extents(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(labels, extents)``: each label's bounding-box height + width + 2 (Cellpose's ``ext``)."""
+    masks = np.asarray(masks)
+    ids, boxes = _boxes(masks)
+    return ids, (boxes[:, 1] - boxes[:, 0]) + (boxes[:, 3] - boxes[:, 2]) + 2
+
+
+def _boxes(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Labels (ascending, no 0) and their half-open boxes ``(K, 4)`` = y0, y1, x0, x1."""
+    if masks.ndim != 2:
+        raise ValueError(f"masks must be 2D (Y, X), got shape {masks.shape}")
+    ys, xs = np.nonzero(masks)
+    lab = masks[ys, xs]
+    ids, inv = np.unique(lab, return_inverse=True)
+    inv = inv.ravel()
+    k = len(ids)
+    boxes = np.empty((k, 4), np.int64)
+    boxes[:, 0] = np.iinfo(np.int64).max
+    boxes[:, 2] = np.iinfo(np.int64).max
+    boxes[:, 1] = -1
+    boxes[:, 3] = -1
+    np.minimum.at(boxes[:, 0], inv, ys)
+    np.maximum.at(boxes[:, 1], inv, ys + 1)
+    np.minimum.at(boxes[:, 2], inv, xs)
+    np.maximum.at(boxes[:, 3], inv, xs + 1)
+    return ids, boxes
+
+
+def _centres(masks: np.ndarray, ids: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Cellpose's centre of each mask ``(K, 2)`` in block coordinates."""
+    out = np.empty((len(ids), 2), np.int64)
+    for k, (lab, (y0, y1, x0, x1)) in enumerate(zip(ids.tolist(), boxes.tolist())):
+        yi, xi = np.nonzero(masks[y0:y1, x0:x1] == lab)
+        ym = int(np.round(yi.sum() / len(yi)))
+        xm = int(np.round(xi.sum() / len(xi)))
+        if not ((yi == ym) & (xi == xm)).any():
+            i = int(((xi - xm) ** 2 + (yi - ym) ** 2).argmin())
+            ym, xm = int(yi[i]), int(xi[i])
+        out[k] = (ym + y0, xm + x0)
+    return out
+
+
+@njit(cache=True)
+def _diffuse(lab, pix, meds, niter, T, new):  # pragma: no cover - numba
+    W = lab.shape[1]
+    flat = lab.ravel()
+    offs = np.array([0, -W, W, -1, 1, -W - 1, -W + 1, W - 1, W + 1])
+    for _ in range(niter):
+        for m in meds:
+            T[m] += 1
+        for k in range(len(pix)):
+            p = pix[k]
+            own = flat[p]
+            s = T[p] * 0  # Cellpose multiplies by the neighbour mask and sums the nine terms in order
+            for i in range(9):
+                q = p + offs[i]
+                if flat[q] == own:
+                    s += T[q]
+            new[k] = s / 9
+        for k in range(len(pix)):
+            T[pix[k]] = new[k]
+
+
+def mask_flows(masks: np.ndarray, *, niter: int, float32: bool = False) -> np.ndarray:
+    """The unit flows ``(2, Y, X)`` float64 (dY, dX) of the masks, as ``masks_to_flows_gpu``.
+
+    Parameters
+    ----------
+    masks : (Y, X) integer ndarray, any positive IDs
+    niter : int
+        Diffusion steps (the whole image's: :func:`diffusion_settings`).
+    float32 : bool
+        Diffuse in float32 (Cellpose does above 4e7 pixels) instead of float64.
+    """
+    masks = np.asarray(masks)
+    if masks.ndim != 2 or masks.dtype.kind not in "iu":
+        raise ValueError(f"masks must be a 2D integer array, got {masks.ndim}D {masks.dtype}")
+    if int(niter) < 0:
+        raise ValueError(f"niter {niter} must be >= 0")
+    out = np.zeros((2, *masks.shape))
+    ids, boxes = _boxes(masks)
+    if len(ids) == 0:
+        return out
+    lab = np.pad(masks.astype(np.int64), 1)
+    W = lab.shape[1]
+    cen = _centres(masks, ids, boxes) + 1
+    pix = np.flatnonzero(lab)
+    dtype = np.float32 if float32 else np.float64
+    T = np.zeros(lab.size, dtype)
+    _diffuse(lab, pix, (cen[:, 0] * W + cen[:, 1]).astype(np.int64), int(niter), T, np.zeros(len(pix), dtype))
+    dy = (T[pix + W] - T[pix - W]).astype(np.float64)
+    dx = (T[pix + 1] - T[pix - 1]).astype(np.float64)
+    mu = np.stack([dy, dx])
+    mu /= 1e-60 + (mu**2).sum(axis=0) ** 0.5
+    y, x = np.divmod(pix, W)
+    out[:, y - 1, x - 1] = mu
+    return out
+
+
+def flow_errors(masks: np.ndarray, flows: np.ndarray, *, niter: int, float32: bool = False,
+                labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Cellpose's flow error of each mask: mean over its pixels of |flows / 5 - mask flows|².
+
+    Parameters
+    ----------
+    masks : (Y, X) integer ndarray
+    flows : (2, Y, X) ndarray
+        The network's dY, dX (network scale, as Cellpose's ``dP``).
+    niter, float32 : the whole image's diffusion settings (:func:`diffusion_settings`)
+    labels : optional, the labels to report (default: every label of ``masks``)
+
+    Returns
+    -------
+    labels : (K,) uint64, ascending
+    errors : (K,) float64
+    """
+    masks = np.asarray(masks)
+    flows = np.asarray(flows)
+    if flows.shape != (2, *masks.shape):
+        raise ValueError(f"flows {flows.shape} must be (2, *masks.shape) with masks {masks.shape}")
+    mu = mask_flows(masks, niter=niter, float32=float32)
+    net = flows.astype(np.float32, copy=False) / np.float32(5.0)
+    err = ((mu - net) ** 2).sum(axis=0)
+    ids, boxes = _boxes(masks)
+    want = ids if labels is None else np.intersect1d(ids, np.asarray(labels).astype(ids.dtype))
+    rows = np.searchsorted(ids, want)
+    out = np.empty(len(want))
+    for k, r in enumerate(rows.tolist()):
+        y0, y1, x0, x1 = boxes[r].tolist()
+        out[k] = err[y0:y1, x0:x1][masks[y0:y1, x0:x1] == ids[r]].mean()
+    return want.astype(np.uint64), out
