@@ -617,6 +617,32 @@ def test_compute_masks_matches_cellpose_2d(cells2d, capsys):
     _fidelity(*cells2d, do_3D=False, capsys=capsys)
 
 
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")
+def test_compute_masks_flow_threshold_removes_cellposes_masks(cells2d):
+    """2D flow QC: the masks Cellpose's remove_bad_flow_masks drops, and only those."""
+    from cellpose import dynamics as cpd
+    from cellpose import metrics
+
+    lab, dP, cellprob = cells2d
+    rng = np.random.default_rng(3)
+    bad = rng.choice(np.arange(1, lab.max() + 1), size=8, replace=False)
+    noisy = dP.copy()
+    for c in bad:  # scramble part of the flows in 8 cells: high flow error, still one seed
+        m = (lab == c) & (rng.random(lab.shape) < 0.5)
+        noisy[:, m] = rng.normal(0, 5, (2, int(m.sum()))).astype(np.float32)
+    ours0 = D.compute_masks(noisy, cellprob, niter=200, min_size=15)
+    ours = D.compute_masks(noisy, cellprob, niter=200, min_size=15, flow_threshold=0.4)
+    theirs = cpd.compute_masks(noisy, cellprob, niter=200, do_3D=False, min_size=15, flow_threshold=0.4)
+    assert ours.max() < ours0.max()  # the threshold removed cells
+    assert ours.max() == theirs.max()
+    assert metrics.average_precision([theirs], [ours])[0][0][0] >= 0.99
+    assert voxel_agreement(theirs.astype(np.int64), ours.astype(np.int64)) >= 0.99
+    with pytest.raises(ValueError, match="2D images only"):
+        D.compute_masks(np.zeros((3, 4, 4, 4), np.float32), np.zeros((4, 4, 4), np.float32), flow_threshold=0.4)
+    with pytest.raises(ValueError, match="flow_threshold"):
+        D.compute_masks(noisy, cellprob, flow_threshold=-1)
+
+
 def test_compute_masks_size_limits_and_errors(cells3d):
     lab, dP, cellprob = cells3d
     sizes = np.bincount(lab.ravel())[1:]

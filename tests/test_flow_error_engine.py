@@ -116,3 +116,50 @@ def test_bad_arguments_are_refused():
         F.mask_flows(np.zeros((3, 3, 3), int), niter=3)
     with pytest.raises(ValueError, match="must be"):
         F.flow_errors(np.zeros((3, 3), int), np.zeros((3, 3, 3)), niter=3)
+
+
+def _cores(shape, chunk):
+    for y0 in range(0, shape[0], chunk[0]):
+        for x0 in range(0, shape[1], chunk[1]):
+            yield (y0, min(shape[0], y0 + chunk[0])), (x0, min(shape[1], x0 + chunk[1]))
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 10**6), st.integers(9, 70), st.integers(9, 70), st.integers(1, 40))
+def test_chunks_decide_every_cells_error_once_or_say_they_cannot(seed, cy, cx, halo):
+    s = synth_multiplex((96, 112), diameter=12, markers=0, seed=seed % 40)
+    cells = s["cells"]
+    flows = np.random.default_rng(seed).normal(0, 3, (2, *cells.shape)).astype(np.float32)
+    _, ext = F.mask_extents(cells)
+    niter, f32 = F.diffusion_settings(cells.shape, int(ext.max()))
+    labels, whole = F.flow_errors(cells, flows, niter=niter, float32=f32)
+
+    def run(halo):
+        got_l, got_e, undecided, max_ext, ext_undecided = [], [], 0, 0, 0
+        for core in _cores(cells.shape, (cy, cx)):
+            lo = [max(0, a - halo) for a, _ in core]
+            hi = [min(n, b + halo) for (_, b), n in zip(core, cells.shape)]
+            block = tuple(slice(a, b) for a, b in zip(lo, hi))
+            inner = tuple(slice(a - l, b - l) for (a, b), l in zip(core, lo))
+            kw = dict(origin=lo, core=inner, slide_shape=cells.shape)
+            r = F.block_flow_errors(cells[block], flows[(slice(None), *block)], niter=niter, float32=f32, **kw)
+            got_l += r["labels"].tolist()
+            got_e += r["errors"].tolist()
+            undecided += r["undecided"]
+            e = F.block_extents(cells[block], **kw)
+            max_ext, ext_undecided = max(max_ext, e["max_extent"]), ext_undecided + e["undecided"]
+        return got_l, got_e, undecided, max_ext, ext_undecided
+
+    got_l, got_e, undecided, max_ext, ext_undecided = run(halo)
+    assert len(set(got_l)) == len(got_l)  # each cell decided by one chunk at most
+    assert len(got_l) + undecided >= len(labels) or undecided  # nothing is left out silently
+    order = np.argsort(got_l)
+    rows = np.searchsorted(labels, np.asarray(got_l, np.uint64)[order])
+    np.testing.assert_array_equal(np.asarray(got_e)[order], whole[rows])  # what is decided is exact
+    if undecided == 0:
+        assert sorted(got_l) == labels.tolist()
+    if ext_undecided == 0:
+        assert max_ext == int(ext.max())
+    # a halo as large as the image decides every cell
+    got_l, got_e, undecided, max_ext, ext_undecided = run(max(cells.shape))
+    assert undecided == ext_undecided == 0 and sorted(got_l) == labels.tolist() and max_ext == int(ext.max())

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from skimage.segmentation import find_boundaries
 
 from zseg.engine import matching as M
+from zseg.engine.blocks import closed_faces
 
 
 def reference_match(cells: np.ndarray, nuclei: np.ndarray) -> list[tuple[int, int]]:
@@ -231,7 +232,7 @@ def test_layers_written_core_by_core_equal_the_whole_slides(pair, cy, cx, keep):
     out = [np.zeros_like(w) for w in whole]
     for core in _chunks(cells.shape, (cy, cx)):
         block, inner = _block(core, 1, cells.shape)
-        known = M._faces_known([s.start for s in block], cells[block].shape, cells.shape)
+        known = closed_faces([s.start for s in block], cells[block].shape, cells.shape)
         interior_b = (cells[block] != 0) & ~M.inner_boundary(cells[block], known=known)
         layers = M.apply_matching(cells[block], nuclei[block], interior_b, mc, mn, new, **extra)
         core_sl = tuple(slice(a, b) for a, b in core)

@@ -45,6 +45,8 @@ import numpy as np
 import scipy.ndimage
 from numba import njit, prange
 
+from zseg.engine.flow_error import diffusion_settings, flow_errors, mask_extents
+
 __all__ = [
     "prepare_flows",
     "sampling",
@@ -979,6 +981,7 @@ def compute_masks(
     flow3D_smooth: float | Sequence[float] = 0,
     min_size: int = 15,
     max_size: int | None = None,
+    flow_threshold: float = 0.0,
 ) -> np.ndarray:
     """Labels of a whole volume from flows: the reference for chunked runs.
 
@@ -987,8 +990,11 @@ def compute_masks(
     :func:`end_points` → :func:`histogram` → :func:`find_seeds` (seed ``k`` in C order
     of position gets label ``k + 1``) → :func:`grow_seeds` → :func:`paint_regions` with
     priority (count, C-order index) → each foreground voxel takes the painted label at
-    its end point → labels with more than ``max_size`` or fewer than ``min_size``
-    voxels are dropped → :func:`fill_holes` → labels renumbered 1..N in ascending order.
+    its end point → labels with more than ``max_size`` voxels are dropped → (2D, with
+    ``flow_threshold``) labels whose flow error exceeds it are dropped → labels with fewer than
+    ``min_size`` voxels are dropped → :func:`fill_holes` → labels renumbered 1..N in ascending
+    order. That is Cellpose's order: ``get_masks`` drops the large masks, then
+    ``remove_bad_flow_masks``, then ``fill_holes_and_remove_small_masks``.
 
     Parameters
     ----------
@@ -1008,6 +1014,10 @@ def compute_masks(
         Drop labels with more voxels; None keeps all. (Cellpose's
         ``max_size_fraction=0.4`` is ``max_size = 0.4 * volume size``, but relative
         to the array it sees, which is why zseg takes an absolute size.)
+    flow_threshold : float, keyword-only
+        2D only (Cellpose applies it to 2D masks only): drop labels whose flow error
+        (:func:`zseg.engine.flow_error.flow_errors`, with the image's own ``niter`` and
+        precision) is above it; 0 (default) = off. Cellpose's 2D default is 0.4.
 
     Returns
     -------
@@ -1025,6 +1035,10 @@ def compute_masks(
                                  or not isinstance(max_size, (int, np.integer)) or max_size < 1):
         raise ValueError(f"max_size={max_size!r}: give a voxel count >= 1, or None for no "
                         "upper limit.")
+    if not (flow_threshold >= 0 and math.isfinite(flow_threshold)):
+        raise ValueError(f"flow_threshold={flow_threshold!r}: give 0 (off) or more.")
+    if flow_threshold > 0 and cellprob.ndim != 2:
+        raise ValueError("flow_threshold applies to 2D images only (Cellpose's 3D masks have no flow QC).")
     shape = cellprob.shape
     ndim = len(shape)
     flow, fg = prepare_flows(dP, cellprob, cellprob_threshold=cellprob_threshold,
@@ -1048,7 +1062,17 @@ def compute_masks(
     labels[fg] = painted[tuple(ends.T)]
     sizes = np.bincount(labels.ravel(), minlength=k + 1)
     small, large = size_limits(sizes, min_size, max_size)
-    drop = small | large
+    large[0] = False
+    if large.any():
+        lut = np.arange(k + 1, dtype=dtype)
+        lut[large] = 0
+        labels = lut[labels]
+    drop = small.copy()
+    if flow_threshold > 0 and labels.any():
+        _, ext = mask_extents(labels)
+        fe_niter, f32 = diffusion_settings(shape, int(ext.max()))
+        ids, err = flow_errors(labels, dP, niter=fe_niter, float32=f32)
+        drop[ids[err > flow_threshold].astype(np.intp)] = True
     drop[0] = False
     if drop.any():
         lut = np.arange(k + 1, dtype=dtype)

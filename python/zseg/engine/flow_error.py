@@ -31,7 +31,10 @@ from collections.abc import Sequence
 import numpy as np
 from numba import njit
 
-__all__ = ["diffusion_settings", "mask_extents", "mask_flows", "flow_errors"]
+from zseg.engine import blocks as B
+
+__all__ = ["diffusion_settings", "mask_extents", "mask_flows", "flow_errors", "block_extents",
+           "block_flow_errors"]
 
 #: Cellpose switches its diffusion to float32 above this many pixels (of the padded image).
 FLOAT32_ABOVE = 4e7
@@ -178,3 +181,41 @@ def flow_errors(masks: np.ndarray, flows: np.ndarray, *, niter: int, float32: bo
         y0, y1, x0, x1 = boxes[r].tolist()
         out[k] = err[y0:y1, x0:x1][masks[y0:y1, x0:x1] == ids[r]].mean()
     return want.astype(np.uint64), out
+
+
+def block_extents(masks: np.ndarray, *, origin, core, slide_shape) -> dict:
+    """The largest extent of the cells a chunk owns (for the image's ``niter``), from its block.
+
+    Returns ``{"max_extent": int, "undecided": int}``: the largest (height + width + 2) of the
+    owned cells that lie whole in the block (0 if none), and how many owned cells touch an open
+    face of the block (their extent is not known here).
+    """
+    masks = np.asarray(masks)
+    B.check_block(origin, masks.shape, slide_shape)
+    open_ = B.on_open_faces(masks, B.closed_faces(origin, masks.shape, slide_shape))
+    mine = B.owned(masks, core)
+    ids, ext = mask_extents(masks)
+    whole = np.isin(ids, mine) & ~np.isin(ids, open_)
+    return {"max_extent": int(ext[whole].max()) if whole.any() else 0,
+            "undecided": int(np.isin(mine, open_).sum())}
+
+
+def block_flow_errors(masks: np.ndarray, flows: np.ndarray, *, origin, core, slide_shape, niter: int,
+                      float32: bool) -> dict:
+    """The flow errors of the cells a chunk owns and can decide, from its block.
+
+    A cell is decided when neither it nor a cell touching it (4-neighbours) reaches an open face
+    of the block: then its diffusion and the values its edge reads are the whole image's.
+
+    Returns ``{"labels": (K,) uint64, "errors": (K,) float64, "undecided": int}`` with
+    ``undecided`` the owned cells that could not be decided here.
+    """
+    masks = np.asarray(masks)
+    B.check_block(origin, masks.shape, slide_shape)
+    open_ = B.on_open_faces(masks, B.closed_faces(origin, masks.shape, slide_shape))
+    a, b = B.touching(masks)
+    unsure = np.union1d(open_, np.union1d(a[np.isin(b, open_)], b[np.isin(a, open_)]))
+    mine = B.owned(masks, core)
+    decide = np.setdiff1d(mine, unsure)
+    labels, errors = flow_errors(masks, flows, niter=niter, float32=float32, labels=decide)
+    return {"labels": labels, "errors": errors, "undecided": int(np.isin(mine, unsure).sum())}

@@ -29,6 +29,8 @@ import numpy as np
 import scipy.sparse as sp
 from numba import njit
 
+from zseg.engine import blocks as B
+
 __all__ = [
     "inner_boundary",
     "interior_overlaps",
@@ -215,26 +217,6 @@ def match_masks(cells: np.ndarray, nuclei: np.ndarray) -> tuple[np.ndarray, np.n
     return greedy_match(pc, pn, ov, area)
 
 
-def _faces_known(origin, shape, slide_shape) -> tuple[tuple[bool, bool], ...]:
-    """Per axis, whether the block's (first, last) face is the slide's edge."""
-    return tuple((int(o) == 0, int(o) + int(n) == int(s)) for o, n, s in zip(origin, shape, slide_shape))
-
-
-def _on_open_faces(labels: np.ndarray, known) -> np.ndarray:
-    """The labels with a pixel on a block face that is not the slide's edge (they may go on beyond it)."""
-    rows = []
-    for ax, (first, last) in enumerate(known):
-        moved = np.moveaxis(labels, ax, 0)
-        if not first:
-            rows.append(moved[0].ravel())
-        if not last:
-            rows.append(moved[-1].ravel())
-    if not rows:
-        return np.zeros(0, np.uint64)
-    u = np.unique(np.concatenate(rows)).astype(np.uint64)
-    return u[u != 0]
-
-
 def block_match(cells: np.ndarray, nuclei: np.ndarray, *, origin, core: tuple[slice, slice],
                 slide_shape) -> dict:
     """The matching decisions one chunk owns, from its block (core plus halo).
@@ -270,27 +252,15 @@ def block_match(cells: np.ndarray, nuclei: np.ndarray, *, origin, core: tuple[sl
     nuclei = np.asarray(nuclei)
     if cells.shape != nuclei.shape or cells.ndim != 2:
         raise ValueError(f"cells {cells.shape} and nuclei {nuclei.shape} must be 2D blocks of one shape")
-    origin = tuple(int(o) for o in origin)
-    slide_shape = tuple(int(s) for s in slide_shape)
-    if len(origin) != 2 or len(slide_shape) != 2 or any(
-            o < 0 or o + n > s for o, n, s in zip(origin, cells.shape, slide_shape)):
-        raise ValueError(f"block at {origin} of shape {cells.shape} does not lie in the slide {slide_shape}")
-    known = _faces_known(origin, cells.shape, slide_shape)
+    B.check_block(origin, cells.shape, slide_shape)
+    known = B.closed_faces(origin, cells.shape, slide_shape)
     interior = (cells != 0) & ~inner_boundary(cells, known=known)
     pc, pn, ov = interior_overlaps(cells, nuclei, interior)
     area = _areas(nuclei, pn)
-    open_cells = _on_open_faces(cells, known)
-    open_nuclei = _on_open_faces(nuclei, known)
-
+    open_cells = B.on_open_faces(cells, known)
+    open_nuclei = B.on_open_faces(nuclei, known)
     # the cells whose first pixel (C order) lies in the core: this chunk owns what they lead
-    flat = cells.ravel()
-    runs = np.flatnonzero(np.r_[True, flat[1:] != flat[:-1]])  # a label's first pixel starts a run
-    ids, first_run = np.unique(flat[runs], return_index=True)
-    first = runs[first_run]
-    first, ids = first[ids != 0], ids[ids != 0].astype(np.uint64)
-    fy, fx = np.unravel_index(first, cells.shape)
-    in_core = ((fy >= core[0].start) & (fy < core[0].stop) & (fx >= core[1].start) & (fx < core[1].stop))
-    owned = ids[in_core]
+    owned = B.owned(cells, core)
 
     cu, comp = components(pc, pn)
     comp_of_pair = comp[np.searchsorted(cu, pc)] if len(pc) else np.zeros(0, np.uint64)
