@@ -417,7 +417,7 @@ def _ome_voxel_size(multiscale: dict, level: int, axes: str, units: list):
     if local is None or overall is None:
         return None, None
     scale = local * overall
-    zyx = [axes.index(a) for a in "zyx"]
+    zyx = [axes.index(a) for a in _spatial(axes)]
     size = [float(scale[i]) for i in zyx]
     names = [units[i] for i in zyx]
     if len(set(names)) == 1:
@@ -477,7 +477,7 @@ def _inspect_tiff(uri: str, axes, level) -> dict:
         if voxel_size is not None and level:
             full = dict(zip(letters, series.levels[0].shape))
             here = dict(zip(letters, array.shape))
-            voxel_size = tuple(v * full[a] / here[a] for v, a in zip(voxel_size, "zyx"))
+            voxel_size = tuple(v * full[a] / here[a] for v, a in zip(voxel_size, _spatial(letters)))
     except BaseException:
         _close(opened)
         raise
@@ -497,8 +497,9 @@ def _inspect_tiff(uri: str, axes, level) -> dict:
 
 
 def _tiff_physical(tif: tifffile.TiffFile, series, axes: str):
-    """Voxel size (z, y, x), unit and channel names from OME-XML or ImageJ metadata."""
-    if "z" not in axes or "y" not in axes or "x" not in axes:
+    """Voxel size (z, y, x; a slide without z: y, x), unit and channel names from OME-XML or
+    ImageJ metadata."""
+    if "y" not in axes or "x" not in axes:
         return None, None, None
     if tif.is_ome and tif.ome_metadata:
         try:
@@ -509,13 +510,13 @@ def _tiff_physical(tif: tifffile.TiffFile, series, axes: str):
         if pixels is not None:
             names = [ch.get("Name") for ch in pixels.findall("{*}Channel")]
             sizes, units = [], []
-            for a in "ZYX":
+            for a in _spatial(axes).upper():
                 sizes.append(pixels.get(f"PhysicalSize{a}"))
                 units.append(_unit(pixels.get(f"PhysicalSize{a}Unit", "µm")))
             if None in sizes or len(set(units)) != 1 or units[0] is None:
                 return None, None, names
             return tuple(float(s) for s in sizes), units[0], names
-    if tif.is_imagej and tif.imagej_metadata:
+    if tif.is_imagej and tif.imagej_metadata and "z" in axes:
         meta = tif.imagej_metadata
         page = series.keyframe
         xres, yres = page.tags.get("XResolution"), page.tags.get("YResolution")
@@ -525,6 +526,11 @@ def _tiff_physical(tif: tifffile.TiffFile, series, axes: str):
             if xn and yn:
                 return (float(meta["spacing"]), yd / yn, xd / xn), unit, None
     return None, None, None
+
+
+def _spatial(axes: str) -> str:
+    """The spatial axes of ``axes``: ``zyx`` for a volume, ``yx`` for a slide without z."""
+    return "zyx" if "z" in axes else "yx"
 
 
 def _unit(name) -> str | None:

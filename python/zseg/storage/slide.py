@@ -1,0 +1,235 @@
+"""Opening a 2D multiplex slide: OME-TIFF (tiled, pyramidal), OME-Zarr ``cyx``, plain zarr/TIFF.
+
+A slide is a (C, Y, X) image with many channels (CODEX/PhenoCycler, CyCIF, IMC: 10-60). Unlike a
+3D input (:mod:`zseg.storage.volume`), every channel is kept: the network reads two or three of
+them, the cell table measures them all. :func:`open_slide` reads only metadata and checks what a
+multiplex run needs; :meth:`Slide.read` reads one box of any channels, touching only the
+chunks (zarr) or tiles (TIFF) under it.
+
+Channel names come from the OME-XML (``Channel Name``) or the OME-Zarr ``omero`` block. Panels
+repeat names ("DAPI" in every cycle, "Blank"): repeats get a suffix (``DAPI_2``) so that every
+channel has a name to type (:func:`zseg.engine.multiplex.unique_channel_names`); unnamed
+channels are called by their index (``"0"``, ``"1"``, ...). A channel can always be given by index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import zarr
+
+from zseg.engine.multiplex import unique_channel_names
+from zseg.errors import UserError
+from zseg.storage import volume as V
+from zseg.storage.arrays import CheckedArray, zarr_store
+from zseg.storage.uri import filesystem, is_remote
+
+__all__ = ["Slide", "open_slide"]
+
+_SLIDE_AXES = {2: "yx", 3: "cyx"}
+
+
+@dataclass
+class Slide:
+    """An opened slide: metadata plus lazy access to boxes of any channels.
+
+    Attributes
+    ----------
+    uri, format : the input as given and one of :data:`zseg.storage.volume.FORMATS`
+    shape : (Y, X) at the chosen level
+    dtype : native-byte-order dtype of the pixels
+    channel_names : the unique names of all channels, in stored order
+    original_names : the names as stored (repeats and ``None`` kept)
+    pixel_size : (y, x) in ``unit``, or None when unknown
+    chunks : (y, x) chunk or tile shape, or None
+    """
+
+    uri: str
+    format: str
+    shape: tuple[int, int]
+    dtype: np.dtype
+    channel_names: list[str]
+    original_names: list
+    pixel_size: tuple[float, float] | None
+    unit: str | None
+    chunks: tuple[int, int] | None
+    level: int
+    _axes: str = field(repr=False)
+    _array_shape: tuple[int, ...] = field(repr=False)
+    _array_uri: str = field(repr=False)
+    _kind: str = field(repr=False)
+    _open: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def nchannels(self) -> int:
+        return len(self.channel_names)
+
+    def channel(self, ch) -> int:
+        """The index of a channel given by (unique) name or index; UserError naming them all."""
+        index = None
+        if isinstance(ch, (int, np.integer)) and not isinstance(ch, bool):
+            index = int(ch)
+        elif isinstance(ch, str):
+            if ch in self.channel_names:
+                index = self.channel_names.index(ch)
+            elif ch.strip().isdigit():
+                index = int(ch)
+        if index is None or not 0 <= index < self.nchannels:
+            raise UserError(
+                f"channel {ch!r} is not in slide {self.uri}, which has {self.nchannels} channels: "
+                f"{self.listing()}; give a name or an index 0-{self.nchannels - 1}."
+            )
+        return index
+
+    def listing(self) -> str:
+        """``0 (DAPI), 1 (CD3), ...``: the channels as a message names them."""
+        return ", ".join(f"{i} ({n})" for i, n in enumerate(self.channel_names))
+
+    def read(self, box: Sequence[slice], channels: Sequence[int] | None = None) -> np.ndarray:
+        """Read ``box`` (Y, X slices) of ``channels`` (indices, default all): ``(C, y, x)``."""
+        if len(box) != 2:
+            raise ValueError(f"box {box} must have 2 slices (Y, X)")
+        box = V._check_box((slice(0, 1), *box), (1, *self.shape))[1:]
+        chans = list(range(self.nchannels)) if channels is None else [int(c) for c in channels]
+        if any(not 0 <= c < self.nchannels for c in chans):
+            raise ValueError(f"channels {chans} are not in 0-{self.nchannels - 1}")
+        wanted = sorted(set(chans))
+        selection, kept = [], []
+        for ax, n in zip(self._axes, self._array_shape):
+            if ax == "c":
+                selection.append(slice(None) if len(wanted) == n else wanted)
+                kept.append("c")
+            elif ax in "yx":
+                selection.append(box["yx".index(ax)])
+                kept.append(ax)
+            else:
+                selection.append(0)  # z, t or another axis of size 1
+        data = self._array().oindex[tuple(selection)]
+        if "c" not in kept:
+            data, kept = data[np.newaxis], ["c", *kept]
+        data = np.transpose(data, [kept.index(a) for a in "cyx"])
+        if chans != wanted:
+            position = {c: i for i, c in enumerate(wanted)}
+            data = data[[position[c] for c in chans]]
+        return np.ascontiguousarray(data, dtype=self.dtype)
+
+    def describe(self) -> dict:
+        """A JSON-serialisable summary for ``run.json``; ``channel_names`` are the unique names."""
+        return {
+            "uri": self.uri, "format": self.format, "shape": list(self.shape), "dtype": self.dtype.name,
+            "channel_names": list(self.channel_names), "stored_channel_names": list(self.original_names),
+            "pixel_size": None if self.pixel_size is None else list(self.pixel_size), "unit": self.unit,
+            "chunks": None if self.chunks is None else list(self.chunks), "level": self.level,
+            "array": self._array_uri, "array_axes": self._axes, "array_shape": list(self._array_shape),
+        }
+
+    def close(self) -> None:
+        V._close(self._open)
+
+    def _array(self):
+        if "array" not in self._open:
+            if self._kind == "tiff":
+                self._open.update(V._open_tiff(self._array_uri, self.level))
+            else:
+                self._open["array"] = CheckedArray(
+                    zarr.open_array(store=zarr_store(self._array_uri), mode="r"), self._array_uri)
+        return self._open["array"]
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_open"] = {}
+        return state
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
+
+
+def open_slide(uri, *, axes: str | None = None, level: int = 0) -> Slide:
+    """Open a 2D multiplex slide and check that zseg can segment it.
+
+    Parameters
+    ----------
+    uri : an OME-TIFF or TIFF file, an OME-Zarr image or a zarr array; local or remote
+    axes : for a plain array or TIFF, one letter per axis from ``c, y, x`` (``cyx``, ``yxc``);
+        default ``cyx`` for 3D and ``yx`` for 2D arrays; OME inputs carry their own
+    level : resolution level of a pyramidal input (0 = full resolution)
+
+    Raises
+    ------
+    UserError
+        Missing or unreadable input, a z or t axis of more than one plane (a volume: use the
+        3D track), a bad level, axes or data type.
+    """
+    uri = str(uri)
+    fs, path = filesystem(uri)
+    if is_remote(uri):
+        fs.invalidate_cache(path)
+    if not fs.exists(path):
+        raise UserError(f"input {uri} does not exist; check the path.")
+    if axes is not None:
+        axes = _slide_axes(uri, axes)
+    tiff = path.lower().rstrip("/").endswith((".tif", ".tiff"))
+    if axes is None and not tiff:
+        meta = V._inspect_zarr(uri, "cyx", level) if _plain_zarr_ndim(uri) == 3 else V._inspect_zarr(uri, None, level)
+    else:
+        meta = V._inspect_tiff(uri, axes, level) if tiff else V._inspect_zarr(uri, axes, level)
+    try:
+        return _slide(uri, meta, level)
+    except BaseException:
+        V._close(meta["open"])
+        raise
+
+
+def _plain_zarr_ndim(uri: str) -> int | None:
+    """The ndim of a plain zarr array at ``uri`` (None for a group or anything else)."""
+    try:
+        node = zarr.open(store=zarr_store(uri), mode="r")
+    except Exception:
+        return None
+    return node.ndim if isinstance(node, zarr.Array) else None
+
+
+def _slide_axes(uri: str, axes: str) -> str:
+    letters = str(axes).strip().lower()
+    if set(letters) - set("cyx") or len(set(letters)) != len(letters) or not {"y", "x"} <= set(letters):
+        raise UserError(f"--axes {axes!r}: a slide's axes are c, y and x (e.g. cyx or yxc), each once.")
+    return letters
+
+
+def _slide(uri: str, meta: dict, level: int) -> Slide:
+    shape, ax = tuple(meta["shape"]), meta["axes"]
+    if "y" not in ax or "x" not in ax:
+        raise UserError(f"input {uri} has axes {ax!r} (shape {shape}): a slide needs y and x; name them with --axes.")
+    for a, n in zip(ax, shape):
+        if a not in "cyx" and n != 1:
+            what = {"z": "planes in z", "t": "time points"}.get(a, f"entries along an axis {a!r}")
+            raise UserError(
+                f"input {uri} has {n} {what} (shape {shape}, axes {ax!r}): a multiplex slide is 2D (C, Y, X); "
+                "segment a volume with the 3D track (without --compartment), or give one plane; "
+                "if that axis holds channels, say so with --axes (e.g. cyx)."
+            )
+    dtype = V._check_dtype(uri, meta["dtype"])
+    sizes = dict(zip(ax, shape))
+    nchan = sizes.get("c", 1)
+    stored = list(meta.get("channel_names") or [])
+    if len(stored) != nchan:
+        stored = [None] * nchan
+    names = unique_channel_names([n if n else str(i) for i, n in enumerate(stored)])
+    size = meta.get("voxel_size")
+    pixel = None if size is None else tuple(float(v) for v in size[-2:])
+    chunks = meta.get("chunks")
+    slide = Slide(
+        uri=uri, format=meta["format"], shape=(sizes["y"], sizes["x"]), dtype=dtype,
+        channel_names=names, original_names=stored, pixel_size=pixel, unit=meta.get("unit"),
+        chunks=None if chunks is None else (int(chunks[ax.index("y")]), int(chunks[ax.index("x")])),
+        level=int(level), _axes=ax, _array_shape=shape, _array_uri=meta["array_uri"], _kind=meta["kind"],
+    )
+    slide._open.update(meta["open"])
+    if meta["kind"] == "zarr":
+        slide._open["array"] = CheckedArray(slide._open["array"], meta["array_uri"])
+    return slide
