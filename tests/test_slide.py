@@ -115,3 +115,48 @@ def test_a_volume_and_bad_axes_are_refused(tmp_path):
     assert open_slide(pages, axes="cyx").nchannels == 6
     with pytest.raises(UserError, match="does not exist"):
         open_slide(str(tmp_path / "missing.ome.tif"))
+
+
+def test_zseg_synth_multiplex_writes_a_slide_its_truth_and_both_flows(tmp_path):
+    import pandas as pd
+    from cellpose import dynamics as cellpose_dynamics
+    from cellpose import metrics
+
+    from zseg.cli import main
+    from zseg.engine import dynamics as D
+    from zseg.engine import matching as M
+    from zseg.engine import multiplex as X
+    from zseg.engine.stats import block_stats
+
+    out = tmp_path / "synth"
+    assert main(["synth", str(out), "--multiplex", "--shape", "160,192", "--diameter", "20", "--markers", "2"]) == 0
+    s = open_slide(str(out / "slide.ome.zarr"))
+    assert s.channel_names == ["DAPI", "Membrane", "M1", "M2"] and s.shape == (160, 192)
+    assert s.pixel_size == pytest.approx((0.5, 0.5))
+    image = s.read((slice(None), slice(None)))
+    root = zarr.open_group(str(out / "slide.ome.zarr"), mode="r")
+    cells, nuclei = root["labels/cells/0"][...], root["labels/nuclei/0"][...]
+    # the truth table holds the markers' means, as the engine's table measures them
+    truth = pd.read_parquet(out / "truth.parquet")
+    layers = M.apply_matching(cells, nuclei, (cells != 0) & ~M.inner_boundary(cells), *M.match_masks(cells, nuclei),
+                              np.arange(1, cells.max() + 1))
+    parts = {c: block_stats(layer, image) for c, layer in zip(X.COMPARTMENTS, layers)}
+    table = X.compartment_table(parts, s.channel_names, s.pixel_size)
+    for col in ("M1_nucleus_mean", "M2_cytoplasm_mean"):
+        np.testing.assert_array_equal(table[col], truth[col].to_numpy())
+    # each compartment's oracle flows give its truth back (2D Cellpose semantics, flow QC on)
+    for name, lab in (("flows.zarr", cells), ("nuclear_flows.zarr", nuclei)):
+        f = zarr.open_array(str(out / name), mode="r")[...]
+        assert f.shape == (3, 160, 192) and f.dtype == np.float16
+        got = D.compute_masks(f[:2], f[2], niter=200, min_size=15, flow_threshold=0.4)
+        assert metrics.average_precision([lab.astype(np.int64)], [got.astype(np.int64)])[0][0][0] >= 0.99
+        theirs = cellpose_dynamics.compute_masks(f[:2].astype(np.float32), f[2].astype(np.float32), niter=200,
+                                                 min_size=15, flow_threshold=0.4)
+        # Cellpose's own 2D masks from the same flows: the same pixels in each mask (its numbering differs)
+        pairs = np.unique(np.stack([got.ravel(), theirs.ravel()]), axis=1)
+        assert pairs.shape[1] == len(np.unique(got)) == len(np.unique(theirs))
+    # refusals: nothing written
+    assert main(["synth", str(tmp_path / "bad"), "--multiplex", "--shape", "64,64,64"]) == 2
+    assert main(["synth", str(tmp_path / "bad"), "--multiplex", "--membrane"]) == 2
+    assert not (tmp_path / "bad").exists()
+    assert main(["synth", str(out), "--multiplex", "--shape", "160,192"]) == 2  # exists, no --overwrite

@@ -25,6 +25,7 @@ from zseg.outputs.verify import verify_output
 from zseg.params import RunParams, build_params
 from zseg.phases.plan import plan as do_plan
 from zseg.phases.synth import synth as do_synth
+from zseg.phases.synth import synth_slide as do_synth_slide
 from zseg.run.entry import finished, run_local, run_phase
 from zseg.samplesheet import is_samplesheet, sample_runs
 from zseg.schema import params_from_nextflow
@@ -277,19 +278,28 @@ def verify(output: str = typer.Argument(..., help="Output folder of a run (path 
 @app.command()
 def synth(
     output: str = typer.Argument(..., help="Folder to write image.ome.zarr (with labels/cells) and flows.zarr into."),
-    shape: str = typer.Option("64,128,128", "--shape", help="Z,Y,X voxels of the volume."),
-    diameter: float = typer.Option(16.0, "--diameter", help="Mean cell diameter in YX voxels."),
+    shape: str = typer.Option(None, "--shape", help="Z,Y,X voxels of the volume (default 64,128,128); with --multiplex Y,X pixels of the slide (default 512,512)."),
+    diameter: float = typer.Option(None, "--diameter", help="Mean cell diameter in YX voxels (default 16; with --multiplex 24)."),
     anisotropy: float = typer.Option(1.0, "--anisotropy", help="Z spacing over YX spacing (>= 1)."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     flows: bool = typer.Option(True, "--flows/--no-flows", help="Also write exact Cellpose flows of the ground truth."),
     membrane: bool = typer.Option(False, "--membrane", help="Bright cell boundaries (a membrane stain) instead of bright interiors."),
     zarr_format: int = typer.Option(3, "--zarr-format", help="3 (OME-Zarr 0.5) or 2 (OME-Zarr 0.4)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing files."),
+    multiplex: bool = typer.Option(False, "--multiplex", help="A 2D multiplex slide (slide.ome.zarr: DAPI, Membrane, markers; truth for cells and nuclei; truth.parquet; flows.zarr and nuclear_flows.zarr) instead of a volume."),
+    markers: int = typer.Option(4, "--markers", help="With --multiplex: marker channels after DAPI and Membrane, with known per-cell means."),
 ):
-    """A synthetic volume of touching cells with ground truth (and its exact flows)."""
-    typer.echo(json.dumps(do_synth(output, shape=shape, diameter=diameter, anisotropy=anisotropy, seed=seed,
-                                   flows=flows, membrane=membrane, zarr_format=zarr_format,
-                                   overwrite=overwrite)))
+    """A synthetic volume of touching cells with ground truth (and its exact flows), or a multiplex slide."""
+    if multiplex:
+        if membrane or anisotropy != 1.0:
+            raise UserError("--membrane and --anisotropy describe a volume; leave them out with --multiplex.")
+        out = do_synth_slide(output, shape=shape or "512,512", diameter=24.0 if diameter is None else diameter,
+                             markers=markers, seed=seed, flows=flows, zarr_format=zarr_format, overwrite=overwrite)
+    else:
+        out = do_synth(output, shape=shape or "64,128,128", diameter=16.0 if diameter is None else diameter,
+                       anisotropy=anisotropy, seed=seed, flows=flows, membrane=membrane, zarr_format=zarr_format,
+                       overwrite=overwrite)
+    typer.echo(json.dumps(out))
 
 
 def main(argv=None) -> int:

@@ -187,7 +187,7 @@ def compartment_table(parts: dict[str, dict[str, np.ndarray]], channel_names: Se
     Parameters
     ----------
     parts : {"cell": stats, "nucleus": stats, "cytoplasm": stats}
-        Merged statistics (:func:`zseg.engine.stats.merge_stats`) of each layer over every
+        Statistics (:func:`zseg.engine.stats.block_stats` or merged) of each layer over every
         channel of the slide, with the layers' shared IDs; the cells define the rows. A cell
         without a nucleus (or cytoplasm) has no row in that layer's statistics.
     channel_names : the slide's (unique) channel names, one per statistics channel
@@ -203,6 +203,7 @@ def compartment_table(parts: dict[str, dict[str, np.ndarray]], channel_names: Se
     """
     if set(parts) != set(COMPARTMENTS):
         raise ValueError(f"parts must be the compartments {', '.join(COMPARTMENTS)}, got {sorted(parts)}")
+    parts = {c: _ascending(p) for c, p in parts.items()}
     cell = parts["cell"]
     labels = cell["label"]
     names = list(channel_names)
@@ -235,3 +236,9 @@ def compartment_table(parts: dict[str, dict[str, np.ndarray]], channel_names: Se
             with np.errstate(invalid="ignore", divide="ignore"):
                 cols[f"{name}_{comp}_mean"] = np.where(area > 0, s[:, c] / np.maximum(area, 1), np.nan)
     return cols
+
+
+def _ascending(stats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The rows of a statistics dict in ascending label (block_stats gives first-seen order)."""
+    order = np.argsort(stats["label"], kind="stable")
+    return {k: v[order] for k, v in stats.items()}

@@ -70,7 +70,7 @@ def block_stats(labels: np.ndarray, image: np.ndarray | None = None, *,
 
     Returns
     -------
-    dict of ndarray, one row per label (ascending)
+    dict of ndarray, one row per label (in order of first appearance in C order)
         ``label`` (K,) uint64; ``count`` (K,) int64 voxels; ``coord_sum`` (K, ndim) int64,
         sum of the voxels' volume coordinates; ``bbox_start``/``bbox_stop`` (K, ndim)
         int64, half-open bounding box in volume coordinates; ``intensity_sum`` (K, C)

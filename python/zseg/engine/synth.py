@@ -155,6 +155,7 @@ def flows_from_labels(labels: np.ndarray, *, niter: int | None = None) -> np.nda
 
 #: Marker levels of the multiplex slide: integers in [0, MARKER_MAX) (raw units).
 MARKER_MAX = 4000
+_MIN_NUCLEUS = 15  # pixels: Cellpose's default min_size
 
 
 def synth_multiplex(
@@ -204,8 +205,8 @@ def synth_multiplex(
     lab = _remove_to_fill(_largest_components(lab), fill, rng)
     cells = _consecutive(lab)
     nuclei = _nuclei_in(cells)
-    keep = np.zeros(int(cells.max()) + 1, bool)
-    keep[np.unique(nuclei)] = True  # a cell too thin for a nucleus is dropped
+    # a cell too thin for a nucleus of Cellpose's min_size (15 pixels) is dropped
+    keep = np.bincount(nuclei.ravel(), minlength=int(cells.max()) + 1) > _MIN_NUCLEUS
     keep[0] = False
     cells = _consecutive(np.where(keep[cells], cells, 0))
     nuclei = np.where(nuclei > 0, cells, 0).astype(np.uint32)
