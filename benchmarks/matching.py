@@ -29,6 +29,7 @@ from skimage.segmentation import find_boundaries
 
 from zseg.engine import matching as M
 from zseg.engine.synth import synth_multiplex
+from zseg.storage.grid import ChunkGrid
 
 
 def reference_loop(cells: np.ndarray, nuclei: np.ndarray) -> list[tuple[int, int]]:
@@ -74,15 +75,13 @@ def reference_loop(cells: np.ndarray, nuclei: np.ndarray) -> list[tuple[int, int
 
 def chunked(cells, nuclei, chunk, halo):
     pairs, undecided = [], 0
-    h, w = cells.shape
-    for y in range(0, h, chunk):
-        for x in range(0, w, chunk):
-            by, bx = max(0, y - halo), max(0, x - halo)
-            block = (slice(by, min(h, y + chunk + halo)), slice(bx, min(w, x + chunk + halo)))
-            core = (slice(y - by, min(h, y + chunk) - by), slice(x - bx, min(w, x + chunk) - bx))
-            got = M.block_match(cells[block], nuclei[block], origin=(by, bx), core=core, slide_shape=cells.shape)
-            pairs += zip(got["cells"].tolist(), got["nuclei"].tolist())
-            undecided += got["undecided"]
+    grid = ChunkGrid(cells.shape, (chunk, chunk), (halo, halo))
+    for i in range(grid.nchunks):
+        block = grid.block(i)
+        got = M.block_match(cells[block], nuclei[block], origin=[b.start for b in block],
+                            core=grid.core_in_block(i), slide_shape=cells.shape)
+        pairs += zip(got["cells"].tolist(), got["nuclei"].tolist())
+        undecided += got["undecided"]
     return sorted(pairs), undecided
 
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from zseg.engine import flow_error as F
 from zseg.engine.synth import flows_from_labels, synth_multiplex
+from zseg.storage.grid import ChunkGrid
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -118,12 +119,6 @@ def test_bad_arguments_are_refused():
         F.flow_errors(np.zeros((3, 3), int), np.zeros((3, 3, 3)), niter=3)
 
 
-def _cores(shape, chunk):
-    for y0 in range(0, shape[0], chunk[0]):
-        for x0 in range(0, shape[1], chunk[1]):
-            yield (y0, min(shape[0], y0 + chunk[0])), (x0, min(shape[1], x0 + chunk[1]))
-
-
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(0, 10**6), st.integers(9, 70), st.integers(9, 70), st.integers(1, 40))
 def test_chunks_decide_every_cells_error_once_or_say_they_cannot(seed, cy, cx, halo):
@@ -136,12 +131,10 @@ def test_chunks_decide_every_cells_error_once_or_say_they_cannot(seed, cy, cx, h
 
     def run(halo):
         got_l, got_e, undecided, max_ext, ext_undecided = [], [], 0, 0, 0
-        for core in _cores(cells.shape, (cy, cx)):
-            lo = [max(0, a - halo) for a, _ in core]
-            hi = [min(n, b + halo) for (_, b), n in zip(core, cells.shape)]
-            block = tuple(slice(a, b) for a, b in zip(lo, hi))
-            inner = tuple(slice(a - l, b - l) for (a, b), l in zip(core, lo))
-            kw = dict(origin=lo, core=inner, slide_shape=cells.shape)
+        grid = ChunkGrid(cells.shape, (cy, cx), (halo, halo))
+        for i in range(grid.nchunks):
+            block = grid.block(i)
+            kw = dict(origin=[b.start for b in block], core=grid.core_in_block(i), slide_shape=cells.shape)
             r = F.block_flow_errors(cells[block], flows[(slice(None), *block)], niter=niter, float32=f32, **kw)
             got_l += r["labels"].tolist()
             got_e += r["errors"].tolist()

@@ -12,6 +12,7 @@ from skimage.segmentation import find_boundaries
 
 from zseg.engine import matching as M
 from zseg.engine.blocks import closed_faces
+from zseg.storage.grid import ChunkGrid
 
 
 def reference_match(cells: np.ndarray, nuclei: np.ndarray) -> list[tuple[int, int]]:
@@ -156,27 +157,13 @@ def test_apply_matching_trims_nuclei_and_leaves_cytoplasm():
     assert (nuc_out == 1).sum() == 16
 
 
-def _chunks(shape, chunk):
-    for y0 in range(0, shape[0], chunk[0]):
-        for x0 in range(0, shape[1], chunk[1]):
-            yield (y0, min(shape[0], y0 + chunk[0])), (x0, min(shape[1], x0 + chunk[1]))
-
-
-def _block(core, halo, shape):
-    """(block slices in the slide, core slices in the block) of a core grown by the halo."""
-    lo = [max(0, a - halo) for a, _ in core]
-    hi = [min(s, b + halo) for (_, b), s in zip(core, shape)]
-    block = tuple(slice(a, b) for a, b in zip(lo, hi))
-    inner = tuple(slice(a - l, b - l) for (a, b), l in zip(core, lo))
-    return block, inner
-
-
 def chunked_match(cells, nuclei, chunk, halo):
     pairs, undecided = [], 0
-    for core in _chunks(cells.shape, chunk):
-        block, inner = _block(core, halo, cells.shape)
-        got = M.block_match(cells[block], nuclei[block], origin=[s.start for s in block], core=inner,
-                            slide_shape=cells.shape)
+    grid = ChunkGrid(cells.shape, chunk, (halo, halo))
+    for i in range(grid.nchunks):
+        block = grid.block(i)
+        got = M.block_match(cells[block], nuclei[block], origin=[s.start for s in block],
+                            core=grid.core_in_block(i), slide_shape=cells.shape)
         pairs += list(zip(got["cells"].tolist(), got["nuclei"].tolist()))
         undecided += got["undecided"]
         if got["undecided"]:
@@ -230,14 +217,14 @@ def test_layers_written_core_by_core_equal_the_whole_slides(pair, cy, cx, keep):
     interior = (cells != 0) & ~M.inner_boundary(cells)
     whole = M.apply_matching(cells, nuclei, interior, mc, mn, new, **extra)
     out = [np.zeros_like(w) for w in whole]
-    for core in _chunks(cells.shape, (cy, cx)):
-        block, inner = _block(core, 1, cells.shape)
+    grid = ChunkGrid(cells.shape, (cy, cx), (1, 1))
+    for i in range(grid.nchunks):
+        block = grid.block(i)
         known = closed_faces([s.start for s in block], cells[block].shape, cells.shape)
         interior_b = (cells[block] != 0) & ~M.inner_boundary(cells[block], known=known)
         layers = M.apply_matching(cells[block], nuclei[block], interior_b, mc, mn, new, **extra)
-        core_sl = tuple(slice(a, b) for a, b in core)
         for o, layer in zip(out, layers):
-            o[core_sl] = layer[inner]
+            o[grid.core(i)] = layer[grid.core_in_block(i)]
     for o, w in zip(out, whole):
         np.testing.assert_array_equal(o, w)
     cell_l, nuc_l, cyto_l = whole

@@ -201,7 +201,7 @@ def synth_multiplex(
         raise ValueError(f"fill {fill} must lie in (0, 1].")
     rng = np.random.default_rng(seed)
     centers, radii = _place_seeds(shape, diameter / 2, rng)
-    lab = _power_voronoi_2d(shape, centers, radii, rng)
+    lab, _ = _power_voronoi(shape, centers, radii, rng)
     lab = _remove_to_fill(_largest_components(lab), fill, rng)
     cells = _consecutive(lab)
     nuclei = _nuclei_in(cells)
@@ -234,36 +234,6 @@ def synth_multiplex(
 
 # ---------------------------------------------------------------------------------------------
 # helpers
-
-
-def _power_voronoi_2d(shape, centers, radii, rng):
-    """:func:`_power_voronoi` in 2D: ellipses, labels ``(Y, X)`` int32 in seed order."""
-    n = len(centers)
-    axes = np.exp(rng.uniform(-0.25, 0.25, (n, 2)))
-    axes /= np.sqrt(axes.prod(axis=1))[:, None]  # area preserving
-    theta = rng.uniform(0, np.pi, n)
-    semi = axes * (radii * _EXTENT)[:, None]
-    cos, sin = np.cos(theta), np.sin(theta)
-    half = np.stack([np.hypot(semi[:, 0] * cos, semi[:, 1] * sin),
-                     np.hypot(semi[:, 0] * sin, semi[:, 1] * cos)], axis=1)
-    best = np.full(shape, np.inf, np.float32)
-    lab = np.zeros(shape, np.int32)
-    hi_lim = np.asarray(shape)
-    for i in range(n):
-        lo = np.maximum(np.floor(centers[i] - half[i]).astype(int), 0)
-        hi = np.minimum(np.ceil(centers[i] + half[i]).astype(int) + 1, hi_lim)
-        if np.any(hi <= lo):
-            continue
-        gy = np.arange(lo[0], hi[0], dtype=np.float64)[:, None] - centers[i][0]
-        gx = np.arange(lo[1], hi[1], dtype=np.float64)[None, :] - centers[i][1]
-        u = (cos[i] * gy + sin[i] * gx) / semi[i, 0]
-        v = (-sin[i] * gy + cos[i] * gx) / semi[i, 1]
-        d = np.sqrt(u * u + v * v).astype(np.float32)
-        sl = tuple(slice(a, b) for a, b in zip(lo, hi))
-        win = (d <= 1.0) & (d < best[sl])
-        best[sl][win] = d[win]
-        lab[sl][win] = i + 1
-    return lab
 
 
 def _nuclei_in(cells):
@@ -316,13 +286,20 @@ def _place_seeds(shape, radius, rng):
 def _power_voronoi(shape, centers, radii, rng):
     """Label each voxel with the cell of smallest scaled ellipsoidal distance (<= 1).
 
-    Returns labels ``(Z, Y, X)`` int32 (1-based, in seed order) and that distance (float32).
+    3D: ellipsoids of random orientation; 2D: ellipses. Returns labels ``shape`` int32 (1-based,
+    in seed order) and that distance (float32).
     """
-    n = len(centers)
-    axes = np.exp(rng.uniform(-0.25, 0.25, (n, 3)))
-    axes /= np.cbrt(axes.prod(axis=1))[:, None]  # volume preserving
-    rot = Rotation.random(n, random_state=rng).as_matrix() if n else np.zeros((0, 3, 3))
-    semi = axes * (radii * _EXTENT)[:, None]  # (n, 3) semi-axes in voxels
+    n, nd = len(centers), len(shape)
+    axes = np.exp(rng.uniform(-0.25, 0.25, (n, nd)))
+    if nd == 3:
+        axes /= np.cbrt(axes.prod(axis=1))[:, None]  # volume preserving
+        rot = Rotation.random(n, random_state=rng).as_matrix() if n else np.zeros((0, 3, 3))
+    else:
+        axes /= np.sqrt(axes.prod(axis=1))[:, None]  # area preserving
+        theta = rng.uniform(0, np.pi, n)
+        rot = np.stack([np.stack([np.cos(theta), -np.sin(theta)], 1),
+                        np.stack([np.sin(theta), np.cos(theta)], 1)], 1) if n else np.zeros((0, 2, 2))
+    semi = axes * (radii * _EXTENT)[:, None]  # (n, nd) semi-axes in voxels
     # x -> scaled coordinates: diag(1/semi) @ R^T @ (x - c)
     fwd = rot.transpose(0, 2, 1) / semi[:, :, None]
     half = np.sqrt(((rot * semi[:, None, :]) ** 2).sum(axis=2))  # bounding-box half extents
@@ -335,13 +312,13 @@ def _power_voronoi(shape, centers, radii, rng):
         hi = np.minimum(np.ceil(centers[i] + half[i]).astype(int) + 1, hi_lim)
         if np.any(hi <= lo):
             continue
-        gz, gy, gx = (np.arange(lo[k], hi[k], dtype=np.float32) - np.float32(centers[i][k]) for k in range(3))
         m = fwd[i].astype(np.float32)
-        d2 = ((m[:, 0, None, None, None] * gz[:, None, None]
-               + m[:, 1, None, None, None] * gy[None, :, None]
-               + m[:, 2, None, None, None] * gx[None, None, :]) ** 2).sum(axis=0)
+        acc = 0
+        for k in range(nd):  # sum_k m[:, k] * g_k, axis k broadcast along its own dimension
+            g = np.arange(lo[k], hi[k], dtype=np.float32) - np.float32(centers[i][k])
+            acc = acc + m[:, k].reshape((nd,) + (1,) * nd) * g.reshape((1,) * (k + 1) + (-1,) + (1,) * (nd - k - 1))
+        d = np.sqrt((acc**2).sum(axis=0))
         sl = tuple(slice(a, b) for a, b in zip(lo, hi))
-        d = np.sqrt(d2)
         win = (d <= 1.0) & (d < best[sl])
         best[sl][win] = d[win]
         lab[sl][win] = i + 1

@@ -32,7 +32,7 @@ _SLIDE_AXES = {2: "yx", 3: "cyx"}
 
 
 @dataclass
-class Slide:
+class Slide(V._Lazy):
     """An opened slide: metadata plus lazy access to boxes of any channels.
 
     Attributes
@@ -125,9 +125,6 @@ class Slide:
             "array": self._array_uri, "array_axes": self._axes, "array_shape": list(self._array_shape),
         }
 
-    def close(self) -> None:
-        V._close(self._open)
-
     def _array(self):
         if "array" not in self._open:
             if self._kind == "tiff":
@@ -136,17 +133,6 @@ class Slide:
                 self._open["array"] = CheckedArray(
                     zarr.open_array(store=zarr_store(self._array_uri), mode="r"), self._array_uri)
         return self._open["array"]
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_open"] = {}
-        return state
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown
-            pass
 
 
 def open_slide(uri, *, axes: str | None = None, level: int = 0) -> Slide:

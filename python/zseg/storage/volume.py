@@ -66,8 +66,30 @@ class _Source:
     channels: tuple[int, ...]  # indices along the c axis in the user's order; (0,) without c
 
 
+class _Lazy:
+    """Open file handles kept in ``self._open``: dropped when pickled (a worker re-opens them on
+    first use), closed on :meth:`close` and when the object goes."""
+
+    _open: dict
+
+    def close(self) -> None:
+        """Release open file handles (reading again re-opens them)."""
+        _close(self._open)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_open"] = {}
+        return state
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
+
+
 @dataclass
-class Volume:
+class Volume(_Lazy):
     """An opened input volume: metadata plus lazy access to a box of the selected channels.
 
     Attributes
@@ -163,10 +185,6 @@ class Volume:
             "array_shape": list(src.shape),
         }
 
-    def close(self) -> None:
-        """Release open file handles (reading again re-opens them)."""
-        _close(self._open)
-
     def _array(self) -> zarr.Array:
         if "array" not in self._open:
             src = self._source
@@ -176,17 +194,6 @@ class Volume:
                 array = zarr.open_array(store=zarr_store(src.uri), mode="r")
                 self._open["array"] = CheckedArray(array, src.uri)  # names a damaged chunk
         return self._open["array"]
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_open"] = {}
-        return state
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown
-            pass
 
 
 def open_volume(uri, *, axes=None, level=0, channels=None, timepoint=0) -> Volume:
