@@ -1,6 +1,6 @@
 """Cellpose's 2D flow error (the flow_threshold QC): zseg's engine against Cellpose, same run.
 
-    python benchmarks/flow_error.py [--size 2048] [--diameter 24] [--chunk 1024] [--halo 64]
+    python benchmarks/flow_error.py [--size 2048] [--diameter 24] [--chunk 1024] [--halo 96]
 
 Builds a synthetic slide (``zseg.engine.synth.synth_multiplex``), gives it random network flows
 (so every cell has an error to compute) and times, on the same masks and flows:
@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=2048)
     ap.add_argument("--diameter", type=float, default=24.0)
     ap.add_argument("--chunk", type=int, default=1024)
-    ap.add_argument("--halo", type=int, default=64)
+    ap.add_argument("--halo", type=int, default=96)
     a = ap.parse_args()
     cells = synth_multiplex((a.size, a.size), diameter=a.diameter, markers=0, seed=0)["cells"]
     flows = np.random.default_rng(0).normal(0, 3, (2, *cells.shape)).astype(np.float32)
