@@ -58,3 +58,16 @@ def cellpose_eval(net: CPSAMNet, image: np.ndarray, lowhigh, *, diameter: float,
         normalize={"lowhigh": np.asarray(lowhigh, np.float64)}, bsize=net.bsize, compute_masks=compute_masks, **kw,
     )
     return masks, np.concatenate([flows[1], flows[2][None]]).astype(np.float32)
+
+
+def cellpose_eval_2d(net: CPSAMNet, image: np.ndarray, lowhigh, *, diameter: float, compute_masks: bool = False,
+                     **kw):
+    """Cellpose's own 2D run: ``(masks, flows (3, Y, X) float32 = dY, dX, cellprob)`` for a
+    ``(C, Y, X)`` image."""
+    m = cellpose_model(net)
+    x = np.ascontiguousarray(np.moveaxis(np.asarray(image, np.float32), 0, -1))  # eval normalises in place
+    masks, flows, _ = m.eval(
+        x, channel_axis=2, do_3D=False, diameter=diameter, normalize={"lowhigh": np.asarray(lowhigh, np.float64)},
+        bsize=net.bsize, compute_masks=compute_masks, **kw,
+    )
+    return masks, np.concatenate([flows[1], flows[2][None]]).astype(np.float32)

@@ -66,6 +66,8 @@ __all__ = [
     "add_view",
     "from_network_scale",
     "predict_block",
+    "predict_plane",
+    "PLANE_VIEWS",
     "run_block",
     "view_inputs",
 ]
@@ -74,6 +76,8 @@ Box = tuple[slice, slice, slice]
 
 #: The three views, in the order Cellpose runs and sums them.
 VIEWS = ("YX", "ZY", "ZX")
+#: The one view of a 2D image (:meth:`Geometry.plane`).
+PLANE_VIEWS = ("YX",)
 #: Per view: the plane axis, then the plane's two axes (network output channels 0 and 1 are
 #: the flows along these). ZY is Cellpose's name for the planes at fixed Y (axes Z, X).
 VIEW_AXES = {"YX": (0, 1, 2), "ZY": (1, 0, 2), "ZX": (2, 0, 1)}
@@ -148,6 +152,22 @@ class Geometry:
         tiles = tuple(AxisTiles.of(n, bsize, tile_overlap=tile_overlap, augment=augment, pad_to_tile=pad_to_tile)
                       for n in scaled)
         return cls(shape, scaled, tiles, augment)
+
+    @classmethod
+    def plane(cls, shape, *, diameter: float = 30.0, bsize: int = 256, tile_overlap: float = 0.1,
+              augment: bool = False, diam_mean: float = 30.0, pad_to_tile: bool = True) -> "Geometry":
+        """The geometry of Cellpose's 2D ``eval`` on a ``(Y, X)`` image, as a one-plane volume
+        ``(1, Y, X)`` whose YX view (:data:`PLANE_VIEWS`) is the 2D network pass: the plane is
+        resized by ``diam_mean / diameter`` in Y and X only, padded and tiled as a whole plane.
+        Its flows (:func:`predict_plane`) equal ``eval(do_3D=False)``'s to float32 rounding."""
+        ly, lx = (int(s) for s in shape)
+        rescale = float(diam_mean) / diameter
+        scaled = (1, ly, lx) if rescale == 1.0 else (1, int(ly * rescale), int(lx * rescale))
+        if min(scaled) < 1:
+            raise ValueError(f"diameter {diameter} shrinks the image {(ly, lx)} to {scaled[1:]}")
+        tiles = tuple(AxisTiles.of(n, bsize, tile_overlap=tile_overlap, augment=augment, pad_to_tile=pad_to_tile)
+                      for n in scaled)
+        return cls((1, ly, lx), scaled, tiles, augment)
 
     def with_ortho(self, bsize: int, *, tile_overlap: float = 0.1, pad_to_tile: bool = True) -> "Geometry":
         """This geometry with the ZY and ZX views tiled for an ortho network of tile size
@@ -516,7 +536,7 @@ def run_block(net, plan: BlockPlan, inputs, geometry: Geometry, *, batch_size: i
 
 def predict_block(net, read, core: Box, geometry: Geometry, lowhigh, *, batch_size: int = 8,
                   device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                  keep_views: bool = False, net_ortho=None):
+                  keep_views: bool = False, net_ortho=None, views=VIEWS):
     """Cellpose's flows of the voxels ``core``, equal to a whole-volume run.
 
     The predict phase runs the same two steps (:func:`view_inputs` in its reader thread,
@@ -539,6 +559,7 @@ def predict_block(net, read, core: Box, geometry: Geometry, lowhigh, *, batch_si
     net_ortho : callable, optional
         A second network for the ZY and ZX views (Cellpose 3's ``pretrained_model_ortho``);
         its tiles are ``geometry``'s ortho tiles (:meth:`Geometry.with_ortho`).
+    views : the views to run and sum (all three; a 2D image: :data:`PLANE_VIEWS`)
 
     Returns
     -------
@@ -549,8 +570,25 @@ def predict_block(net, read, core: Box, geometry: Geometry, lowhigh, *, batch_si
     stats : dict
         ``planes`` and ``tiles`` run.
     """
-    plan = plan_block(geometry, core)
+    plan = plan_block(geometry, core, views)
     flows, kept = run_block(net, plan, view_inputs(plan, read, lowhigh), geometry, batch_size=batch_size,
                             device=device, dtype=dtype, keep_views=keep_views, net_ortho=net_ortho)
     views = np.stack([v.cpu().numpy() for v in kept]) if keep_views else None
     return flows.cpu().numpy(), views, {"planes": plan.planes, "tiles": plan.ntiles}
+
+
+def predict_plane(net, read, core: tuple[slice, slice], geometry: Geometry, lowhigh, *, batch_size: int = 8,
+                  device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
+    """Cellpose's 2D flows of the pixels ``core`` of a ``(Y, X)`` image, equal to a whole-image run.
+
+    ``geometry`` is :meth:`Geometry.plane`'s; ``read(box) -> (C, y, x)`` reads the image. The
+    block plans only the tiles of the whole image's grid that cover the core, so any chunking
+    gives the whole image's flows. Returns ``(flows, stats)``: flows ``(3, y, x)`` float32 =
+    dY, dX, cellprob (Cellpose's 2D ``dP`` and cell probability, network scale), and the
+    ``planes``/``tiles`` run.
+    """
+    if len(core) != 2 or geometry.shape[0] != 1:
+        raise ValueError(f"core {core} must be (Y, X) slices of a plane geometry (shape {geometry.shape})")
+    flows, _, stats = predict_block(net, lambda box: read(box[1:])[:, None], (slice(0, 1), *core), geometry, lowhigh,
+                                    batch_size=batch_size, device=device, dtype=dtype, views=PLANE_VIEWS)
+    return flows[1:, 0], stats
