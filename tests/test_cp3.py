@@ -19,7 +19,8 @@ import torch
 
 from zseg.engine import dynamics as D
 from zseg.engine.cp3 import CP3Net, cp3_from_state_dict, describe_cp3_state_dict, is_cp3_state_dict
-from zseg.engine.views import Geometry, predict_block
+from zseg.engine.views import Geometry, predict_block, predict_plane
+from zseg.storage.grid import ChunkGrid
 
 FIXTURE = Path(__file__).parent / "fixtures" / "cp3"
 LOWHIGH = [[0.0, 1.0]]  # the fixture's input is already in 0..1 (Cellpose ran with lowhigh [0, 1])
@@ -105,6 +106,27 @@ def test_2d_flows_and_masks_match_cellpose3(fx, which):
     if which:
         masks = D.compute_masks(y[:2], y[2], niter=200, min_size=-1)
         assert fx["gmasks2"].max() > 5
+        assert ap50(fx["gmasks2"], masks) >= 0.99
+
+
+@pytest.mark.parametrize("which", ["", "g"])
+@pytest.mark.parametrize("core_shape", [None, (20, 24), (48, 9)])
+def test_2d_flows_of_the_plane_pass_match_cellpose3_in_chunks(fx, which, core_shape):
+    """Cellpose 3's 2D eval through zseg's 2D network pass (Geometry.plane, predict_plane), any chunking."""
+    net = cp3_from_state_dict(fx[which + "sd"])
+    img = fx["img2"]
+    geo = Geometry.plane(img.shape, diameter=30.0, bsize=CP3Net.bsize, diam_mean=float(net.diam_mean),
+                         pad_to_tile=False)
+    flows = np.zeros((3, *img.shape), np.float32)
+    grid = ChunkGrid(img.shape, core_shape or img.shape, (0, 0))
+    for i in range(grid.nchunks):
+        core = grid.core(i)
+        flows[(slice(None), *core)] = predict_plane(net, lambda box: img[None][(slice(None), *box)], core, geo,
+                                                    LOWHIGH)[0]
+    np.testing.assert_allclose(flows[:2], fx[which + "dP2"], **TOL)
+    np.testing.assert_allclose(flows[2], fx[which + "cellprob2"], **TOL)
+    if which:  # the fixture's masks were made with flow_threshold 0
+        masks = D.compute_masks(flows[:2], flows[2], niter=200, min_size=-1)
         assert ap50(fx["gmasks2"], masks) >= 0.99
 
 
