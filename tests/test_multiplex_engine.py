@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from zseg.engine import dynamics as D
 from zseg.engine import matching as M
 from zseg.engine import multiplex as X
 from zseg.engine.stats import block_stats, merge_stats
@@ -210,3 +211,56 @@ def test_a_cell_without_a_nucleus_has_empty_nucleus_columns():
     parts["nucleus"] = block_stats(np.full_like(cells, 5), image)
     with pytest.raises(ValueError, match="labels that are no cell"):
         X.compartment_table(parts, ["DAPI"], (1.0, 1.0))
+
+
+# --- skipping uninformative patches ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def slide_flows():
+    from zseg.engine.synth import flows_from_labels
+
+    s = synth_multiplex((128, 160), diameter=18, markers=0, seed=9)
+    f = flows_from_labels(s["cells"])
+    full = D.compute_masks(f[:2], f[2], niter=120, min_size=15, flow_threshold=0.4)
+    return f, full
+
+
+def _cells(labels):
+    """Each cell as the frozenset of its flat pixel indices."""
+    flat = labels.ravel()
+    order = np.argsort(flat, kind="stable")
+    ids, starts = np.unique(flat[order], return_index=True)
+    bounds = list(starts[1:]) + [len(order)]
+    return {frozenset(order[a:b].tolist()) for i, a, b in zip(ids, starts, bounds) if i != 0}
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(st.integers(8, 64), st.data())
+def test_skipping_patches_removes_whole_cells_and_changes_no_other(slide_flows, p, data):
+    f, full = slide_flows
+    shape = full.shape
+    n = len(X.patch_grid(shape, p))
+    informative = np.array(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)))
+    allowed = X.seed_allowed(shape, p, informative)
+    assert allowed.shape == shape
+    for (y0, y1, x0, x1), flag in zip(X.patch_grid(shape, p), informative):
+        assert (allowed[y0:y1, x0:x1] == flag).all()
+    skipped = D.compute_masks(f[:2], f[2], niter=120, min_size=15, flow_threshold=0.4, seed_allowed=allowed)
+    kept, every = _cells(skipped), _cells(full)
+    assert kept <= every  # every kept cell is pixel for pixel the cell of the run without skipping
+    more = informative | np.array(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)))
+    wider = D.compute_masks(f[:2], f[2], niter=120, min_size=15, flow_threshold=0.4,
+                            seed_allowed=X.seed_allowed(shape, p, more))
+    assert kept <= _cells(wider)  # more informative patches never lose a cell
+    if informative.all():
+        np.testing.assert_array_equal(skipped, full)
+    if not informative.any():
+        assert not skipped.any()
+
+
+def test_seed_allowed_refuses_a_wrong_flag_count():
+    with pytest.raises(ValueError, match="one flag per patch"):
+        X.seed_allowed((10, 10), 4, np.ones(8, bool))
+    with pytest.raises(ValueError, match="seed_allowed"):
+        D.compute_masks(np.zeros((2, 8, 8), np.float32), np.ones((8, 8), np.float32), seed_allowed=np.ones((4, 4)))

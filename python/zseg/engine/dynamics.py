@@ -982,6 +982,7 @@ def compute_masks(
     min_size: int = 15,
     max_size: int | None = None,
     flow_threshold: float = 0.0,
+    seed_allowed: np.ndarray | None = None,
 ) -> np.ndarray:
     """Labels of a whole volume from flows: the reference for chunked runs.
 
@@ -1018,6 +1019,10 @@ def compute_masks(
         2D only (Cellpose applies it to 2D masks only): drop labels whose flow error
         (:func:`zseg.engine.flow_error.flow_errors`, with the image's own ``niter`` and
         precision) is above it; 0 (default) = off. Cellpose's 2D default is 0.4.
+    seed_allowed : (\*S) bool ndarray, optional
+        Where seeds may lie (the multiplex track's informative patches): a cell whose seed
+        lies where this is False is removed whole, last, after the size, flow and hole
+        decisions, so every other cell is exactly the cell of the run without it.
 
     Returns
     -------
@@ -1040,6 +1045,8 @@ def compute_masks(
     if flow_threshold > 0 and cellprob.ndim != 2:
         raise ValueError("flow_threshold applies to 2D images only (Cellpose's 3D masks have no flow QC).")
     shape = cellprob.shape
+    if seed_allowed is not None and np.shape(seed_allowed) != shape:
+        raise ValueError(f"seed_allowed {np.shape(seed_allowed)} must have the image's shape {shape}")
     ndim = len(shape)
     flow, fg = prepare_flows(dP, cellprob, cellprob_threshold=cellprob_threshold,
                              flow3D_smooth=flow3D_smooth)
@@ -1079,6 +1086,10 @@ def compute_masks(
         lut[drop] = 0
         labels = lut[labels]
     labels = fill_holes(labels)
+    if seed_allowed is not None:
+        lut = np.arange(k + 1, dtype=dtype)
+        lut[1:][~np.asarray(seed_allowed, bool)[tuple(seeds.T)]] = 0
+        labels = lut[labels]
     present = np.zeros(k + 1, dtype=bool)
     present[labels.ravel()] = True
     present[0] = False

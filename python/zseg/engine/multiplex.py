@@ -27,6 +27,7 @@ __all__ = [
     "patch_stats",
     "patch_flags",
     "PATCH_COLUMNS",
+    "seed_allowed",
     "compartment_table",
     "COMPARTMENTS",
 ]
@@ -178,6 +179,21 @@ def patch_flags(stats: dict[str, np.ndarray], *, non_zero_threshold: float = 0.0
     empty = stats["nuclear_non_zero_fraction"] < float(non_zero_threshold)
     noisy = stats["nuclear_mean"] < float(mean_threshold)
     return {"is_empty": empty, "is_noisy": noisy, "is_informative": ~(empty | noisy)}
+
+
+def seed_allowed(shape: Sequence[int], patch_size: int, informative: np.ndarray) -> np.ndarray:
+    """Where seeds may lie when uninformative patches are skipped: a ``(Y, X)`` bool image, True
+    in the informative patches of the grid (``informative``: one flag per patch of
+    :func:`patch_grid`, C order). A cell is kept or removed whole by where its seed lies, a
+    property of the cell alone, so skipping never cuts a cell and does not depend on chunking."""
+    grid = patch_grid(shape, patch_size)
+    informative = np.asarray(informative, bool)
+    if informative.shape != (len(grid),):
+        raise ValueError(f"need one flag per patch ({len(grid)}), got {informative.shape}")
+    p = int(patch_size)
+    ny, nx = -(-int(shape[0]) // p), -(-int(shape[1]) // p)
+    flags = informative.reshape(ny, nx)
+    return np.repeat(np.repeat(flags, p, axis=0), p, axis=1)[: int(shape[0]), : int(shape[1])]
 
 
 def compartment_table(parts: dict[str, dict[str, np.ndarray]], channel_names: Sequence[str],
