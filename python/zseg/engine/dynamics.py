@@ -1019,7 +1019,7 @@ def compute_masks(
         2D only (Cellpose applies it to 2D masks only): drop labels whose flow error
         (:func:`zseg.engine.flow_error.flow_errors`, with the image's own ``niter`` and
         precision) is above it; 0 (default) = off. Cellpose's 2D default is 0.4.
-    seed_allowed : (\*S) bool ndarray, optional
+    seed_allowed : (\\*S) bool ndarray, optional
         Where seeds may lie (the multiplex track's informative patches): a cell whose seed
         lies where this is False is removed whole, last, after the size, flow and hole
         decisions, so every other cell is exactly the cell of the run without it.
