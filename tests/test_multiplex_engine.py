@@ -264,3 +264,78 @@ def test_seed_allowed_refuses_a_wrong_flag_count():
         X.seed_allowed((10, 10), 4, np.ones(8, bool))
     with pytest.raises(ValueError, match="seed_allowed"):
         D.compute_masks(np.zeros((2, 8, 8), np.float32), np.ones((8, 8), np.float32), seed_allowed=np.ones((4, 4)))
+
+
+# --- the whole-slide reference chain --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def oracle():
+    from zseg.engine.synth import flows_from_labels
+
+    s = synth_multiplex((144, 176), diameter=20, markers=2, seed=5)
+    return s, flows_from_labels(s["cells"]), flows_from_labels(s["nuclei"])
+
+
+def test_the_reference_chain_finds_the_synthetic_cells_and_measures_its_layers(oracle):
+    from cellpose import metrics
+
+    s, f, nf = oracle
+    out = X.segment_reference(s["image"], s["channel_names"], compartment="both", flows=f, nuclear_flows=nf,
+                              niter=133, pixel_size_um=(0.5, 0.5))
+    cells, nuclei, cyto = out["layers"]["cells"], out["layers"]["nuclei"], out["layers"]["cytoplasm"]
+    for got, truth in ((cells, s["cells"]), (nuclei, s["nuclei"])):  # oracle flows: every cell found
+        assert metrics.average_precision([truth.astype(np.int64)], [got.astype(np.int64)])[0][0][0] == 1.0
+    assert not np.any((nuclei != 0) & (nuclei != cells))  # one ID per cell across the layers
+    np.testing.assert_array_equal(cyto, np.where(nuclei != 0, 0, cells))
+    n = int(s["cells"].max())
+    assert out["matching"] == {"cells": {"total": n, "matched": n, "unmatched": 0},
+                               "nuclei": {"total": n, "matched": n, "unmatched": 0}, "matched_fraction": 1.0}
+    t = out["table"]
+    assert t["label"].tolist() == list(range(1, n + 1))  # 1..K in ascending cell label
+    for name, layer in (("cell", cells), ("nucleus", nuclei), ("cytoplasm", cyto)):  # numpy on the layers
+        area = np.bincount(layer.ravel(), minlength=n + 1)[1:]
+        np.testing.assert_array_equal(t[f"area_{name}"], area)
+        for c, ch in enumerate(s["channel_names"]):
+            total = np.bincount(layer.ravel(), weights=s["image"][c].ravel().astype(np.float64), minlength=n + 1)[1:]
+            np.testing.assert_array_equal(t[f"{ch}_{name}_mean"], total / area)
+    # the nuclei are the truth's (discs deep inside cells): their marker means are the known levels
+    to_truth = {int(a): int(b) for a, b in zip(nuclei[nuclei > 0], s["nuclei"][nuclei > 0])}
+    ids = np.array([to_truth[int(v)] for v in t["label"]])
+    np.testing.assert_allclose(t["M1_nucleus_mean"], s["levels"][0, ids, 0], rtol=0.02)
+
+
+def test_single_compartments_and_unmatched_cells(oracle):
+    s, f, nf = oracle
+    whole = X.segment_reference(s["image"], s["channel_names"], compartment="whole-cell", flows=f, niter=133)
+    assert set(whole["layers"]) == {"cells"} and whole["matching"] is None
+    assert "M1_cell_mean" in whole["table"] and "area_nucleus" not in whole["table"]
+    nuc = X.segment_reference(s["image"], s["channel_names"], compartment="nuclear", nuclear_flows=nf, niter=133)
+    assert set(nuc["layers"]) == {"nuclei"} and "M2_nucleus_mean" in nuc["table"]
+    # take the nuclei of five cells away: those cells are unmatched
+    gone = np.isin(s["nuclei"], [3, 9, 17, 30, 41])
+    nf2 = nf.copy()
+    nf2[2][gone] = -6.0
+    nf2[:2, gone] = 0.0
+    n = int(s["cells"].max())
+    for keep in (False, True):
+        out = X.segment_reference(s["image"], s["channel_names"], compartment="both", flows=f, nuclear_flows=nf2,
+                                  niter=133, keep_unmatched_cells=keep)
+        assert out["matching"]["cells"] == {"total": n, "matched": n - 5, "unmatched": 5}
+        assert out["matching"]["nuclei"] == {"total": n - 5, "matched": n - 5, "unmatched": 0}
+        assert out["matching"]["matched_fraction"] == (n - 5) / n
+        t = out["table"]
+        assert len(t["label"]) == (n if keep else n - 5)
+        assert (t["area_nucleus"] == 0).sum() == (5 if keep else 0)
+        if keep:  # an unmatched cell's cytoplasm is the cell
+            lonely = t["area_nucleus"] == 0
+            np.testing.assert_array_equal(t["area_cytoplasm"][lonely], t["area_cell"][lonely])
+            assert np.isnan(t["M1_nucleus_mean"][lonely]).all()
+
+
+def test_the_reference_chain_refuses_missing_flows(oracle):
+    s, f, _ = oracle
+    with pytest.raises(ValueError, match="nuclear_flows must be"):
+        X.segment_reference(s["image"], s["channel_names"], compartment="both", flows=f)
+    with pytest.raises(ValueError, match="compartment 'cells'"):
+        X.segment_reference(s["image"], s["channel_names"], compartment="cells", flows=f)
+    assert X.matching_summary(0, 0, 0)["matched_fraction"] == 0.0

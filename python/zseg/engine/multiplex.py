@@ -19,6 +19,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from zseg.engine import dynamics as D
+from zseg.engine import matching as M
+from zseg.engine import stats as S
+
 __all__ = [
     "unique_channel_names",
     "combine_channels",
@@ -30,6 +34,9 @@ __all__ = [
     "seed_allowed",
     "compartment_table",
     "COMPARTMENTS",
+    "COMPARTMENT_CHOICES",
+    "matching_summary",
+    "segment_reference",
 ]
 
 #: How several membrane channels are combined into one, pixelwise.
@@ -202,10 +209,12 @@ def compartment_table(parts: dict[str, dict[str, np.ndarray]], channel_names: Se
 
     Parameters
     ----------
-    parts : {"cell": stats, "nucleus": stats, "cytoplasm": stats}
+    parts : {"cell": stats, "nucleus": stats, "cytoplasm": stats}, or a single compartment
         Statistics (:func:`zseg.engine.stats.block_stats` or merged) of each layer over every
-        channel of the slide, with the layers' shared IDs; the cells define the rows. A cell
-        without a nucleus (or cytoplasm) has no row in that layer's statistics.
+        channel of the slide, with the layers' shared IDs; the first compartment present (in
+        :data:`COMPARTMENTS` order) defines the rows. A cell without a nucleus (or cytoplasm)
+        has no row in that layer's statistics. A single-compartment run gives one layer: the
+        cells (``whole-cell``) or the nuclei (``nuclear``).
     channel_names : the slide's (unique) channel names, one per statistics channel
     pixel_size_um : (2,) floats, Y and X
 
@@ -213,14 +222,16 @@ def compartment_table(parts: dict[str, dict[str, np.ndarray]], channel_names: Se
     -------
     dict of (K,) ndarrays, in ascending label
         ``label``, ``centroid_y``, ``centroid_x`` (pixels) and ``centroid_y_um``,
-        ``centroid_x_um`` of the whole cell; ``area_cell``, ``area_nucleus``,
-        ``area_cytoplasm`` (pixels); ``{channel}_{compartment}_mean`` for every channel and
-        compartment (raw intensities; NaN where the compartment is empty).
+        ``centroid_x_um`` of the row-defining layer; ``area_{compartment}`` (pixels) and
+        ``{channel}_{compartment}_mean`` for every channel and compartment given (raw
+        intensities; NaN where the compartment is empty).
     """
-    if set(parts) != set(COMPARTMENTS):
-        raise ValueError(f"parts must be the compartments {', '.join(COMPARTMENTS)}, got {sorted(parts)}")
-    parts = {c: _ascending(p) for c, p in parts.items()}
-    cell = parts["cell"]
+    if set(parts) not in ({"cell", "nucleus", "cytoplasm"}, {"cell"}, {"nucleus"}):
+        raise ValueError(f"parts must be the compartments {', '.join(COMPARTMENTS)}, or one of cell or nucleus, "
+                         f"got {sorted(parts)}")
+    comps = [c for c in COMPARTMENTS if c in parts]
+    parts = {c: _ascending(parts[c]) for c in comps}
+    cell = parts[comps[0]]
     labels = cell["label"]
     names = list(channel_names)
     nch = cell["intensity_sum"].shape[1]
@@ -235,7 +246,7 @@ def compartment_table(parts: dict[str, dict[str, np.ndarray]], channel_names: Se
         "centroid_y_um": centroid[:, 0] * vs[0], "centroid_x_um": centroid[:, 1] * vs[1],
     }
     sums = {}
-    for comp in COMPARTMENTS:
+    for comp in comps:
         part = parts[comp]
         if not np.all(np.isin(part["label"], labels)):
             raise ValueError(f"the {comp} statistics hold labels that are no cell")
@@ -247,7 +258,7 @@ def compartment_table(parts: dict[str, dict[str, np.ndarray]], channel_names: Se
         cols[f"area_{comp}"] = area
         sums[comp] = (s, area)
     for c, name in enumerate(names):
-        for comp in COMPARTMENTS:
+        for comp in comps:
             s, area = sums[comp]
             with np.errstate(invalid="ignore", divide="ignore"):
                 cols[f"{name}_{comp}_mean"] = np.where(area > 0, s[:, c] / np.maximum(area, 1), np.nan)
@@ -258,3 +269,71 @@ def _ascending(stats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The rows of a statistics dict in ascending label (block_stats gives first-seen order)."""
     order = np.argsort(stats["label"], kind="stable")
     return {k: v[order] for k, v in stats.items()}
+
+
+#: Mesmer's names for what a multiplex run segments.
+COMPARTMENT_CHOICES = ("whole-cell", "nuclear", "both")
+
+
+def matching_summary(cells_total: int, nuclei_total: int, matched: int) -> dict:
+    """``run.json``'s ``result.matching``: counts after each compartment's filtering and
+    ``matched_fraction`` = M / (C + N - M) (the reference pipelines define it three ways; this is
+    the one that is 1 only when every cell and every nucleus is matched)."""
+    c, n, m = int(cells_total), int(nuclei_total), int(matched)
+    union = c + n - m
+    return {"cells": {"total": c, "matched": m, "unmatched": c - m},
+            "nuclei": {"total": n, "matched": m, "unmatched": n - m},
+            "matched_fraction": (m / union) if union else 0.0}
+
+
+def segment_reference(image: np.ndarray, channel_names: Sequence[str], *, compartment: str = "both",
+                      flows: np.ndarray | None = None, nuclear_flows: np.ndarray | None = None,
+                      niter: int = 200, nuclear_niter: int | None = None, cellprob_threshold: float = 0.0,
+                      flow_threshold: float = 0.4, min_size: int = 15, max_size: int | None = None,
+                      seed_allowed: np.ndarray | None = None, keep_unmatched_cells: bool = False,
+                      pixel_size_um: Sequence[float] = (1.0, 1.0)) -> dict:
+    """A whole multiplex slide that fits in memory, from given flows: the reference that a
+    chunked run must reproduce bit for bit, chaining the engine's steps.
+
+    Per compartment, Cellpose's 2D masks (:func:`zseg.engine.dynamics.compute_masks`, flow QC
+    and skipping included); with ``both``, matching (:mod:`zseg.engine.matching`) and the three
+    layers with one ID per cell, 1..K in ascending cell label (with ``keep_unmatched_cells``
+    every kept cell, unmatched ones with cytoplasm = the cell); then the table over every
+    channel of ``image`` (C, Y, X).
+
+    Returns ``{"layers": {"cells"|"nuclei"|"cytoplasm": (Y, X) uint32}, "table": dict,
+    "matching": dict or None, "masks": {"cells"|"nuclei": the compartment's own labels}}``.
+    """
+    if compartment not in COMPARTMENT_CHOICES:
+        raise ValueError(f"compartment {compartment!r}: use one of {', '.join(COMPARTMENT_CHOICES)}")
+    need = {"whole-cell": ("flows",), "nuclear": ("nuclear_flows",), "both": ("flows", "nuclear_flows")}[compartment]
+    given = {"flows": flows, "nuclear_flows": nuclear_flows}
+    for name in need:
+        if given[name] is None or np.shape(given[name]) != (3, *np.shape(image)[1:]):
+            raise ValueError(f"{name} must be (3, Y, X) = dY, dX, cellprob over the image's {np.shape(image)[1:]}")
+    kw = dict(cellprob_threshold=cellprob_threshold, min_size=min_size, max_size=max_size,
+              flow_threshold=flow_threshold, seed_allowed=seed_allowed)
+    masks = {}
+    if flows is not None and "flows" in need:
+        masks["cells"] = D.compute_masks(flows[:2], flows[2], niter=niter, **kw)
+    if nuclear_flows is not None and "nuclear_flows" in need:
+        masks["nuclei"] = D.compute_masks(nuclear_flows[:2], nuclear_flows[2],
+                                          niter=niter if nuclear_niter is None else nuclear_niter, **kw)
+    if compartment == "whole-cell":
+        layers, summary = {"cells": masks["cells"]}, None
+    elif compartment == "nuclear":
+        layers, summary = {"nuclei": masks["nuclei"]}, None
+    else:
+        cells, nuclei = masks["cells"], masks["nuclei"]
+        mc, mn = M.match_masks(cells, nuclei)
+        interior = (cells != 0) & ~M.inner_boundary(cells)
+        kept = np.unique(cells[cells != 0]).astype(np.uint64)
+        extra = dict(keep_unmatched_cells=keep_unmatched_cells, kept_cells=kept,
+                     kept_ids=np.arange(1, len(kept) + 1))
+        c_out, n_out, cy_out = M.apply_matching(cells, nuclei, interior, mc, mn, np.arange(1, len(mc) + 1), **extra)
+        layers = {"cells": c_out, "nuclei": n_out, "cytoplasm": cy_out}
+        summary = matching_summary(len(kept), len(np.unique(nuclei[nuclei != 0])), len(mc))
+    names = {"cells": "cell", "nuclei": "nucleus", "cytoplasm": "cytoplasm"}
+    parts = {names[k]: S.block_stats(v, image) for k, v in layers.items()}
+    table = compartment_table(parts, channel_names, pixel_size_um)
+    return {"layers": layers, "table": table, "matching": summary, "masks": masks}
