@@ -51,16 +51,21 @@ def test_any_label_ids_give_the_same_errors():
     assert labels.tolist() == [5] and e3.tolist() == [e1[1]]
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.integers(0, 10**6), st.integers(0, 60), st.integers(0, 80), st.integers(4, 40))
-def test_a_crop_gives_the_error_of_every_cell_it_holds_with_its_neighbours(seed, y0, x0, size):
-    """A cell's error depends only on it and the cells touching it, given the image's niter."""
-    s = synth_multiplex((128, 160), diameter=14, markers=0, seed=seed % 50)
-    cells = s["cells"]
+def _slide_errors(shape, diameter, seed):
+    """Synthetic cells, random network flows, the image's diffusion settings and every cell's error."""
+    cells = synth_multiplex(shape, diameter=diameter, markers=0, seed=seed % 50)["cells"]
     flows = np.random.default_rng(seed).normal(0, 3, (2, *cells.shape)).astype(np.float32)
     _, ext = F.mask_extents(cells)
     niter, f32 = F.diffusion_settings(cells.shape, int(ext.max()))
     labels, whole = F.flow_errors(cells, flows, niter=niter, float32=f32)
+    return cells, flows, ext, niter, f32, labels, whole
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 10**6), st.integers(0, 60), st.integers(0, 80), st.integers(4, 40))
+def test_a_crop_gives_the_error_of_every_cell_it_holds_with_its_neighbours(seed, y0, x0, size):
+    """A cell's error depends only on it and the cells touching it, given the image's niter."""
+    cells, flows, _, niter, f32, labels, whole = _slide_errors((128, 160), 14, seed)
     sl = (slice(y0, y0 + 2 * size), slice(x0, x0 + 2 * size))
     crop = cells[sl]
     # cells on a crop face inside the image may go on beyond it (the image's edge closes a face)
@@ -122,12 +127,7 @@ def test_bad_arguments_are_refused():
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(0, 10**6), st.integers(9, 70), st.integers(9, 70), st.integers(1, 40))
 def test_chunks_decide_every_cells_error_once_or_say_they_cannot(seed, cy, cx, halo):
-    s = synth_multiplex((96, 112), diameter=12, markers=0, seed=seed % 40)
-    cells = s["cells"]
-    flows = np.random.default_rng(seed).normal(0, 3, (2, *cells.shape)).astype(np.float32)
-    _, ext = F.mask_extents(cells)
-    niter, f32 = F.diffusion_settings(cells.shape, int(ext.max()))
-    labels, whole = F.flow_errors(cells, flows, niter=niter, float32=f32)
+    cells, flows, ext, niter, f32, labels, whole = _slide_errors((96, 112), 12, seed)
 
     def run(halo):
         got_l, got_e, undecided, max_ext, ext_undecided = [], [], 0, 0, 0

@@ -95,24 +95,7 @@ class Slide(V._Lazy):
         chans = list(range(self.nchannels)) if channels is None else [int(c) for c in channels]
         if any(not 0 <= c < self.nchannels for c in chans):
             raise ValueError(f"channels {chans} are not in 0-{self.nchannels - 1}")
-        wanted = sorted(set(chans))
-        selection, kept = [], []
-        for ax, n in zip(self._axes, self._array_shape):
-            if ax == "c":
-                selection.append(slice(None) if len(wanted) == n else wanted)
-                kept.append("c")
-            elif ax in "yx":
-                selection.append(box["yx".index(ax)])
-                kept.append(ax)
-            else:
-                selection.append(0)  # z, t or another axis of size 1
-        data = self._array().oindex[tuple(selection)]
-        if "c" not in kept:
-            data, kept = data[np.newaxis], ["c", *kept]
-        data = np.transpose(data, [kept.index(a) for a in "cyx"])
-        if chans != wanted:
-            position = {c: i for i, c in enumerate(wanted)}
-            data = data[[position[c] for c in chans]]
+        data = V.read_selection(self._array(), self._axes, self._array_shape, chans, dict(zip("yx", box)))
         return np.ascontiguousarray(data, dtype=self.dtype)
 
     def describe(self) -> dict:

@@ -144,25 +144,8 @@ class Volume(_Lazy):
         """
         box = _check_box(box, self.shape)
         src = self._source
-        array = self._array()
-        wanted = sorted(set(src.channels))
-        selection, kept = [], []
-        for ax, n in zip(src.axes, src.shape):
-            if ax == "c":
-                selection.append(slice(None) if len(wanted) == n else wanted)
-                kept.append("c")
-            elif ax in "zyx":
-                selection.append(box["zyx".index(ax)])
-                kept.append(ax)
-            else:
-                selection.append(src.timepoint if ax == "t" else 0)
-        data = array.oindex[tuple(selection)]
-        if "c" not in kept:
-            data, kept = data[np.newaxis], ["c", *kept]
-        data = np.transpose(data, [kept.index(a) for a in "czyx"])
-        if list(src.channels) != wanted:
-            position = {c: i for i, c in enumerate(wanted)}
-            data = data[[position[c] for c in src.channels]]
+        data = read_selection(self._array(), src.axes, src.shape, src.channels, dict(zip("zyx", box)),
+                              timepoint=src.timepoint)
         return np.ascontiguousarray(data, dtype=self.dtype)
 
     def describe(self) -> dict:
@@ -194,6 +177,32 @@ class Volume(_Lazy):
                 array = zarr.open_array(store=zarr_store(src.uri), mode="r")
                 self._open["array"] = CheckedArray(array, src.uri)  # names a damaged chunk
         return self._open["array"]
+
+
+def read_selection(array, axes: str, shape, channels, boxes: dict, *, timepoint: int = 0) -> np.ndarray:
+    """Read ``channels`` (indices along the c axis, in this order) and the ``boxes`` (axis
+    letter -> slice, in the output's axis order) of a stored array with axes ``axes``: only the
+    chunks or pages under the box are read. A t axis is read at ``timepoint``, any other axis at 0.
+    Returns ``(C, *box)``."""
+    wanted = sorted(set(channels))
+    selection, kept = [], []
+    for ax, n in zip(axes, shape):
+        if ax == "c":
+            selection.append(slice(None) if len(wanted) == n else wanted)
+            kept.append("c")
+        elif ax in boxes:
+            selection.append(boxes[ax])
+            kept.append(ax)
+        else:
+            selection.append(timepoint if ax == "t" else 0)
+    data = array.oindex[tuple(selection)]
+    if "c" not in kept:
+        data, kept = data[np.newaxis], ["c", *kept]
+    data = np.transpose(data, [kept.index(a) for a in "c" + "".join(boxes)])
+    if list(channels) != wanted:
+        position = {c: i for i, c in enumerate(wanted)}
+        data = data[[position[c] for c in channels]]
+    return data
 
 
 def open_volume(uri, *, axes=None, level=0, channels=None, timepoint=0) -> Volume:
