@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from skimage.segmentation import find_boundaries
 
 from zseg.engine import matching as M
-from zseg.engine.blocks import closed_faces
+from zseg.engine.blocks import closed_faces, label_boxes
 from zseg.storage.grid import ChunkGrid
 
 
@@ -158,12 +158,15 @@ def test_apply_matching_trims_nuclei_and_leaves_cytoplasm():
 
 
 def chunked_match(cells, nuclei, chunk, halo):
+    """block_match chunk by chunk, with the labels' boxes in the slide (a run has them from its
+    per-cell statistics)."""
     pairs, undecided = [], 0
     grid = ChunkGrid(cells.shape, chunk, (halo, halo))
+    boxes = dict(cell_boxes=label_boxes(cells), nucleus_boxes=label_boxes(nuclei))
     for i in range(grid.nchunks):
         block = grid.block(i)
         got = M.block_match(cells[block], nuclei[block], origin=[s.start for s in block],
-                            core=grid.core_in_block(i), slide_shape=cells.shape)
+                            core=grid.core_in_block(i), slide_shape=cells.shape, **boxes)
         pairs += list(zip(got["cells"].tolist(), got["nuclei"].tolist()))
         undecided += got["undecided"]
         if got["undecided"]:
@@ -191,17 +194,38 @@ def test_a_cell_cut_by_the_block_with_its_nucleus_beyond_it_is_reported():
     cells[1:5, 1:29] = 8  # one long cell
     nuclei = np.zeros_like(cells)
     nuclei[2:4, 24:27] = 3  # its nucleus, far right
+    boxes = dict(cell_boxes=label_boxes(cells), nucleus_boxes=label_boxes(nuclei))
     got = M.block_match(cells[:, 0:12], nuclei[:, 0:12], origin=(0, 0), core=(slice(0, 6), slice(0, 8)),
-                        slide_shape=cells.shape)
-    assert got["undecided"] == 1 and len(got["cells"]) == 0 and got["reach"].tolist() == [4, 11]
-    full = M.block_match(cells, nuclei, origin=(0, 0), core=(slice(0, 6), slice(0, 8)), slide_shape=cells.shape)
+                        slide_shape=cells.shape, **boxes)
+    assert got["undecided"] == 1 and len(got["cells"]) == 0 and got["reach"].tolist() == [4, 28]
+    full = M.block_match(cells, nuclei, origin=(0, 0), core=(slice(0, 6), slice(0, 8)), slide_shape=cells.shape,
+                         **boxes)
     assert full["undecided"] == 0 and full["cells"].tolist() == [8] and full["nuclei"].tolist() == [3]
 
 
-def test_block_match_refuses_a_block_outside_the_slide():
+def test_a_cell_in_pieces_is_not_taken_for_whole():
+    """A label may come in pieces (a Cellpose mask is where trajectories end, not one connected
+    piece): a block that holds one piece must not decide it (hypothesis found this case)."""
+    cells = np.zeros((6, 15), np.uint32)
+    cells[0:2, 9:11], cells[0:2, 11:13], cells[0:2, 13:15] = 1, 5, 1  # cell 1 in two pieces around 5
+    cells[0, 0] = 4
+    nuclei = np.zeros_like(cells)
+    nuclei[0, 9:15], nuclei[0, 0] = 1, 2  # only (0, 14), on the slide's edge, is in 1's interior
+    whole = list(zip(*[a.tolist() for a in M.match_masks(cells, nuclei)]))
+    assert whole == [(1, 1)]
+    pairs, undecided = chunked_match(cells, nuclei, (1, 1), 3)
+    assert undecided > 0 and set(pairs) <= set(whole)
+
+
+def test_block_match_refuses_a_block_outside_the_slide_and_a_label_without_a_box():
     z = np.zeros((4, 4), np.uint32)
+    boxes = dict(cell_boxes=label_boxes(z), nucleus_boxes=label_boxes(z))
     with pytest.raises(ValueError, match="does not lie in the slide"):
-        M.block_match(z, z, origin=(2, 0), core=(slice(0, 4), slice(0, 4)), slide_shape=(5, 4))
+        M.block_match(z, z, origin=(2, 0), core=(slice(0, 4), slice(0, 4)), slide_shape=(5, 4), **boxes)
+    one = z.copy()
+    one[1, 1] = 7
+    with pytest.raises(ValueError, match=r"labels \[7\] have no bounding box"):
+        M.block_match(one, z, origin=(0, 0), core=(slice(0, 4), slice(0, 4)), slide_shape=(4, 4), **boxes)
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])

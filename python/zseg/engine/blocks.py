@@ -1,19 +1,78 @@
 """What a block (a chunk's core plus its halo) can know about the labels it holds.
 
 Shared by the decisions made once per whole object in 2D (cell-nucleus matching, the flow
-error): a block face on the slide's edge is *closed* (nothing lies beyond it); a face inside the
-slide is *open*, and a label with a pixel on an open face may go on beyond the block. An object
-is decided by the one chunk that *owns* it: the chunk whose core holds the object's first pixel
-in C order, which every block that holds the whole object agrees on.
+error). A block cannot see whether a label goes on beyond it - a label may even come in pieces
+(a Cellpose mask is the pixels whose trajectories end at one seed, not always one connected
+piece) - so the decisions take each label's bounding box in the whole slide, :class:`Boxes`,
+which the pipeline gets from its per-cell statistics and a test from :func:`label_boxes`.
+
+- A block face on the slide's edge is *closed* (nothing lies beyond it); a face inside the
+  slide is *open*.
+- A label is *whole* in a block when its box lies in the block and off the outermost row of
+  every open face (there the block does not know a pixel's neighbours): then every pixel of it
+  and its four neighbours are in the block (:func:`open_labels` lists the others).
+- An object decided once is *owned* by the chunk whose core holds the first corner of its box
+  (:func:`owned`): a point of the slide every block agrees on, so exactly one chunk owns it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["closed_faces", "check_block", "on_open_faces", "first_pixels", "owned", "touching"]
+__all__ = ["Boxes", "label_boxes", "present_labels", "closed_faces", "check_block", "open_labels", "owned",
+           "touching"]
+
+
+@dataclass(frozen=True)
+class Boxes:
+    """Bounding boxes of labels in the whole slide: ``ids`` (K,) ascending, half-open
+    ``start``/``stop`` (K, ndim) in slide coordinates."""
+
+    ids: np.ndarray
+    start: np.ndarray
+    stop: np.ndarray
+
+    def rows(self, labels) -> np.ndarray:
+        """The rows of ``labels``; ``ValueError`` for a label without a box."""
+        labels = np.asarray(labels, np.uint64)
+        rows = np.searchsorted(self.ids, labels)
+        rows = np.minimum(rows, max(len(self.ids) - 1, 0))
+        if len(labels) and (len(self.ids) == 0 or np.any(self.ids[rows] != labels)):
+            missing = np.setdiff1d(labels, self.ids)
+            raise ValueError(f"labels {missing[:5].tolist()} have no bounding box")
+        return rows
+
+    def extents(self) -> np.ndarray:
+        """Per label, the sum of its box's sides (Cellpose's ``ext`` is that + 2 in 2D)."""
+        return (self.stop - self.start).sum(axis=1)
+
+
+def label_boxes(labels: np.ndarray, origin: Sequence[int] | None = None) -> Boxes:
+    """The bounding box of every non-zero label of ``labels`` (placed at ``origin`` in the slide)."""
+    labels = np.asarray(labels)
+    origin = np.zeros(labels.ndim, np.int64) if origin is None else np.asarray(origin, np.int64)
+    where = np.nonzero(labels)
+    ids, inv = np.unique(labels[where], return_inverse=True)
+    inv = inv.ravel()
+    start = np.full((len(ids), labels.ndim), np.iinfo(np.int64).max, np.int64)
+    stop = np.full((len(ids), labels.ndim), -1, np.int64)
+    for ax, coord in enumerate(where):
+        np.minimum.at(start[:, ax], inv, coord)
+        np.maximum.at(stop[:, ax], inv, coord + 1)
+    return Boxes(ids.astype(np.uint64), start + origin, stop + origin)
+
+
+def present_labels(labels: np.ndarray) -> np.ndarray:
+    """The non-zero labels of ``labels``, ascending (uint64): the unique values of its runs, which
+    are ~10x fewer than its pixels."""
+    flat = np.asarray(labels).ravel()
+    if flat.size == 0:
+        return np.zeros(0, np.uint64)
+    u = np.unique(flat[np.flatnonzero(np.r_[True, flat[1:] != flat[:-1]])]).astype(np.uint64)
+    return u[u != 0]
 
 
 def check_block(origin: Sequence[int], shape: Sequence[int], slide_shape: Sequence[int]) -> None:
@@ -30,38 +89,26 @@ def closed_faces(origin: Sequence[int], shape: Sequence[int],
     return tuple((int(o) == 0, int(o) + int(n) == int(s)) for o, n, s in zip(origin, shape, slide_shape))
 
 
-def on_open_faces(labels: np.ndarray, closed) -> np.ndarray:
-    """The labels (ascending, no 0) with a pixel on an open face of the block."""
-    rows = []
-    for ax, (first, last) in enumerate(closed):
-        moved = np.moveaxis(labels, ax, 0)
-        if not first:
-            rows.append(moved[0].ravel())
-        if not last:
-            rows.append(moved[-1].ravel())
-    if not rows:
-        return np.zeros(0, np.uint64)
-    u = np.unique(np.concatenate(rows)).astype(np.uint64)
-    return u[u != 0]
+def open_labels(labels: np.ndarray, boxes: Boxes, *, origin, slide_shape) -> np.ndarray:
+    """The labels present in the block (ascending, no 0) that are not whole in it."""
+    labels = np.asarray(labels)
+    present = present_labels(labels)
+    closed = closed_faces(origin, labels.shape, slide_shape)
+    lo = np.array([int(o) + (0 if first else 1) for o, (first, _) in zip(origin, closed)])
+    hi = np.array([int(o) + int(n) - (0 if last else 1) for o, n, (_, last) in zip(origin, labels.shape, closed)])
+    rows = boxes.rows(present)
+    whole = np.all(boxes.start[rows] >= lo, axis=1) & np.all(boxes.stop[rows] <= hi, axis=1)
+    return present[~whole]
 
 
-def first_pixels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(ids, index)``: each label (ascending, no 0) and the flat index of its first pixel in C order."""
-    flat = np.asarray(labels).ravel()
-    runs = np.flatnonzero(np.r_[True, flat[1:] != flat[:-1]])  # a label's first pixel starts a run
-    ids, first_run = np.unique(flat[runs], return_index=True)
-    first = runs[first_run]
-    keep = ids != 0
-    return ids[keep].astype(np.uint64), first[keep]
-
-
-def owned(labels: np.ndarray, core: Sequence[slice]) -> np.ndarray:
-    """The labels whose first pixel (C order) lies in ``core`` (block coordinates)."""
-    ids, first = first_pixels(labels)
-    pos = np.unravel_index(first, labels.shape)
+def owned(ids, boxes: Boxes, *, origin, core: Sequence[slice]) -> np.ndarray:
+    """The labels of ``ids`` whose box's first corner lies in ``core`` (block coordinates of a
+    block at ``origin``)."""
+    ids = np.asarray(ids, np.uint64)
+    corner = boxes.start[boxes.rows(ids)] - np.asarray(origin, np.int64)
     inside = np.ones(len(ids), bool)
-    for p, sl in zip(pos, core):
-        inside &= (p >= sl.start) & (p < sl.stop)
+    for ax, sl in enumerate(core):
+        inside &= (corner[:, ax] >= sl.start) & (corner[:, ax] < sl.stop)
     return ids[inside]
 
 

@@ -13,15 +13,15 @@ description with the same arithmetic:
   values of its 3x3 neighbourhood that lie in the same mask (in Cellpose's neighbour order)
   divided by 9. Cellpose takes ``niter`` = 2 x the largest (height + width + 2) of any mask's
   bounding box in the image, and float32 when the padded image has more than 4e7 pixels, float64
-  otherwise: both are properties of the whole image, which a chunked run gets from a reduce and
-  from the slide's shape (:func:`diffusion_settings`);
+  otherwise: both are properties of the whole image, which a chunked run gets from its cells'
+  bounding boxes and from the slide's shape (:func:`diffusion_settings`);
 - the flow at a pixel is (T below - T above, T right - T left) - the neighbours' values whatever
   mask they belong to - normalised to unit length in float64.
 
 Diffusion never crosses masks, but the gradient at a mask's edge reads its neighbours' values:
 a cell's error depends on its own pixels and on the cells that touch it, nothing else. So a chunk
-decides the error of every cell that, with the cells touching it, lies in its block away from the
-faces inside the slide (``docs/architecture.md``, "Multiplex slides").
+decides the error of every cell that, with the cells touching it, is whole in its block
+(``docs/architecture.md``, "Multiplex slides").
 """
 
 from __future__ import annotations
@@ -33,8 +33,7 @@ from numba import njit
 
 from zseg.engine import blocks as B
 
-__all__ = ["diffusion_settings", "mask_extents", "mask_flows", "flow_errors", "block_extents",
-           "block_flow_errors"]
+__all__ = ["diffusion_settings", "mask_extents", "mask_flows", "flow_errors", "block_flow_errors"]
 
 #: Cellpose switches its diffusion to float32 above this many pixels (of the padded image).
 FLOAT32_ABOVE = 4e7
@@ -51,31 +50,18 @@ def diffusion_settings(slide_shape: Sequence[int], max_extent: int) -> tuple[int
 
 
 def mask_extents(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(labels, extents)``: each label's bounding-box height + width + 2 (Cellpose's ``ext``)."""
-    masks = np.asarray(masks)
-    ids, boxes = _boxes(masks)
-    return ids, (boxes[:, 1] - boxes[:, 0]) + (boxes[:, 3] - boxes[:, 2]) + 2
+    """``(labels, extents)``: each label's bounding-box height + width + 2 (Cellpose's ``ext``).
+    A chunked run takes the same from its per-cell boxes: ``boxes.extents() + 2``."""
+    boxes = B.label_boxes(masks)
+    return boxes.ids, boxes.extents() + 2
 
 
 def _boxes(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Labels (ascending, no 0) and their half-open boxes ``(K, 4)`` = y0, y1, x0, x1."""
     if masks.ndim != 2:
         raise ValueError(f"masks must be 2D (Y, X), got shape {masks.shape}")
-    ys, xs = np.nonzero(masks)
-    lab = masks[ys, xs]
-    ids, inv = np.unique(lab, return_inverse=True)
-    inv = inv.ravel()
-    k = len(ids)
-    boxes = np.empty((k, 4), np.int64)
-    boxes[:, 0] = np.iinfo(np.int64).max
-    boxes[:, 2] = np.iinfo(np.int64).max
-    boxes[:, 1] = -1
-    boxes[:, 3] = -1
-    np.minimum.at(boxes[:, 0], inv, ys)
-    np.maximum.at(boxes[:, 1], inv, ys + 1)
-    np.minimum.at(boxes[:, 2], inv, xs)
-    np.maximum.at(boxes[:, 3], inv, xs + 1)
-    return ids, boxes
+    b = B.label_boxes(masks)
+    return b.ids, np.stack([b.start[:, 0], b.stop[:, 0], b.start[:, 1], b.stop[:, 1]], axis=1)
 
 
 def _centres(masks: np.ndarray, ids: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -183,39 +169,25 @@ def flow_errors(masks: np.ndarray, flows: np.ndarray, *, niter: int, float32: bo
     return want.astype(np.uint64), out
 
 
-def block_extents(masks: np.ndarray, *, origin, core, slide_shape) -> dict:
-    """The largest extent of the cells a chunk owns (for the image's ``niter``), from its block.
-
-    Returns ``{"max_extent": int, "undecided": int}``: the largest (height + width + 2) of the
-    owned cells that lie whole in the block (0 if none), and how many owned cells touch an open
-    face of the block (their extent is not known here).
-    """
-    masks = np.asarray(masks)
-    B.check_block(origin, masks.shape, slide_shape)
-    open_ = B.on_open_faces(masks, B.closed_faces(origin, masks.shape, slide_shape))
-    mine = B.owned(masks, core)
-    ids, ext = mask_extents(masks)
-    whole = np.isin(ids, mine) & ~np.isin(ids, open_)
-    return {"max_extent": int(ext[whole].max()) if whole.any() else 0,
-            "undecided": int(np.isin(mine, open_).sum())}
-
-
 def block_flow_errors(masks: np.ndarray, flows: np.ndarray, *, origin, core, slide_shape, niter: int,
-                      float32: bool) -> dict:
+                      float32: bool, boxes: B.Boxes) -> dict:
     """The flow errors of the cells a chunk owns and can decide, from its block.
 
-    A cell is decided when neither it nor a cell touching it (4-neighbours) reaches an open face
-    of the block: then its diffusion and the values its edge reads are the whole image's.
+    ``boxes``: the bounding boxes in the slide of every label present in the block and of every
+    cell whose box starts in the core (:mod:`zseg.engine.blocks`). A cell is decided by the chunk
+    whose core holds its box's first corner, when neither it nor a cell touching it
+    (4-neighbours) reaches beyond the block or onto an open face: then its diffusion and the
+    values its edge reads are the whole image's.
 
     Returns ``{"labels": (K,) uint64, "errors": (K,) float64, "undecided": int}`` with
     ``undecided`` the owned cells that could not be decided here.
     """
     masks = np.asarray(masks)
     B.check_block(origin, masks.shape, slide_shape)
-    open_ = B.on_open_faces(masks, B.closed_faces(origin, masks.shape, slide_shape))
+    open_ = B.open_labels(masks, boxes, origin=origin, slide_shape=slide_shape)
     a, b = B.touching(masks)
     unsure = np.union1d(open_, np.union1d(a[np.isin(b, open_)], b[np.isin(a, open_)]))
-    mine = B.owned(masks, core)
-    decide = np.setdiff1d(mine, unsure)
+    mine = B.owned(boxes.ids, boxes, origin=origin, core=core)
+    decide = np.setdiff1d(np.intersect1d(mine, B.present_labels(masks)), unsure)
     labels, errors = flow_errors(masks, flows, niter=niter, float32=float32, labels=decide)
-    return {"labels": labels, "errors": errors, "undecided": int(np.isin(mine, unsure).sum())}
+    return {"labels": labels, "errors": errors, "undecided": int(len(mine) - len(decide))}

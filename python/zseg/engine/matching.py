@@ -217,8 +217,8 @@ def match_masks(cells: np.ndarray, nuclei: np.ndarray) -> tuple[np.ndarray, np.n
     return greedy_match(pc, pn, ov, area)
 
 
-def block_match(cells: np.ndarray, nuclei: np.ndarray, *, origin, core: tuple[slice, slice],
-                slide_shape) -> dict:
+def block_match(cells: np.ndarray, nuclei: np.ndarray, *, origin, core: tuple[slice, slice], slide_shape,
+                cell_boxes: B.Boxes, nucleus_boxes: B.Boxes) -> dict:
     """The matching decisions one chunk owns, from its block (core plus halo).
 
     Parameters
@@ -231,21 +231,24 @@ def block_match(cells: np.ndarray, nuclei: np.ndarray, *, origin, core: tuple[sl
         The chunk's core, in block coordinates.
     slide_shape : (2,) ints
         The whole slide's shape (which block faces are the slide's edge).
+    cell_boxes, nucleus_boxes : :class:`zseg.engine.blocks.Boxes`
+        Bounding boxes in the slide of every label present in the block, and of every cell whose
+        box starts in the core (from the run's per-cell statistics).
 
     Returns
     -------
     dict
         ``cells``, ``nuclei`` (K,) uint64: the pairs of the components this chunk owns and could
-        decide; ``undecided`` int: owned components (or owned cells cut by the block) that reach
-        beyond the block; ``reach`` (2,) int: the largest extent (pixels) of an undecided
+        decide; ``undecided`` int: owned components (or owned cells not whole in the block) that
+        reach beyond it; ``reach`` (2,) int: the largest extent (pixels) of an undecided
         component as the block shows it, a lower bound of the halo it needs.
 
     A component of the interior-overlap graph is owned by the chunk whose core holds the first
-    pixel (C order) of its smallest cell, and decided there when all its cells and nuclei lie in
-    the block without touching a face inside the slide: then every pixel of theirs has its four
+    corner of its smallest cell's box, and decided there when all its cells and nuclei are
+    whole in the block (:mod:`zseg.engine.blocks`): then every pixel of theirs has its four
     neighbours in the block, so their interiors, pairs, overlaps and nucleus areas are the whole
-    slide's, and so is the greedy choice (:func:`components`). Union over the chunks of the
-    decided pairs is the whole-slide matching when no chunk reports ``undecided``
+    slide's, and so is the greedy choice (:func:`components`). The union over the chunks of the
+    decided pairs is the whole slide's matching when no chunk reports ``undecided``
     (``docs/architecture.md``, "Multiplex slides").
     """
     cells = np.asarray(cells)
@@ -257,29 +260,30 @@ def block_match(cells: np.ndarray, nuclei: np.ndarray, *, origin, core: tuple[sl
     interior = (cells != 0) & ~inner_boundary(cells, known=known)
     pc, pn, ov = interior_overlaps(cells, nuclei, interior)
     area = _areas(nuclei, pn)
-    open_cells = B.on_open_faces(cells, known)
-    open_nuclei = B.on_open_faces(nuclei, known)
-    # the cells whose first pixel (C order) lies in the core: this chunk owns what they lead
-    owned = B.owned(cells, core)
+    open_cells = B.open_labels(cells, cell_boxes, origin=origin, slide_shape=slide_shape)
+    open_nuclei = B.open_labels(nuclei, nucleus_boxes, origin=origin, slide_shape=slide_shape)
+    present = B.present_labels(cells)
+    mine = B.owned(cell_boxes.ids, cell_boxes, origin=origin, core=core)  # the cells whose box starts here
 
     cu, comp = components(pc, pn)
     comp_of_pair = comp[np.searchsorted(cu, pc)] if len(pc) else np.zeros(0, np.uint64)
-    owned_pair = np.isin(comp_of_pair, owned)
-    # a component is open when one of its cells or nuclei touches an open face
+    owned_pair = np.isin(comp_of_pair, mine)
+    # a component is open when one of its cells or nuclei is not whole in the block
     open_pair = np.isin(pc, open_cells) | np.isin(pn, open_nuclei)
     open_comps = np.unique(comp_of_pair[open_pair])
     decide = owned_pair & ~np.isin(comp_of_pair, open_comps)
     mc, mn = greedy_match(pc[decide], pn[decide], ov[decide], area[decide])
 
-    undecided_comps = np.intersect1d(open_comps, owned)
-    # an owned cell cut by the block with no pair in it may have its candidates beyond the block
-    lone = np.setdiff1d(np.intersect1d(owned, open_cells), cu)
+    undecided_comps = np.intersect1d(open_comps, mine)
+    # an owned cell not whole here, without a pair in the block, may have its candidates beyond it
+    lone = np.setdiff1d(np.setdiff1d(mine, np.setdiff1d(present, open_cells)), cu)
     reach = np.zeros(2, np.int64)
     for k in undecided_comps.tolist():
         members = np.isin(cells, pc[comp_of_pair == k]) | np.isin(nuclei, pn[comp_of_pair == k])
         reach = np.maximum(reach, _extent(members))
     for c in lone.tolist():
-        reach = np.maximum(reach, _extent(cells == c))
+        rows = cell_boxes.rows([c])
+        reach = np.maximum(reach, (cell_boxes.stop[rows] - cell_boxes.start[rows])[0])
     return {"cells": mc, "nuclei": mn, "undecided": int(len(undecided_comps) + len(lone)), "reach": reach}
 
 
