@@ -160,3 +160,22 @@ def test_zseg_synth_multiplex_writes_a_slide_its_truth_and_both_flows(tmp_path):
     assert main(["synth", str(tmp_path / "bad"), "--multiplex", "--membrane"]) == 2
     assert not (tmp_path / "bad").exists()
     assert main(["synth", str(out), "--multiplex", "--shape", "160,192"]) == 2  # exists, no --overwrite
+
+
+def test_segmentation_channels_by_name_and_index_and_their_refusals(ome_tiff):
+    s = open_slide(ome_tiff)
+    assert s.segmentation_channels("both", "DAPI", ["CD3", "PanCK"]) == (0, (1, 5))
+    assert s.segmentation_channels("whole-cell", None, ["5"]) == (None, (5,))
+    assert s.segmentation_channels("nuclear", "DAPI_2") == (2, ())
+    refusals = [
+        (("both", "DAPI", ["DAPI", "CD3"]), r"'DAPI' is both --nuclear-channel and one of --membrane-channels"),
+        (("both", 0, ["CD3", 1]), r"--membrane-channels names CD3 more than once"),
+        (("both", None, ["CD3"]), r"--compartment both needs --nuclear-channel \(one of 0 \(DAPI\)"),
+        (("whole-cell", "DAPI", []), r"--compartment whole-cell needs --membrane-channels"),
+        (("nuclear", "DAPI", ["CD3"]), r"a nuclear-only run reads no membrane"),
+        (("cells", "DAPI", ["CD3"]), r"--compartment 'cells': use whole-cell, nuclear or both"),
+        (("both", "DAPI", ["CD8"]), r"channel 'CD8' is not in slide"),
+    ]
+    for args, message in refusals:
+        with pytest.raises(UserError, match=message):
+            s.segmentation_channels(*args)

@@ -83,6 +83,36 @@ class Slide(V._Lazy):
             )
         return index
 
+    def segmentation_channels(self, compartment: str, nuclear=None, membrane=()) -> tuple[int | None, tuple[int, ...]]:
+        """The channels a multiplex run segments: ``(nuclear index or None, membrane indices)``.
+
+        ``compartment`` is Mesmer's ``whole-cell``, ``nuclear`` or ``both``. Nuclei need the
+        nuclear channel; whole cells need one or more membrane channels (and take the nuclear
+        channel as the network's second input when given). A channel named twice, or as both the
+        nuclear and a membrane channel, is refused: the composite would hide the nucleus.
+        """
+        if compartment not in ("whole-cell", "nuclear", "both"):
+            raise UserError(f"--compartment {compartment!r}: use whole-cell, nuclear or both.")
+        membrane = [m for m in (membrane or ()) if str(m).strip() != ""]
+        if compartment in ("nuclear", "both") and nuclear is None:
+            raise UserError(f"--compartment {compartment} needs --nuclear-channel (one of {self.listing()}).")
+        if compartment in ("whole-cell", "both") and not membrane:
+            raise UserError(f"--compartment {compartment} needs --membrane-channels (one or more of "
+                            f"{self.listing()}).")
+        if compartment == "nuclear" and membrane:
+            raise UserError("--membrane-channels: a nuclear-only run reads no membrane; leave it out or use "
+                            "--compartment both.")
+        nuc = None if nuclear is None else self.channel(nuclear)
+        mem = [self.channel(m) for m in membrane]
+        if len(set(mem)) != len(mem):
+            twice = sorted({self.channel_names[i] for i in mem if mem.count(i) > 1})
+            raise UserError(f"--membrane-channels names {', '.join(twice)} more than once; give each channel once.")
+        if nuc is not None and nuc in mem:
+            raise UserError(f"channel {self.channel_names[nuc]!r} is both --nuclear-channel and one of "
+                            "--membrane-channels; the membrane composite must not hold the nucleus: choose "
+                            "other membrane channels.")
+        return nuc, tuple(mem)
+
     def listing(self) -> str:
         """``0 (DAPI), 1 (CD3), ...``: the channels as a message names them."""
         return ", ".join(f"{i} ({n})" for i, n in enumerate(self.channel_names))
