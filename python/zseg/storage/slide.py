@@ -24,11 +24,11 @@ from zseg.engine.multiplex import unique_channel_names
 from zseg.errors import UserError
 from zseg.storage import volume as V
 from zseg.storage.arrays import CheckedArray, zarr_store
-from zseg.storage.uri import filesystem, is_remote
 
 __all__ = ["Slide", "open_slide"]
 
-_SLIDE_AXES = {2: "yx", 3: "cyx"}
+#: The axes of a plain zarr array read as a slide: a 3D array is channels first.
+_SLIDE_AXES = {**V._DEFAULT_AXES, 3: "cyx"}
 
 
 @dataclass
@@ -165,32 +165,18 @@ def open_slide(uri, *, axes: str | None = None, level: int = 0) -> Slide:
         3D track), a bad level, axes or data type.
     """
     uri = str(uri)
-    fs, path = filesystem(uri)
-    if is_remote(uri):
-        fs.invalidate_cache(path)
-    if not fs.exists(path):
-        raise UserError(f"input {uri} does not exist; check the path.")
+    path = V.require_input(uri)
     if axes is not None:
         axes = _slide_axes(uri, axes)
-    tiff = path.lower().rstrip("/").endswith((".tif", ".tiff"))
-    if axes is None and not tiff:
-        meta = V._inspect_zarr(uri, "cyx", level) if _plain_zarr_ndim(uri) == 3 else V._inspect_zarr(uri, None, level)
+    if path.lower().rstrip("/").endswith((".tif", ".tiff")):
+        meta = V._inspect_tiff(uri, axes, level)
     else:
-        meta = V._inspect_tiff(uri, axes, level) if tiff else V._inspect_zarr(uri, axes, level)
+        meta = V._inspect_zarr(uri, axes, level, defaults=_SLIDE_AXES)
     try:
         return _slide(uri, meta, level)
     except BaseException:
         V._close(meta["open"])
         raise
-
-
-def _plain_zarr_ndim(uri: str) -> int | None:
-    """The ndim of a plain zarr array at ``uri`` (None for a group or anything else)."""
-    try:
-        node = zarr.open(store=zarr_store(uri), mode="r")
-    except Exception:
-        return None
-    return node.ndim if isinstance(node, zarr.Array) else None
 
 
 def _slide_axes(uri: str, axes: str) -> str:

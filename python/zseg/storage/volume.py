@@ -205,6 +205,21 @@ def read_selection(array, axes: str, shape, channels, boxes: dict, *, timepoint:
     return data
 
 
+def require_input(uri: str) -> str:
+    """The path of input ``uri`` on its file system (fresh for a remote one); ``UserError`` when
+    it does not exist or cannot be read."""
+    fs, path = filesystem(uri)
+    if is_remote(uri):
+        fs.invalidate_cache(path)
+    try:
+        found = fs.exists(path)
+    except PermissionError as e:
+        raise UserError(f"input {uri} cannot be read ({e}); check the AWS credentials.") from e
+    if not found:
+        raise UserError(f"input {uri} does not exist; check the path.")
+    return path
+
+
 def open_volume(uri, *, axes=None, level=0, channels=None, timepoint=0) -> Volume:
     """Open an input volume and check that zseg can segment it.
 
@@ -236,15 +251,7 @@ def open_volume(uri, *, axes=None, level=0, channels=None, timepoint=0) -> Volum
         Missing input, unknown format, no z axis, bad level, channel or dtype.
     """
     uri = str(uri)
-    fs, path = filesystem(uri)
-    if is_remote(uri):
-        fs.invalidate_cache(path)
-    try:
-        found = fs.exists(path)
-    except PermissionError as e:
-        raise UserError(f"input {uri} cannot be read ({e}); check the AWS credentials.") from e
-    if not found:
-        raise UserError(f"input {uri} does not exist; check the path.")
+    path = require_input(uri)
     if path.lower().rstrip("/").endswith((".tif", ".tiff")):
         meta = _inspect_tiff(uri, axes, level)
     else:
@@ -305,7 +312,7 @@ def _volume(uri: str, meta: dict, level, channels, timepoint) -> Volume:
 
 
 # -- zarr ------------------------------------------------------------------------------------
-def _inspect_zarr(uri: str, axes, level) -> dict:
+def _inspect_zarr(uri: str, axes, level, defaults=_DEFAULT_AXES) -> dict:
     try:
         node = zarr.open(store=zarr_store(uri), mode="r")
     except (FileNotFoundError, zarr.errors.NodeNotFoundError) as e:
@@ -320,7 +327,7 @@ def _inspect_zarr(uri: str, axes, level) -> dict:
             "kind": "zarr",
             "format": f"zarr-v{zarr_format}",
             "array_uri": uri,
-            "axes": _user_axes(uri, axes, node.shape),
+            "axes": _user_axes(uri, axes, node.shape, defaults),
             "shape": node.shape,
             "dtype": node.dtype,
             "chunks": node.chunks,
@@ -556,21 +563,22 @@ def _unit(name) -> str | None:
 
 
 # -- checks shared by all formats -----------------------------------------------------------
-def _user_axes(uri: str, axes, shape) -> str:
+def _user_axes(uri: str, axes, shape, defaults=_DEFAULT_AXES) -> str:
+    """The axes of a plain array: ``axes`` checked against ``shape``, else ``defaults[ndim]``."""
     ndim = len(shape)
     if axes is None:
-        if ndim not in _DEFAULT_AXES:
+        if ndim not in defaults:
             raise UserError(
                 f"input {uri} has {ndim} dimensions (shape {tuple(shape)}); "
                 "say which is which with --axes, e.g. --axes tczyx."
             )
-        return _DEFAULT_AXES[ndim]
+        return defaults[ndim]
     letters = str(axes).strip().lower()
     if len(letters) != ndim or set(letters) - set("tczyx") or len(set(letters)) != ndim:
         raise UserError(
             f"--axes {axes!r} does not fit input {uri} of shape {tuple(shape)}: give one "
             f"letter per axis ({ndim}) from t, c, z, y, x, each at most once, "
-            f"e.g. {_DEFAULT_AXES.get(ndim, 'czyx')}."
+            f"e.g. {defaults.get(ndim, 'czyx')}."
         )
     return letters
 
