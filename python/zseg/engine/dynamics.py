@@ -45,7 +45,8 @@ import numpy as np
 import scipy.ndimage
 from numba import njit, prange
 
-from zseg.engine.flow_error import diffusion_settings, flow_errors, mask_extents
+from zseg.engine.blocks import label_boxes
+from zseg.engine.flow_error import diffusion_settings, flow_errors
 
 __all__ = [
     "prepare_flows",
@@ -972,6 +973,18 @@ def fill_holes(labels: np.ndarray) -> np.ndarray:
     return out
 
 
+def _drop(labels: np.ndarray, which: np.ndarray) -> np.ndarray:
+    """``labels`` with the labels ``i`` where ``which[i]`` set to 0 (``which``: one flag per
+    label 0..k; the background stays as it is)."""
+    which = np.asarray(which, bool).copy()
+    which[0] = False
+    if not which.any():
+        return labels
+    lut = np.arange(len(which), dtype=labels.dtype)
+    lut[which] = 0
+    return lut[labels]
+
+
 def compute_masks(
     dP: np.ndarray,
     cellprob: np.ndarray,
@@ -1069,27 +1082,16 @@ def compute_masks(
     labels[fg] = painted[tuple(ends.T)]
     sizes = np.bincount(labels.ravel(), minlength=k + 1)
     small, large = size_limits(sizes, min_size, max_size)
-    large[0] = False
-    if large.any():
-        lut = np.arange(k + 1, dtype=dtype)
-        lut[large] = 0
-        labels = lut[labels]
+    labels = _drop(labels, large)
     drop = small.copy()
     if flow_threshold > 0 and labels.any():
-        _, ext = mask_extents(labels)
-        fe_niter, f32 = diffusion_settings(shape, int(ext.max()))
-        ids, err = flow_errors(labels, dP, niter=fe_niter, float32=f32)
+        boxes = label_boxes(labels)
+        fe_niter, f32 = diffusion_settings(shape, int(boxes.extents().max()) + 2)
+        ids, err = flow_errors(labels, dP, niter=fe_niter, float32=f32, boxes=boxes)
         drop[ids[err > flow_threshold].astype(np.intp)] = True
-    drop[0] = False
-    if drop.any():
-        lut = np.arange(k + 1, dtype=dtype)
-        lut[drop] = 0
-        labels = lut[labels]
-    labels = fill_holes(labels)
+    labels = fill_holes(_drop(labels, drop))
     if seed_allowed is not None:
-        lut = np.arange(k + 1, dtype=dtype)
-        lut[1:][~np.asarray(seed_allowed, bool)[tuple(seeds.T)]] = 0
-        labels = lut[labels]
+        labels = _drop(labels, np.r_[False, ~np.asarray(seed_allowed, bool)[tuple(seeds.T)]])
     present = np.zeros(k + 1, dtype=bool)
     present[labels.ravel()] = True
     present[0] = False

@@ -38,9 +38,6 @@ __all__ = ["diffusion_settings", "mask_extents", "mask_flows", "flow_errors", "b
 #: Cellpose switches its diffusion to float32 above this many pixels (of the padded image).
 FLOAT32_ABOVE = 4e7
 
-# Cellpose's neighbour order (dy, dx): self, up, down, left, right, then the diagonals.
-_NEIGHBOURS = ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1), (-1, -1), (-1, 1), (1, -1), (1, 1))
-
 
 def diffusion_settings(slide_shape: Sequence[int], max_extent: int) -> tuple[int, bool]:
     """Cellpose's ``(niter, float32)`` for an image of ``slide_shape`` whose largest mask extent
@@ -56,18 +53,10 @@ def mask_extents(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return boxes.ids, boxes.extents() + 2
 
 
-def _boxes(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Labels (ascending, no 0) and their half-open boxes ``(K, 4)`` = y0, y1, x0, x1."""
-    if masks.ndim != 2:
-        raise ValueError(f"masks must be 2D (Y, X), got shape {masks.shape}")
-    b = B.label_boxes(masks)
-    return b.ids, np.stack([b.start[:, 0], b.stop[:, 0], b.start[:, 1], b.stop[:, 1]], axis=1)
-
-
-def _centres(masks: np.ndarray, ids: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+def _centres(masks: np.ndarray, boxes: B.Boxes) -> np.ndarray:
     """Cellpose's centre of each mask ``(K, 2)`` in block coordinates."""
-    out = np.empty((len(ids), 2), np.int64)
-    for k, (lab, (y0, y1, x0, x1)) in enumerate(zip(ids.tolist(), boxes.tolist())):
+    out = np.empty((len(boxes.ids), 2), np.int64)
+    for k, (lab, (y0, x0), (y1, x1)) in enumerate(zip(boxes.ids.tolist(), boxes.start.tolist(), boxes.stop.tolist())):
         yi, xi = np.nonzero(masks[y0:y1, x0:x1] == lab)
         ym = int(np.round(yi.sum() / len(yi)))
         xm = int(np.round(xi.sum() / len(xi)))
@@ -99,7 +88,7 @@ def _diffuse(lab, pix, meds, niter, T, new):  # pragma: no cover - numba
             T[pix[k]] = new[k]
 
 
-def mask_flows(masks: np.ndarray, *, niter: int, float32: bool = False) -> np.ndarray:
+def mask_flows(masks: np.ndarray, *, niter: int, float32: bool = False, boxes: B.Boxes | None = None) -> np.ndarray:
     """The unit flows ``(2, Y, X)`` float64 (dY, dX) of the masks, as ``masks_to_flows_gpu``.
 
     Parameters
@@ -109,6 +98,8 @@ def mask_flows(masks: np.ndarray, *, niter: int, float32: bool = False) -> np.nd
         Diffusion steps (the whole image's: :func:`diffusion_settings`).
     float32 : bool
         Diffuse in float32 (Cellpose does above 4e7 pixels) instead of float64.
+    boxes : the masks' boxes in this array (:func:`zseg.engine.blocks.label_boxes`), when the
+        caller has them already
     """
     masks = np.asarray(masks)
     if masks.ndim != 2 or masks.dtype.kind not in "iu":
@@ -116,12 +107,12 @@ def mask_flows(masks: np.ndarray, *, niter: int, float32: bool = False) -> np.nd
     if int(niter) < 0:
         raise ValueError(f"niter {niter} must be >= 0")
     out = np.zeros((2, *masks.shape))
-    ids, boxes = _boxes(masks)
-    if len(ids) == 0:
+    boxes = B.label_boxes(masks) if boxes is None else boxes
+    if len(boxes.ids) == 0:
         return out
     lab = np.pad(masks.astype(np.int64), 1)
     W = lab.shape[1]
-    cen = _centres(masks, ids, boxes) + 1
+    cen = _centres(masks, boxes) + 1
     pix = np.flatnonzero(lab)
     dtype = np.float32 if float32 else np.float64
     T = np.zeros(lab.size, dtype)
@@ -136,7 +127,7 @@ def mask_flows(masks: np.ndarray, *, niter: int, float32: bool = False) -> np.nd
 
 
 def flow_errors(masks: np.ndarray, flows: np.ndarray, *, niter: int, float32: bool = False,
-                labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                labels: np.ndarray | None = None, boxes: B.Boxes | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Cellpose's flow error of each mask: mean over its pixels of |flows / 5 - mask flows|².
 
     Parameters
@@ -146,6 +137,8 @@ def flow_errors(masks: np.ndarray, flows: np.ndarray, *, niter: int, float32: bo
         The network's dY, dX (network scale, as Cellpose's ``dP``).
     niter, float32 : the whole image's diffusion settings (:func:`diffusion_settings`)
     labels : optional, the labels to report (default: every label of ``masks``)
+    boxes : the masks' boxes in this array (:func:`zseg.engine.blocks.label_boxes`), when the
+        caller has them already
 
     Returns
     -------
@@ -156,15 +149,16 @@ def flow_errors(masks: np.ndarray, flows: np.ndarray, *, niter: int, float32: bo
     flows = np.asarray(flows)
     if flows.shape != (2, *masks.shape):
         raise ValueError(f"flows {flows.shape} must be (2, *masks.shape) with masks {masks.shape}")
-    mu = mask_flows(masks, niter=niter, float32=float32)
+    boxes = B.label_boxes(masks) if boxes is None else boxes
+    mu = mask_flows(masks, niter=niter, float32=float32, boxes=boxes)
     net = flows.astype(np.float32, copy=False) / np.float32(5.0)
     err = ((mu - net) ** 2).sum(axis=0)
-    ids, boxes = _boxes(masks)
+    ids = boxes.ids
     want = ids if labels is None else np.intersect1d(ids, np.asarray(labels).astype(ids.dtype))
     rows = np.searchsorted(ids, want)
     out = np.empty(len(want))
     for k, r in enumerate(rows.tolist()):
-        y0, y1, x0, x1 = boxes[r].tolist()
+        (y0, x0), (y1, x1) = boxes.start[r].tolist(), boxes.stop[r].tolist()
         out[k] = err[y0:y1, x0:x1][masks[y0:y1, x0:x1] == ids[r]].mean()
     return want.astype(np.uint64), out
 
