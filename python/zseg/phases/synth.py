@@ -24,25 +24,44 @@ from zseg.storage.arrays import create_array
 from zseg.storage.omezarr import write_ome_zarr
 
 
-def _shape(shape) -> tuple[int, int, int]:
+def _ints(text) -> tuple[int, ...]:
+    """``"64,128,128"`` or ``"64 128 128"`` as integers; () when it is not that."""
     try:
-        vals = tuple(int(v) for v in str(shape).replace(",", " ").split())
+        return tuple(int(v) for v in str(text).replace(",", " ").split())
     except ValueError:
-        vals = ()
+        return ()
+
+
+def _shape(shape) -> tuple[int, int, int]:
+    vals = _ints(shape)
     if len(vals) != 3 or min(vals) < 8:
         raise UserError(f"--shape {shape!r}: give three sides Z,Y,X of at least 8 voxels, e.g. 64,128,128.")
     return vals
 
 
 def _yx(shape) -> tuple[int, int]:
-    try:
-        vals = tuple(int(v) for v in str(shape).replace(",", " ").split())
-    except ValueError:
-        vals = ()
+    vals = _ints(shape)
     if len(vals) != 2 or min(vals) < 16:
         raise UserError(f"--shape {shape!r}: a multiplex slide takes two sides Y,X of at least 16 pixels, "
                         "e.g. 1024,1024.")
     return vals
+
+
+def _check_outputs(uris, zarr_format, overwrite) -> None:
+    """Refuse before anything is made: a zarr format zseg does not write, or outputs that exist."""
+    if zarr_format not in (2, 3):
+        raise UserError(f"--zarr-format {zarr_format}: use 2 or 3.")
+    for uri in uris:
+        if U.exists(uri) and not overwrite:
+            raise UserError(f"{uri!r} exists; pass --overwrite to replace it or choose another folder.")
+
+
+def _write_flows(uri, labels, chunks, zarr_format, overwrite) -> None:
+    """The exact Cellpose flows of ``labels`` as a float16 flow store chunked ``chunks`` in space."""
+    f = flows_from_labels(labels)
+    arr = create_array(uri, shape=f.shape, chunks=(f.shape[0], *chunks), dtype="float16",
+                       zarr_format=zarr_format, overwrite=overwrite)
+    arr[...] = f.astype(np.float16)
 
 
 def synth_slide(output: str, *, shape="512,512", diameter=24.0, markers=4, seed=0, flows=True, zarr_format=3,
@@ -53,15 +72,11 @@ def synth_slide(output: str, *, shape="512,512", diameter=24.0, markers=4, seed=
         raise UserError(f"--diameter {diameter}: a cell with a nucleus needs a diameter above 4 pixels.")
     if not 0 <= markers <= 60:
         raise UserError(f"--markers {markers}: give 0 to 60 marker channels.")
-    if zarr_format not in (2, 3):
-        raise UserError(f"--zarr-format {zarr_format}: use 2 or 3.")
     names = {"slide": "slide.ome.zarr", "truth": "truth.parquet"}
     if flows:
         names.update(flows="flows.zarr", nuclear_flows="nuclear_flows.zarr")
     uris = {k: U.join(output, v) for k, v in names.items()}
-    for uri in uris.values():
-        if U.exists(uri) and not overwrite:
-            raise UserError(f"{uri!r} exists; pass --overwrite to replace it or choose another folder.")
+    _check_outputs(uris.values(), zarr_format, overwrite)
     s = synth_multiplex(yx, diameter=diameter, markers=markers, seed=seed)
     for uri in uris.values():
         if overwrite:
@@ -81,10 +96,7 @@ def synth_slide(output: str, *, shape="512,512", diameter=24.0, markers=4, seed=
            "truth": uris["truth"]}
     if flows:
         for key, lab in (("flows", s["cells"]), ("nuclear_flows", s["nuclei"])):
-            f = flows_from_labels(lab)
-            arr = create_array(uris[key], shape=f.shape, chunks=(f.shape[0], *chunks[1:]), dtype="float16",
-                               zarr_format=zarr_format, overwrite=overwrite)
-            arr[...] = f.astype(np.float16)
+            _write_flows(uris[key], lab, chunks[1:], zarr_format, overwrite)
             out[key] = uris[key]
     return out
 
@@ -96,12 +108,8 @@ def synth(output: str, *, shape="64,128,128", diameter=16.0, anisotropy=1.0, see
         raise UserError(f"--diameter {diameter}: cells need a diameter above 2 voxels.")
     if not anisotropy >= 1:
         raise UserError(f"--anisotropy {anisotropy}: give 1 or more (Z spacing over YX spacing).")
-    if zarr_format not in (2, 3):
-        raise UserError(f"--zarr-format {zarr_format}: use 2 or 3.")
     image_uri, flows_uri = U.join(output, "image.ome.zarr"), U.join(output, "flows.zarr")
-    for uri in (image_uri, flows_uri) if flows else (image_uri,):
-        if U.exists(uri) and not overwrite:
-            raise UserError(f"{uri!r} exists; pass --overwrite to replace it or choose another folder.")
+    _check_outputs((image_uri, flows_uri) if flows else (image_uri,), zarr_format, overwrite)
     image, labels = synth_cells(zyx, diameter=diameter, anisotropy=anisotropy, seed=seed, membrane=membrane)
     chunks = tuple(min(s, 64) for s in image.shape)
     for uri in (image_uri, flows_uri):
@@ -111,9 +119,6 @@ def synth(output: str, *, shape="64,128,128", diameter=16.0, anisotropy=1.0, see
                    chunks=chunks, zarr_format=zarr_format, labels={"cells": labels})
     out = {"image": image_uri, "shape": list(image.shape), "cells": int(labels.max())}
     if flows:
-        f = flows_from_labels(labels)
-        arr = create_array(flows_uri, shape=f.shape, chunks=(f.shape[0], *chunks), dtype="float16",
-                           zarr_format=zarr_format, overwrite=overwrite)
-        arr[...] = f.astype(np.float16)
+        _write_flows(flows_uri, labels, chunks, zarr_format, overwrite)
         out["flows"] = flows_uri
     return out
