@@ -15,7 +15,7 @@ The rule is the reference pipeline's (Chen and Murphy's matcher as the multiplex
 
 The greedy choice of a cell depends only on cells that share candidates with it, transitively: on
 its connected component of the cell-nucleus *interior-overlap graph*. :func:`components` finds the
-components, so that one chunk can decide each whole component (``phases/match.py``).
+components, so that one chunk can decide each whole component (:func:`block_match`).
 
 Works for any label IDs (the original matcher indexed boundaries by label - 1 and gave cells of
 non-consecutive IDs another cell's boundary); labels are unsigned or non-negative integers.
