@@ -358,7 +358,7 @@ def test_schema_is_valid_and_accepts_the_test_profile():
     validator = jsonschema.Draft202012Validator(schema)
     test_params = {k: NT.groovy_literal(v) for k, v in NT.params_block(ROOT / "conf/test.config").items()}
     assert list(validator.iter_errors({"outdir": "results", **test_params})) == []
-    bad = {"outdir": "r", "chunk_shape": "8,24", "zarr_format": 4, "shard_size": 0}
+    bad = {"outdir": "r", "chunk_shape": "8,24,1,1", "zarr_format": 4, "shard_size": 0}
     assert len(list(validator.iter_errors(bad))) == 3
 
 

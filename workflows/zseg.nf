@@ -17,6 +17,8 @@ include { ZSEG_SEEDS_FIND         } from '../modules/local/seeds/find'
 include { ZSEG_NUMBER             } from '../modules/local/number'
 include { ZSEG_MASKS              } from '../modules/local/masks'
 include { ZSEG_FINALIZE_SIZES     } from '../modules/local/finalize/sizes'
+include { ZSEG_FINALIZE_EXTENT    } from '../modules/local/finalize/extent'
+include { ZSEG_FINALIZE_QUALITY   } from '../modules/local/finalize/quality'
 include { ZSEG_FINALIZE_NUMBER    } from '../modules/local/finalize/number'
 include { ZSEG_FINALIZE_LABELS    } from '../modules/local/finalize/labels'
 include { ZSEG_FINALIZE_CELLS     } from '../modules/local/finalize/cells'
@@ -50,7 +52,9 @@ workflow ZSEG {
     ZSEG_MASKS(ch_shards.combine(ZSEG_NUMBER.out.manifest, by: 0))
 
     ZSEG_FINALIZE_SIZES(ch_shards.combine(gather(ZSEG_MASKS.out.manifest), by: 0))
-    ZSEG_FINALIZE_NUMBER(gather(ZSEG_FINALIZE_SIZES.out.manifest))
+    ZSEG_FINALIZE_EXTENT(gather(ZSEG_FINALIZE_SIZES.out.manifest))
+    ZSEG_FINALIZE_QUALITY(ch_shards.combine(ZSEG_FINALIZE_EXTENT.out.manifest, by: 0))
+    ZSEG_FINALIZE_NUMBER(gather(ZSEG_FINALIZE_QUALITY.out.manifest))
     ZSEG_FINALIZE_LABELS(ch_shards.combine(ZSEG_FINALIZE_NUMBER.out.manifest, by: 0))
     ZSEG_FINALIZE_CELLS(ch_shards.combine(gather(ZSEG_FINALIZE_LABELS.out.manifest), by: 0))
     ZSEG_FINALIZE_REPORT(gather(ZSEG_FINALIZE_CELLS.out.manifest))

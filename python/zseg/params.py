@@ -42,11 +42,13 @@ class RunParams(BaseModel):
     work: str | None = None
     """Folder for intermediates (flows, seeds, provisional labels); default OUTPUT/work. Deletable after a run."""
     flows: str | None = None
-    """Start from this precomputed flow store (zarr array (4, Z, Y, X) = dZ, dY, dX, cellprob) instead of running the network."""
+    """Start from this precomputed flow store instead of running the network: a zarr array (4, Z, Y, X) = dZ, dY, dX, cellprob for a volume; (3, Y, X) = dY, dX, cellprob of the whole cells for a 2D slide."""
+    nuclear_flows: str | None = None
+    """2D slides: precomputed flows of the nuclei, a zarr array (3, Y, X) = dY, dX, cellprob (the nuclear counterpart of --flows)."""
 
     # -- what to read --------------------------------------------------------------------------
     axes: str | None = None
-    """Axis order of a plain zarr array or TIFF, e.g. zyx, czyx, zcyx (OME-Zarr carries its own); default zyx for 3D, czyx for 4D."""
+    """Axis order of a plain zarr array or TIFF, e.g. zyx, czyx, zcyx, or cyx, yxc for a 2D slide (OME-Zarr carries its own); default zyx for 3D, czyx for 4D."""
     level: int = Field(0, ge=0)
     """Multiscale level of an OME-Zarr input to segment (0 = full resolution)."""
     channels: list[int | str] | None = Field(None, min_length=1, max_length=3)
@@ -57,6 +59,38 @@ class RunParams(BaseModel):
     """Voxel size Z,Y,X in micrometres; default: read from the input's metadata, else 1,1,1."""
     anisotropy: float | None = Field(None, gt=0)
     """Z voxel size over Y voxel size (Cellpose's anisotropy); default: from the voxel size."""
+
+    # -- 2D multiplex slides -------------------------------------------------------------------
+    compartment: Literal["whole-cell", "nuclear", "both"] | None = None
+    """2D slides: what to segment (Mesmer's names): whole-cell, nuclear, or both (one ID per cell across cells, nuclei and cytoplasm); default both with --membrane-channels, else nuclear. Giving it marks the input as a 2D slide."""
+    nuclear_channel: int | str | None = None
+    """2D slides: the nuclear channel, by OME name or index; default: the first channel."""
+    membrane_channels: list[int | str] | None = Field(None, min_length=1)
+    """2D slides: the membrane / whole-cell channels (names or indices), combined pixelwise by --membrane-combine on raw values and normalised as one channel."""
+    membrane_combine: Literal["max", "mean", "sum"] = "max"
+    """2D slides: how several membrane channels are combined pixelwise (max is the reference pipeline's rule)."""
+    nuclear_diameter: float | None = Field(None, gt=0)
+    """2D slides: typical nucleus diameter in pixels for the nuclear network; default --diameter."""
+    nuclear_model: str | None = None
+    """2D slides: the network for the nuclei, given like --model; default --model."""
+    flow_threshold: float = Field(0.4, ge=0)
+    """2D slides: masks whose flow error exceeds this are removed, once per whole cell (Cellpose's 2D flow_threshold); 0 switches the check off."""
+    patch_size: int = Field(512, ge=16)
+    """2D slides: side in pixels of the fixed grid of QC patches (patches.parquet), independent of the chunking."""
+    patch_non_zero_threshold: float = Field(0.05, ge=0, le=1)
+    """2D slides: a patch whose nuclear channel has a smaller non-zero fraction is empty."""
+    patch_mean_threshold: float = 1.0
+    """2D slides: a patch whose nuclear channel has a smaller mean (raw units) is noisy."""
+    skip_uninformative: bool = True
+    """2D slides: no cell is seeded in an empty or noisy patch (its flows still serve a neighbour's cell, so no cell is cut)."""
+    keep_unmatched_cells: bool = False
+    """2D slides with --compartment both: also keep cells without a nucleus (their cytoplasm is the whole cell)."""
+    keep_unmatched_layers: bool = False
+    """2D slides with --compartment both: also write the compartments' own labels as cells_unmatched and nuclei_unmatched."""
+    anndata: bool = False
+    """2D slides: also write cells.h5ad (AnnData: cell means per channel, nucleus and cytoplasm as layers, obsm spatial in micrometres); its memory grows with cells x channels."""
+    geojson: bool = False
+    """2D slides: also write cells.geojson (QuPath cell objects with nucleus geometry and measurements), streamed."""
 
     # -- the network ---------------------------------------------------------------------------
     model: str = "cpsam"
@@ -99,10 +133,10 @@ class RunParams(BaseModel):
     """Cells with more voxels are removed; default: no limit."""
 
     # -- chunking and execution ----------------------------------------------------------------
-    chunk_shape: tuple[int, int, int] = (128, 256, 256)
-    """Core shape Z,Y,X of a task; also the chunk shape of every array written."""
-    halo: tuple[int, int, int] | None = None
-    """Voxels Z,Y,X read around each core; default 2 x diameter (Z divided by the anisotropy)."""
+    chunk_shape: tuple[int, ...] | None = None
+    """Core shape Z,Y,X of a task (Y,X for a 2D slide); also the chunk shape of every array written; default 128,256,256 (2D: 2048,2048)."""
+    halo: tuple[int, ...] | None = None
+    """Voxels Z,Y,X (2D: Y,X) read around each core; default 2 x diameter (Z divided by the anisotropy; 2D: 4 x the larger diameter, for the flow check)."""
     device: str = "auto"
     """Torch device for network and dynamics: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps."""
     workers: int = Field(1, ge=1)
@@ -116,18 +150,23 @@ class RunParams(BaseModel):
 
     # -- validators ----------------------------------------------------------------------------
     @field_validator(
-        "channels", "voxel_size", "percentiles", "chunk_shape", "halo", mode="before"
+        "channels", "voxel_size", "percentiles", "chunk_shape", "halo", "membrane_channels", mode="before"
     )
     @classmethod
     def _lists_from_text(cls, v):
         return _split(v)
 
-    @field_validator("channels", mode="before")
+    @field_validator("channels", "membrane_channels", mode="before")
     @classmethod
     def _channel_items(cls, v):
         if isinstance(v, (list, tuple)):
             return [int(c) if isinstance(c, str) and c.strip().lstrip("-").isdigit() else c for c in v]
         return v
+
+    @field_validator("nuclear_channel", mode="before")
+    @classmethod
+    def _channel_item(cls, v):
+        return int(v) if isinstance(v, str) and v.strip().lstrip("-").isdigit() else v
 
     @field_validator("flow3D_smooth", mode="before")
     @classmethod
@@ -142,13 +181,17 @@ class RunParams(BaseModel):
     @field_validator("chunk_shape")
     @classmethod
     def _chunk_positive(cls, v):
-        if any(s <= 0 for s in v):
+        if v is not None and len(v) not in (2, 3):
+            raise ValueError("give Z,Y,X for a volume or Y,X for a 2D slide, e.g. 128,256,256 or 2048,2048")
+        if v is not None and any(s <= 0 for s in v):
             raise ValueError("every side must be at least 1 voxel; use e.g. 128,256,256")
         return v
 
     @field_validator("halo")
     @classmethod
     def _halo_nonneg(cls, v):
+        if v is not None and len(v) not in (2, 3):
+            raise ValueError("give Z,Y,X for a volume or Y,X for a 2D slide, e.g. 8,32,32 or 96,96")
         if v is not None and any(s < 0 for s in v):
             raise ValueError("a halo cannot be negative; use 0 or more voxels per axis")
         return v
@@ -216,9 +259,21 @@ class RunParams(BaseModel):
             return self.niter
         return max(1, int(200 / (diam_mean / self.diameter)))  # Cellpose's arithmetic: 200 / rescale
 
+    def slide_options(self) -> list[str]:
+        """The 2D-slide options given a value other than their default (what marks a slide run)."""
+        return [name for name in SLIDE_ONLY if getattr(self, name) != RunParams.model_fields[name].default]
+
     def work_uri(self) -> str:
         return self.work or join(self.output, "work")
 
+
+#: Options of 2D multiplex slides only (refused on a volume).
+SLIDE_ONLY = ("compartment", "nuclear_channel", "membrane_channels", "membrane_combine", "nuclear_diameter",
+              "nuclear_model", "nuclear_flows", "flow_threshold", "patch_size", "patch_non_zero_threshold",
+              "patch_mean_threshold", "skip_uninformative", "keep_unmatched_cells", "keep_unmatched_layers",
+              "anndata", "geojson")
+#: Options of 3D volumes only (refused on a 2D slide).
+VOLUME_ONLY = ("channels", "anisotropy", "flow3D_smooth", "model_ortho", "timepoint")
 
 _HINTS = {
     "input": "give the path or s3:// URI of the volume",

@@ -119,10 +119,15 @@ NEXTFLOW_ONLY: dict[str, dict] = {
 GROUPS = [
     ("input_output_options", "Input/output options", "fas fa-terminal",
      "Where the volume is, where the results go.",
-     ["input", "outdir", "work", "flows", "synth"]),
+     ["input", "outdir", "work", "flows", "nuclear_flows", "synth"]),
     ("input_reading_options", "Reading the input", "fas fa-microscope",
      "Which part of the input to segment, and its geometry.",
      ["axes", "level", "channels", "timepoint", "voxel_size", "anisotropy"]),
+    ("slide_options", "2D multiplex slides", "fas fa-layer-group",
+     "Compartments, channels, patches, matching and outputs of 2D multiplex slides.",
+     ["compartment", "nuclear_channel", "membrane_channels", "membrane_combine", "nuclear_diameter", "nuclear_model",
+      "flow_threshold", "patch_size", "patch_non_zero_threshold", "patch_mean_threshold", "skip_uninformative",
+      "keep_unmatched_cells", "keep_unmatched_layers", "anndata", "geojson"]),
     ("network_options", "Network", "fas fa-brain",
      "The Cellpose network and the intensity normalisation.",
      ["model", "model_ortho", "models_dir", "diameter", "percentiles", "exclude_zeros", "tile_overlap", "augment", "batch_size", "use_bfloat16",
@@ -187,8 +192,11 @@ def _property(name: str, field: FieldInfo) -> dict:
         prop["enum"] = values
     elif origin is tuple:
         items = typing.get_args(base)
+        if items[-1] is Ellipsis:  # Z,Y,X for a volume or Y,X for a slide
+            items, counts = items[:-1], [2, 3]
+        else:
+            counts = sorted({1, len(items)}) if name in _ONE_FOR_ALL_AXES else [len(items)]
         item = _INT if all(t is int for t in items) else _NUM
-        counts = sorted({1, len(items)}) if name in _ONE_FOR_ALL_AXES else [len(items)]
         prop["type"] = "string"
         prop["pattern"] = _list_pattern(item, counts)
     elif origin is list:
@@ -210,15 +218,15 @@ def _property(name: str, field: FieldInfo) -> dict:
         prop["default"] = _default(field.default)
     if name in ("input", "mask"):
         prop["format"] = "path"
-    elif name in ("output", "work", "flows"):
+    elif name in ("output", "work", "flows", "nuclear_flows"):
         prop["format"] = "directory-path"
     return prop
 
 
 #: RunParams fields that hold a path or URI (relative local paths are the launch folder's), and
 #: those that hold a model: a name (cpsam) or a path (anything with a slash or a .pt/.pth suffix).
-PATH_FIELDS = ("input", "output", "work", "flows", "mask")
-MODEL_FIELDS = ("model", "model_ortho")
+PATH_FIELDS = ("input", "output", "work", "flows", "nuclear_flows", "mask")
+MODEL_FIELDS = ("model", "model_ortho", "nuclear_model")
 
 
 def _is_remote(value: str) -> bool:

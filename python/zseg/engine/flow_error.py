@@ -164,7 +164,7 @@ def flow_errors(masks: np.ndarray, flows: np.ndarray, *, niter: int, float32: bo
 
 
 def block_flow_errors(masks: np.ndarray, flows: np.ndarray, *, origin, core, slide_shape, niter: int,
-                      float32: bool, boxes: B.Boxes) -> dict:
+                      float32: bool, boxes: B.Boxes, owned: np.ndarray | None = None) -> dict:
     """The flow errors of the cells a chunk owns and can decide, from its block.
 
     ``boxes``: the bounding boxes in the slide of every label present in the block and of every
@@ -172,6 +172,10 @@ def block_flow_errors(masks: np.ndarray, flows: np.ndarray, *, origin, core, sli
     whose core holds its box's first corner, when neither it nor a cell touching it
     (4-neighbours) reaches beyond the block or onto an open face: then its diffusion and the
     values its edge reads are the whole image's.
+
+    ``owned``: the cells this chunk decides, when the run assigns cells to chunks another way
+    (a run's cells belong to the chunk holding their seed); default: by box corner as above.
+    Every owned cell needs a box.
 
     Returns ``{"labels": (K,) uint64, "errors": (K,) float64, "undecided": int}`` with
     ``undecided`` the owned cells that could not be decided here.
@@ -181,7 +185,11 @@ def block_flow_errors(masks: np.ndarray, flows: np.ndarray, *, origin, core, sli
     open_ = B.open_labels(masks, boxes, origin=origin, slide_shape=slide_shape)
     a, b = B.touching(masks)
     unsure = np.union1d(open_, np.union1d(a[np.isin(b, open_)], b[np.isin(a, open_)]))
-    mine = B.owned(boxes.ids, boxes, origin=origin, core=core)
+    if owned is None:
+        mine = B.owned(boxes.ids, boxes, origin=origin, core=core)
+    else:
+        mine = np.unique(np.asarray(owned, np.uint64))
+        boxes.rows(mine)  # every owned cell has a box
     decide = np.setdiff1d(np.intersect1d(mine, B.present_labels(masks)), unsure)
     labels, errors = flow_errors(masks, flows, niter=niter, float32=float32, labels=decide)
     return {"labels": labels, "errors": errors, "undecided": int(len(mine) - len(decide))}

@@ -32,6 +32,7 @@ __all__ = [
     "patch_flags",
     "PATCH_COLUMNS",
     "seed_allowed",
+    "allowed_at",
     "compartment_table",
     "COMPARTMENTS",
     "COMPARTMENT_CHOICES",
@@ -201,6 +202,15 @@ def seed_allowed(shape: Sequence[int], patch_size: int, informative: np.ndarray)
     ny, nx = -(-int(shape[0]) // p), -(-int(shape[1]) // p)
     flags = informative.reshape(ny, nx)
     return np.repeat(np.repeat(flags, p, axis=0), p, axis=1)[: int(shape[0]), : int(shape[1])]
+
+
+def allowed_at(points: np.ndarray, patch_size: int, flags: np.ndarray) -> np.ndarray:
+    """:func:`seed_allowed` at ``points`` only ((N, 2) Y, X), from the ``(ny, nx)`` grid of patch
+    flags: what a chunk needs for the seeds it owns, without an image the size of the slide."""
+    points = np.asarray(points, np.int64).reshape(-1, 2)
+    flags = np.asarray(flags, bool)
+    p = int(patch_size)
+    return flags[points[:, 0] // p, points[:, 1] // p]
 
 
 def compartment_table(parts: dict[str, dict[str, np.ndarray]], channel_names: Sequence[str],

@@ -25,8 +25,12 @@ import time
 
 import fastremap
 import numpy as np
+import pyarrow.parquet as pq
 
+from zseg.engine import blocks as B
 from zseg.engine import dynamics as D
+from zseg.engine import flow_error as FE
+from zseg.engine.multiplex import allowed_at
 from zseg.outputs import labels as L
 from zseg.outputs import report as R
 from zseg.outputs import table as T
@@ -36,6 +40,7 @@ from zseg.storage import uri as U
 from zseg.workspace import usage
 from zseg.workspace import work as W
 from zseg.workspace.context import RunContext, write_manifest
+from zseg.workspace.stages import flow_check
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +61,110 @@ def sizes_chunk(run: RunContext, index: int) -> dict:
     small, large = D.size_limits(sizes, p.min_size, p.max_size or None)
     small &= keep
     large &= keep
+    present = keep.copy()
     keep &= ~small & ~large
     seeds = load_seeds(run, index)["seeds"]
     linear = np.ravel_multi_index(tuple(seeds[keep].T), g.shape) if keep.any() else np.zeros(0, np.int64)
-    U.write_npz(run.chunk_file(W.SIZES_DIR, index), kept=(lo + 1 + np.flatnonzero(keep)).astype(np.int64),
-                sizes=sizes[keep], linear=np.asarray(linear, np.int64))
-    return {"kept": int(keep.sum()), "too_small": int(small.sum()), "too_large": int(large.sum()),
-            "empty": int((sizes == 0).sum())}
+    out = dict(kept=(lo + 1 + np.flatnonzero(keep)).astype(np.int64), sizes=sizes[keep], linear=np.asarray(linear, np.int64))
+    stats = {"kept": int(keep.sum()), "too_small": int(small.sum()), "too_large": int(large.sum()),
+             "empty": int((sizes == 0).sum())}
+    if run.plane is not None:
+        out, more = _plane_sizes(run, index, lo, present, large, keep, seeds, out)
+        stats.update(more)
+    U.write_npz(run.chunk_file(W.SIZES_DIR, index), **out)
+    return stats
+
+
+def _plane_sizes(run: RunContext, index: int, lo: int, present, large, keep, seeds, out: dict):
+    """A slide compartment's extra per-cell facts: each present cell's box in the slide and
+    whether it is too large (for the flow check), and which kept cells are skipped because
+    their seed lies in an uninformative patch (removed last, after hole filling)."""
+    g = run.grid
+    ids = lo + 1 + np.flatnonzero(present)
+    start = np.full((len(ids), g.ndim), np.iinfo(np.int64).max, np.int64)
+    stop = np.full((len(ids), g.ndim), -1, np.int64)
+    if len(ids):
+        for c in g.intersecting(g.block(index)):
+            d = U.read_npz(run.chunk_file(W.MASKS_DIR, c))
+            rows = np.searchsorted(ids, d["ids"])
+            hit = (rows < len(ids)) & (ids[np.minimum(rows, len(ids) - 1)] == d["ids"])
+            np.minimum.at(start, rows[hit], d["start"][hit])
+            np.maximum.at(stop, rows[hit], d["stop"][hit])
+    is_large = large[present]
+    yx = slice(g.ndim - 2, None)  # a plane run's (1, Y, X): the box's Y and X
+    extents = (stop[:, yx] - start[:, yx]).sum(axis=1)
+    max_extent = int(extents[~is_large].max()) + 2 if (~is_large).any() else 0
+    skip = np.zeros(int(keep.sum()), bool)
+    if run.plane.get("patches"):
+        skip = ~allowed_at(seeds[keep][:, -2:], run.plane["patch_size"], patch_flags_grid(run))
+    out = dict(out, boxed=ids.astype(np.int64), start=start, stop=stop, large=is_large, skip=skip)
+    return out, {"max_extent": max_extent, "skipped": int(skip.sum())}
+
+
+def patch_flags_grid(run: RunContext) -> np.ndarray:
+    """The ``(ny, nx)`` grid of ``is_informative`` of the slide's ``patches.parquet``."""
+    t = pq.read_table(run.plane["patches"], columns=["y_start", "x_start", "is_informative"]).to_pydict()
+    ps = int(run.plane["patch_size"])
+    y = np.asarray(t["y_start"], np.int64) // ps
+    x = np.asarray(t["x_start"], np.int64) // ps
+    flags = np.zeros((int(y.max()) + 1, int(x.max()) + 1), bool)
+    flags[y, x] = np.asarray(t["is_informative"], bool)
+    return flags
+
+
+def extent_reduce(run: RunContext) -> dict:
+    """Reads every ``sizes`` marker; writes ``work/extent.json``: the flow check's diffusion
+    settings, Cellpose's ``niter`` = 2 x the largest cell extent in the slide after the
+    ``max_size`` decision, and its float32 switch (:func:`zseg.engine.flow_error.diffusion_settings`)."""
+    ext = max((int(m.get("max_extent", 0)) for m in _markers(run, W.SIZES_DIR)), default=0)
+    niter, f32 = FE.diffusion_settings(run.grid.shape[-2:], ext)
+    result = {"max_extent": ext, "niter": niter, "float32": bool(f32)}
+    U.write_json(run.path(W.EXTENT_RESULT), result)
+    return result
+
+
+def _boxes_of(run: RunContext, ids: np.ndarray, offsets) -> tuple[B.Boxes, np.ndarray]:
+    """The slide boxes (Y, X) of provisional ``ids`` (ascending) and which are too large, from
+    the ``sizes`` results of the chunks owning them."""
+    own = W.owners(offsets, ids)
+    start = np.zeros((len(ids), 2), np.int64)
+    stop = np.zeros((len(ids), 2), np.int64)
+    large = np.zeros(len(ids), bool)
+    for c in np.unique(own).tolist():
+        sel = np.flatnonzero(own == c)
+        d = U.read_npz(run.chunk_file(W.SIZES_DIR, c))
+        rows = np.searchsorted(d["boxed"], ids[sel])
+        start[sel], stop[sel], large[sel] = d["start"][rows, -2:], d["stop"][rows, -2:], d["large"][rows]
+    return B.Boxes(ids.astype(np.uint64), start, stop), large
+
+
+def quality_chunk(run: RunContext, index: int) -> dict:
+    """Cellpose's flow check (2D ``flow_threshold``) of the cells this chunk owns: reads the
+    block's provisional labels and flows and the boxes of its cells; writes the owned cells whose
+    flow error exceeds the threshold to ``work/quality/cNNNNNNN.npz``. A cell is decided when it
+    and every cell touching it are whole in the block (:func:`zseg.engine.flow_error.block_flow_errors`);
+    the others are kept and counted as undecided (a larger halo decides them)."""
+    g = run.grid
+    block = g.block(index)
+    offsets, _ = W.seed_offsets(run)
+    settings = U.read_json(run.path(W.EXTENT_RESULT))
+    masks = np.asarray(W.masks(run)[block])[0]
+    flows = np.asarray(W.flows(run)[(slice(None), *block)])[1:3, 0]
+    ids = B.present_labels(masks).astype(np.int64)
+    boxes, large = _boxes_of(run, ids, offsets)
+    if large.any():  # Cellpose checks the flows after dropping the large masks
+        masks = np.where(np.isin(masks, ids[large]), 0, masks)
+        boxes = B.Boxes(boxes.ids[~large], boxes.start[~large], boxes.stop[~large])
+    mine = U.read_npz(run.chunk_file(W.SIZES_DIR, index))["kept"]
+    origin = [s.start for s in block[-2:]]
+    core = g.core_in_block(index)[-2:]
+    r = FE.block_flow_errors(masks, flows, origin=origin, core=core, slide_shape=g.shape[-2:],
+                             niter=int(settings["niter"]), float32=bool(settings["float32"]), boxes=boxes,
+                             owned=np.intersect1d(mine, ids))
+    absent = len(np.setdiff1d(mine, ids))  # owned cells without a pixel in the block cannot be checked
+    bad = r["labels"][r["errors"] > float(run.plane["flow_threshold"])].astype(np.int64)
+    U.write_npz(run.chunk_file(W.QUALITY_DIR, index), bad=bad)
+    return {"checked": int(len(r["labels"])), "removed": int(len(bad)), "undecided": int(r["undecided"] + absent)}
 
 
 def number_reduce(run: RunContext) -> dict:
@@ -77,14 +179,15 @@ def number_reduce(run: RunContext) -> dict:
     base = 0
     for k in range(g.grid_shape[0]):
         chunks = range(k * per_slab, (k + 1) * per_slab)
-        parts = [U.read_npz(run.chunk_file(W.SIZES_DIR, c)) for c in chunks]
+        parts = [_numbered(run, c) for c in chunks]
         linear = np.concatenate([p["linear"] for p in parts])
         rank = np.empty(len(linear), np.int64)
         rank[np.argsort(linear, kind="stable")] = np.arange(len(linear))
         start = 0
         for c, p in zip(chunks, parts):
             n = len(p["kept"])
-            U.write_npz(run.chunk_file(W.FINAL_DIR, c), kept=p["kept"], final=base + 1 + rank[start:start + n])
+            U.write_npz(run.chunk_file(W.FINAL_DIR, c), kept=p["kept"], final=base + 1 + rank[start:start + n],
+                        skipped=p["skipped"])
             start += n
         base += len(linear)
     L.create_labels(run, W.id_dtype(base))
@@ -93,20 +196,42 @@ def number_reduce(run: RunContext) -> dict:
     return result
 
 
-def _final_ids(run: RunContext, ids: np.ndarray) -> np.ndarray:
-    """Final ID of each provisional ID (0 for cells removed by size)."""
+def _numbered(run: RunContext, chunk: int) -> dict:
+    """The cells of ``chunk`` that get a final ID: those kept by size, less (on a slide) the ones
+    the flow check removed and the ones skipped (listed apart: they stay through hole filling)."""
+    p = U.read_npz(run.chunk_file(W.SIZES_DIR, chunk))
+    if run.plane is None:
+        return {**p, "skipped": np.zeros(0, np.int64)}
+    bad = U.read_npz(run.chunk_file(W.QUALITY_DIR, chunk))["bad"] if flow_check(run) else np.zeros(0, np.int64)
+    ok = ~np.isin(p["kept"], bad)
+    number = ok & ~p["skip"]
+    return {"kept": p["kept"][number], "linear": p["linear"][number], "skipped": p["kept"][ok & p["skip"]]}
+
+
+def _final_ids(run: RunContext, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Final ID of each provisional ID (0 for cells removed), and which are skipped cells."""
     offsets, _ = W.seed_offsets(run)
     out = np.zeros(len(ids), np.int64)
+    skipped = np.zeros(len(ids), bool)
     own = W.owners(offsets, ids)
     for c in np.unique(own):
         sel = own == c
         d = U.read_npz(run.chunk_file(W.FINAL_DIR, int(c)))
         kept, final = d["kept"], d["final"]
+        skipped[sel] = np.isin(ids[sel], d["skipped"])
         if not len(kept):
             continue
         pos = np.minimum(np.searchsorted(kept, ids[sel]), len(kept) - 1)
         out[sel] = np.where(kept[pos] == ids[sel], final[pos], 0)
-    return out
+    return out, skipped
+
+
+def _fill(labels: np.ndarray, plane: bool) -> np.ndarray:
+    """Each cell's holes filled; a one-plane run (a 2D image) is filled as the 2D image it is
+    (in 3D, every void of a single plane touches the volume's faces and none would be filled)."""
+    if plane:
+        return D.fill_holes(labels[0])[None]
+    return D.fill_holes(labels)
 
 
 def labels_chunk(run: RunContext, index: int) -> dict:
@@ -118,11 +243,20 @@ def labels_chunk(run: RunContext, index: int) -> dict:
     prov = np.asarray(W.masks(run)[block])
     ids = fastremap.unique(prov)
     ids = ids[ids != 0].astype(np.int64)
-    new = _final_ids(run, ids)
-    mapping = {int(a): int(b) for a, b in zip(ids, new)}
-    mapping[0] = 0
-    relabelled = fastremap.remap(prov, mapping, preserve_missing_labels=False).astype(dtype, copy=False)
-    filled = D.fill_holes(relabelled)
+    new, skipped = _final_ids(run, ids)
+    if skipped.any():  # skipped cells take part in hole filling under IDs above every final one, then go
+        cells = int(U.read_json(run.path(W.FINAL_NUMBER_RESULT))["cells"])
+        temp = np.where(skipped, cells + 1 + np.arange(len(ids)), new)
+        mapping = {int(a): int(b) for a, b in zip(ids, temp)}
+        mapping[0] = 0
+        filled = _fill(fastremap.remap(prov, mapping, preserve_missing_labels=False).astype(np.uint64), g.shape[0] == 1)
+        filled[filled > cells] = 0
+        filled = filled.astype(dtype)
+    else:
+        mapping = {int(a): int(b) for a, b in zip(ids, new)}
+        mapping[0] = 0
+        relabelled = fastremap.remap(prov, mapping, preserve_missing_labels=False).astype(dtype, copy=False)
+        filled = _fill(relabelled, g.shape[0] == 1)
     cib = g.core_in_block(index)
     core_labels = filled[cib]
     # cells of the core that reach an inner face of the block: their holes may need more halo
@@ -150,7 +284,7 @@ def report_reduce(run: RunContext) -> dict:
     """Reads every marker; writes the coarse pyramid levels, ``cells.parquet``, ``qc/`` and the
     result into ``run.json`` (marking the run complete), then ``work/report.json``."""
     g = run.grid
-    markers = {ph: _markers(run, ph) for ph in ("percentiles", "follow", "seeds", "masks", "sizes", "labels")}
+    markers = {ph: _markers(run, ph) for ph in ("percentiles", "follow", "seeds", "masks", "sizes", "quality", "labels")}
 
     def total(phase: str, key: str) -> int:
         return int(sum(m.get(key, 0) for m in markers[phase]))
@@ -170,7 +304,11 @@ def report_reduce(run: RunContext) -> dict:
         "seconds": {ph: round(sum(m.get("seconds", 0) for m in ms), 3) for ph, ms in markers.items() if ms},
         "labels": L.labels_uri(run),
     }
-    exact = result["long_trajectories"] == 0 and result["ends_outside_block"] == 0 and result["cells_cut_by_block"] == 0
+    if run.plane is not None:
+        result["skipped_cells"] = total("sizes", "skipped")
+        result["flow_check"] = {"removed": total("quality", "removed"), "undecided": total("quality", "undecided")}
+    exact = (result["long_trajectories"] == 0 and result["ends_outside_block"] == 0 and result["cells_cut_by_block"] == 0
+             and result.get("flow_check", {}).get("undecided", 0) == 0)
     result["chunk_exact"] = exact
     if not exact:
         need = [int(m) + 6 for m in max_step]

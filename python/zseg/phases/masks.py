@@ -13,6 +13,7 @@ import fastremap
 import numpy as np
 
 from zseg.engine import dynamics as D
+from zseg.engine.blocks import label_boxes
 from zseg.phases.seeds import block_end_points, load_seeds
 from zseg.storage import uri as U
 from zseg.storage.grid import box_origin, box_shape
@@ -63,5 +64,10 @@ def process_chunk(run: RunContext, index: int) -> dict:
     W.masks(run, mode="r+")[core] = labels
     uniq, cnt = fastremap.unique(labels, return_counts=True)
     keep = uniq != 0
-    U.write_npz(run.chunk_file(W.MASKS_DIR, index), ids=uniq[keep].astype(np.int64), counts=cnt[keep].astype(np.int64))
+    extra = {}
+    if run.plane is not None:  # a slide's compartment: each cell's box in this core, for the flow check
+        boxes = label_boxes(labels, origin=box_origin(core))
+        extra = {"start": boxes.start, "stop": boxes.stop}
+    U.write_npz(run.chunk_file(W.MASKS_DIR, index), ids=uniq[keep].astype(np.int64), counts=cnt[keep].astype(np.int64),
+                **extra)
     return {"labelled": int(cnt[keep].sum()), "ends_outside_block": int(outside.sum())}

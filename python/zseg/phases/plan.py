@@ -36,9 +36,36 @@ def _result_params(params: RunParams) -> dict:
     return params.model_dump(mode="json", exclude=set(EXECUTION_ONLY))
 
 
-def _check_flows(params: RunParams, shape) -> dict | None:
+#: The chunk shape of a volume run when --chunk-shape is not given.
+DEFAULT_CHUNK = (128, 256, 256)
+
+
+def check_flow_store(uri: str, expected: tuple[int, ...], flag: str = "--flows") -> dict:
+    """Refuse a flow store that is missing, not zarr, not floating point or of another shape."""
+    layout = "(dZ, dY, dX, cellprob)" if len(expected) == 4 else "(dY, dX, cellprob)"
+    want = f"a zarr array {expected} = {layout}"
+    if not U.exists(uri):
+        raise UserError(f"{flag} store {uri!r} does not exist; give the path of {want}.")
+    try:
+        arr = open_array(uri)
+    except Exception as e:
+        raise UserError(f"{flag} store {uri!r} is not a zarr array ({e}); give {want}.") from None
+    if arr.dtype.kind != "f":
+        raise UserError(
+            f"{flag} store {uri!r} has data type {arr.dtype}, but flows are floating point "
+            f"(float16 or float32: {layout} as the network gives them); give the flows as floats."
+        )
+    if tuple(arr.shape) != tuple(expected):
+        raise UserError(f"{flag} store {uri!r} has shape {tuple(arr.shape)} but the input needs {want}; "
+                        "give the flows computed for this input.")
+    return {"uri": uri, "shape": list(arr.shape), "dtype": str(arr.dtype)}
+
+
+def _check_flows(params: RunParams, shape, plane: bool = False) -> dict | None:
     if params.flows is None:
         return None
+    if plane and U.exists(params.flows) and len(open_array(params.flows).shape) == 3:  # a slide's (3, Y, X)
+        return check_flow_store(params.flows, (3, *shape[1:]))
     if not U.exists(params.flows):
         raise UserError(f"flow store {params.flows!r} does not exist; give the path of a zarr array (4, Z, Y, X).")
     try:
@@ -108,13 +135,25 @@ def _diam_mean(params: RunParams, network: dict | None) -> float:
         return 30.0
 
 
-def plan(params: RunParams, *, check_model: bool = False) -> RunContext:
+def plan(params: RunParams, *, check_model: bool = False, plane: dict | None = None) -> RunContext:
     """Validate ``params`` against the input and write the run manifest (or resume an unfinished run).
 
     ``check_model``: also find the network (downloading a missing built-in one) and read its
     sizes, so that a missing or wrong model stops the run before anything is written (``zseg run``
     and Nextflow's plan task do; without it the predict tasks find the model).
+
+    ``plane``: this run is one compartment of a 2D slide run (:mod:`zseg.phases.slide`), a
+    one-plane volume with Cellpose's 2D semantics; the dict (flow threshold, patch skipping) is
+    kept in ``run.json`` as ``plane``.
     """
+    if params.chunk_shape is None:
+        params = params.model_copy(update={"chunk_shape": DEFAULT_CHUNK})
+    elif len(params.chunk_shape) != 3:
+        raise UserError(f"--chunk-shape {','.join(map(str, params.chunk_shape))}: a volume's chunks take three "
+                        "numbers Z,Y,X (two, Y,X, are for 2D slides); e.g. 128,256,256.")
+    if params.halo is not None and len(params.halo) != 3:
+        raise UserError(f"--halo {','.join(map(str, params.halo))}: a volume's halo takes three numbers Z,Y,X "
+                        "(two, Y,X, are for 2D slides); e.g. 8,32,32.")
     if not U.exists(params.input):
         raise UserError(f"input {params.input!r} does not exist; give the path or s3:// URI of a volume.")
     volume = open_volume(
@@ -128,7 +167,7 @@ def plan(params: RunParams, *, check_model: bool = False) -> RunContext:
         anisotropy = voxel_size[0] / voxel_size[1]
     else:
         anisotropy = 1.0
-    if shape[0] == 1 and params.flows is None:
+    if shape[0] == 1 and params.flows is None and plane is None:
         raise UserError(
             f"input {params.input!r} has a single z plane (shape {shape}): 3D Cellpose would run its ZY and ZX "
             "views on images one pixel tall; segment it as a 2D image with Cellpose, or give flows computed "
@@ -141,7 +180,7 @@ def plan(params: RunParams, *, check_model: bool = False) -> RunContext:
         )
     halo = params.halo or default_halo(params.diameter, anisotropy)
     grid = ChunkGrid(shape, params.chunk_shape, halo)
-    flows = _check_flows(params, shape)
+    flows = _check_flows(params, shape, plane=plane is not None)
     network = predict.check(params, shape, anisotropy, nchannels=volume.nchannels) if check_model and params.flows is None else None
 
     resumed = _existing_output(params)
@@ -177,6 +216,7 @@ def plan(params: RunParams, *, check_model: bool = False) -> RunContext:
         },
         "flows": flows,
         "network": network,
+        "plane": plane,
         "versions": versions(),
         "complete": False,
     }

@@ -80,7 +80,7 @@ def follow_chunk(run: RunContext, index: int) -> dict:
         device=dynamics_device(p.device),
     )
     step = np.floor(disp).astype(np.int64)
-    reach = np.asarray(g.halo) - MARGIN
+    reach = np.where(np.asarray(g.shape) == 1, np.iinfo(np.int64).max, np.asarray(g.halo) - MARGIN)  # a slide's one plane: no z steps
     long = escaped | (np.abs(step) > reach).any(axis=1)
     dt = W.ends_dtype(g.shape)
     out = np.full((g.ndim, *box_shape(core)), np.iinfo(dt).min, dtype=dt)

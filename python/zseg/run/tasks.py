@@ -29,6 +29,8 @@ FUNCTIONS: dict[str, Callable] = {
     "number": number.reduce,
     "masks": masks.process_chunk,
     "finalize:sizes": finalize.sizes_chunk,
+    "finalize:extent": finalize.extent_reduce,
+    "finalize:quality": finalize.quality_chunk,
     "finalize:number": finalize.number_reduce,
     "finalize:labels": finalize.labels_chunk,
     "finalize:cells": table.cells_chunk,

@@ -100,6 +100,12 @@ class RunContext:
     def anisotropy(self) -> float:
         return float(self.manifest["anisotropy"])
 
+    @property
+    def plane(self) -> dict | None:
+        """For one compartment of a 2D slide run, its 2D settings (``flow_threshold``,
+        ``patches``, ``patch_size``): what makes the one-plane run follow Cellpose's 2D eval."""
+        return self.manifest.get("plane")
+
 
 def _ints(value, n: int, low: int) -> bool:
     return (isinstance(value, list) and len(value) == n
@@ -144,7 +150,7 @@ def check_manifest(m) -> list[str]:
                         f"shape {g['shape']} and chunk_shape {g['chunk_shape']}")
     if shape != g["shape"]:
         problems.append(f"grid.shape {g['shape']} is not the input's shape {shape}")
-    if params is not None and list(params.chunk_shape) != g["chunk_shape"]:
+    if params is not None and params.chunk_shape is not None and list(params.chunk_shape) != g["chunk_shape"]:
         problems.append(f"grid.chunk_shape {g['chunk_shape']} is not params.chunk_shape {list(params.chunk_shape)}")
     if params is not None and params.halo is not None and list(params.halo) != g["halo"]:
         problems.append(f"grid.halo {g['halo']} is not params.halo {list(params.halo)}")

@@ -37,6 +37,12 @@ def _predicts(run) -> bool:
     return run.params.flows is None
 
 
+def flow_check(run) -> bool:
+    """A 2D slide compartment with Cellpose's flow check on."""
+    plane = getattr(run, "plane", None)
+    return plane is not None and float(plane.get("flow_threshold", 0)) > 0
+
+
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("percentiles", "percentiles", "map", marker_dir=W.PERCENTILES_DIR),
     Stage("percentiles:reduce", "percentiles", "reduce", result=W.PERCENTILES_RESULT),
@@ -46,6 +52,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("number", "number", "reduce", result=W.NUMBER_RESULT),
     Stage("masks", "masks", "map", marker_dir=W.MASKS_DIR),
     Stage("finalize:sizes", "finalize", "map", marker_dir=W.SIZES_DIR),
+    Stage("finalize:extent", "finalize", "reduce", result=W.EXTENT_RESULT, applies=flow_check),
+    Stage("finalize:quality", "finalize", "map", marker_dir=W.QUALITY_DIR, applies=flow_check),
     Stage("finalize:number", "finalize", "reduce", result=W.FINAL_NUMBER_RESULT),
     Stage("finalize:labels", "finalize", "map", marker_dir=W.LABELS_DIR),
     Stage("finalize:cells", "finalize", "map", marker_dir=W.CELLS_DIR),

@@ -30,6 +30,7 @@ FOLLOW_DIR = "follow"
 SEEDS_DIR = "seeds"
 MASKS_DIR = "masks"
 SIZES_DIR = "sizes"
+QUALITY_DIR = "quality"
 FINAL_DIR = "final"
 LABELS_DIR = "labels"
 CELLS_DIR = "cells"
@@ -37,6 +38,7 @@ PARTIALS_DIR = "partials"
 # results of the reduce stages
 PERCENTILES_RESULT = "percentiles.json"
 NUMBER_RESULT = "number.json"
+EXTENT_RESULT = "extent.json"
 FINAL_NUMBER_RESULT = "final_number.json"
 REPORT_RESULT = "report.json"
 VIEWS_STORE = "views.zarr"
@@ -46,8 +48,31 @@ def flows_uri(run) -> str:
     return run.params.flows or run.path("flows.zarr")
 
 
+class PlaneFlows:
+    """A 2D flow store ``(3, Y, X)`` = dY, dX, cellprob read as a one-plane run's
+    ``(4, 1, Y, X)`` = dZ (0), dY, dX, cellprob: given 2D flows are used as they are, not copied."""
+
+    def __init__(self, array):
+        self.array = array
+        self.shape = (4, 1, *array.shape[1:])
+        self.dtype = array.dtype
+
+    def __getitem__(self, selection):
+        c, z, *yx = selection
+        if not (isinstance(c, slice) and c == slice(None)) or len(yx) != 2:
+            raise IndexError(f"a plane flow store is read as [:, z, y, x], not {selection}")
+        data = np.asarray(self.array[(slice(None), *yx)])
+        nz = len(range(1)[z])
+        out = np.zeros((4, nz, *data.shape[1:]), data.dtype)
+        out[1:] = data[:, None]
+        return out
+
+
 def flows(run):
-    return open_array(flows_uri(run))
+    array = open_array(flows_uri(run))
+    if len(array.shape) == 3 and run.grid.ndim == 3 and run.grid.shape[0] == 1:  # a slide's given flows
+        return PlaneFlows(array)
+    return array
 
 
 def ends_dtype(shape) -> np.dtype:

@@ -1,0 +1,27 @@
+// A slide compartment's flow check (Cellpose's 2D flow_threshold), once per cell, for the cells one shard of chunks owns; nothing to do on a volume.
+process ZSEG_FINALIZE_QUALITY {
+    tag "${meta.id} shard ${index}/${count}"
+    label 'process_medium'
+    containerOptions "${meta.container_options}"
+
+    input:
+    // upstream: the manifest(s) of the stage before (a reduce's one file, or every shard of a map
+    // stage: a barrier), so -resume re-runs this task when that stage did new work. The data
+    // itself is read and written in place, at the URI meta.run.
+    tuple val(meta), val(index), val(count), path(upstream, stageAs: 'upstream/*')
+
+    output:
+    tuple val(meta), path("finalize_quality.${index}.json"), emit: manifest
+
+    script:
+    def args = task.ext.args ?: ''
+    """
+    export OMP_NUM_THREADS=${task.cpus} NUMBA_NUM_THREADS=${task.cpus}
+    zseg-finalize --run '${meta.run}' --stage quality --shard ${index}/${count} --emit finalize_quality.${index}.json ${args}
+    """
+
+    stub:
+    """
+    echo '{"run": "${meta.run}", "stage": "finalize:quality", "shard": "${index}/${count}", "stub": true}' > finalize_quality.${index}.json
+    """
+}
