@@ -8,6 +8,7 @@ import time
 
 from zseg.errors import UserError
 from zseg.params import RunParams
+from zseg.phases import slide as SL
 from zseg.phases.plan import plan
 from zseg.run.pool import run_all, run_map, run_reduce
 from zseg.storage import uri as U
@@ -15,7 +16,8 @@ from zseg.workspace import work as W
 from zseg.workspace.chunks import chunk_ranges, select_chunks
 from zseg.workspace.context import MANIFEST, RunContext
 from zseg.workspace.progress import done_work
-from zseg.workspace.stages import STAGES
+from zseg.workspace.slide import read_manifest
+from zseg.workspace.stages import SLIDE_STAGES, STAGES
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +26,37 @@ def finished(output: str) -> bool:
     """Whether ``output`` holds a finished zseg run (what plan refuses to redo without --overwrite)."""
     if not U.exists(U.join(output, MANIFEST)):
         return False
+    m = read_manifest(output)
+    if isinstance(m, dict) and m.get("kind") == "slide":
+        return bool(m.get("complete"))
     return bool(RunContext.open(output).manifest.get("complete"))
+
+
+def run_slide(params: RunParams) -> dict:
+    """A 2D slide: plan (or resume) it, its inputs, each compartment's one-plane run, then the
+    matching, layers and outputs; returns the run report."""
+    t0 = time.perf_counter()
+    run = SL.plan_slide(params)
+    skipped = done_work(run)
+    timings = run_all(run, workers=params.workers, stages=["slide:inputs"])
+    for sub in SL.plan_compartments(run):
+        name = sub.root.rstrip("/").rsplit("/", 1)[-1]
+        if sub.manifest.get("complete"):
+            skipped[name] = "done"
+            continue
+        timings.update({f"{name}/{k}": v for k, v in run_all(sub, workers=params.workers).items()})
+    timings.update(run_all(run, workers=params.workers, stages=[s for s in SLIDE_STAGES if s != "slide:inputs"]))
+    report = U.read_json(run.path(W.REPORT_RESULT))
+    report["wall_seconds"] = round(time.perf_counter() - t0, 3)
+    report["stage_seconds"] = timings
+    report["skipped"] = skipped
+    return report
 
 
 def run_local(params: RunParams) -> dict:
     """Plan (or resume) and run every stage; returns the run report."""
+    if SL.is_slide(params):
+        return run_slide(params)
     t0 = time.perf_counter()
     run = plan(params, check_model=True)
     skipped = done_work(run)  # a resumed run: what it will not redo (the scheduler skips exactly this)

@@ -22,7 +22,7 @@ from zseg.run import tasks
 from zseg.storage import uri as U
 from zseg.workspace.context import RunContext
 from zseg.workspace.progress import require_complete
-from zseg.workspace.stages import STAGES, Stage
+from zseg.workspace.stages import Stage, applicable, stage_table
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,8 @@ def _worker_init(threads: int) -> None:
 def _run_chunk(root: str, stage_name: str, index: int) -> tuple[int, dict]:
     run = _RUNS.get(root)
     if run is None:
-        run = _RUNS[root] = RunContext.open(root)
-    return index, tasks.run_chunk(run, STAGES[stage_name], index)
+        run = _RUNS[root] = tasks.open_run(root)
+    return index, tasks.run_chunk(run, stage_table(run)[stage_name], index)
 
 
 def _progress(enabled: bool) -> Progress:
@@ -104,16 +104,17 @@ def run_reduce(run: RunContext, stage: Stage) -> bool:
     return True
 
 
-def run_all(run: RunContext, *, workers: int = 1, show_progress: bool | None = None) -> dict:
-    """Every stage in order; returns seconds per stage (stages skipped as done count 0)."""
+def run_all(run: RunContext, *, workers: int = 1, show_progress: bool | None = None, stages=None) -> dict:
+    """Every stage in order (or those of ``stages`` that apply); returns seconds per stage
+    (stages skipped as done count 0)."""
     if show_progress is None:
         show_progress = sys.stderr.isatty()
     timings: dict[str, float] = {}
     pool = _pool(workers) if workers > 1 else None
     try:
         with _progress(show_progress) as progress:
-            for stage in STAGES.values():
-                if not stage.applies(run):
+            for stage in applicable(run):
+                if stages is not None and stage.name not in stages:
                     continue
                 t0 = time.perf_counter()
                 if stage.kind == "map":

@@ -12,12 +12,13 @@ from typing import Callable
 
 from zseg.errors import UserError
 from zseg.outputs import table
-from zseg.phases import finalize, masks, number, percentiles, predict, seeds
+from zseg.phases import finalize, masks, number, percentiles, predict, seeds, slide
 from zseg.storage import uri as U
 from zseg.workspace import usage
 from zseg.workspace.context import RunContext
 from zseg.workspace.progress import require_complete
-from zseg.workspace.stages import STAGES, Stage
+from zseg.workspace.slide import SlideContext, is_slide_run
+from zseg.workspace.stages import SLIDE_STAGES, STAGES, Stage
 
 #: ``fn(run, index) -> stats`` of each map stage, ``fn(run) -> result`` of each reduce.
 FUNCTIONS: dict[str, Callable] = {
@@ -35,17 +36,29 @@ FUNCTIONS: dict[str, Callable] = {
     "finalize:labels": finalize.labels_chunk,
     "finalize:cells": table.cells_chunk,
     "finalize:report": finalize.report_reduce,
+    # a slide run's own stages
+    "slide:inputs": slide.inputs_chunk,
+    "match:decide": slide.match_chunk,
+    "match:number": slide.match_number,
+    "slide:layers": slide.layers_chunk,
+    "slide:report": slide.report_reduce,
 }
 #: Map stages that run a list of chunks in one process: ``batch(run, indices)`` yields
 #: ``(index, stats)`` as each chunk's data is written, in order, so the stage can keep state
 #: (a loaded network) and overlap I/O with work across chunks.
 BATCHES: dict[str, Callable] = {"predict": predict.predict_chunks}
 
-if set(FUNCTIONS) != set(STAGES):  # pragma: no cover - a stage added on one side only
-    raise RuntimeError(f"stages without a function or functions without a stage: {set(FUNCTIONS) ^ set(STAGES)}")
+if set(FUNCTIONS) != set(STAGES) | set(SLIDE_STAGES):  # pragma: no cover - a stage added on one side only
+    raise RuntimeError("stages without a function or functions without a stage: "
+                       f"{set(FUNCTIONS) ^ (set(STAGES) | set(SLIDE_STAGES))}")
 
 
-def _where(run: RunContext, index: int) -> str:
+def open_run(root: str):
+    """The context of the run in ``root``: a slide run's or a volume run's."""
+    return SlideContext.open(root) if is_slide_run(root) else RunContext.open(root)
+
+
+def _where(run, index: int) -> str:
     return ", ".join(f"{a} {s.start}:{s.stop}" for a, s in zip("zyx"[-run.grid.ndim:], run.grid.core(index)))
 
 

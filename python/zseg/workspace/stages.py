@@ -62,6 +62,22 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
 """Every stage, in the order a run executes them."""
 
 
+SLIDE_STAGES: dict[str, Stage] = {s.name: s for s in (
+    Stage("slide:inputs", "slide", "map", marker_dir=W.SLIDE_INPUTS_DIR),
+    Stage("match:decide", "match", "map", marker_dir=W.MATCH_DIR, applies=lambda run: run.compartment == "both"),
+    Stage("match:number", "match", "reduce", result=W.MATCH_RESULT, applies=lambda run: run.compartment == "both"),
+    Stage("slide:layers", "slide", "map", marker_dir=W.LAYERS_DIR),
+    Stage("slide:report", "slide", "reduce", result=W.REPORT_RESULT),
+)}
+"""The stages of a 2D slide run's own, in order; its compartments (one-plane runs of
+:data:`STAGES`) run between ``slide:inputs`` and ``match:decide``."""
+
+
+def stage_table(run) -> dict[str, Stage]:
+    """The stages of ``run``'s kind: :data:`SLIDE_STAGES` for a slide run, else :data:`STAGES`."""
+    return getattr(run, "stage_table", STAGES)
+
+
 def applicable(run) -> list[Stage]:
     """The stages of ``run``, in order."""
-    return [s for s in STAGES.values() if s.applies(run)]
+    return [s for s in stage_table(run).values() if s.applies(run)]

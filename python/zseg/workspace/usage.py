@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from zseg.storage import uri as U
-from zseg.workspace.stages import STAGES
+from zseg.workspace.stages import stage_table
 
 USAGE_DIR = "usage"
 
@@ -82,7 +82,7 @@ def scan(run) -> tuple[dict, np.ndarray, np.ndarray]:
     per_chunk_seconds = np.zeros(n, np.float64)
     cells = np.zeros(n, np.int64)
     out = {}
-    for stage in STAGES.values():
+    for stage in stage_table(run).values():
         if stage.kind == "map":
             present = set(U.listdir(run.path(stage.marker_dir)))
             seconds, longest, peak, tasks = 0.0, 0.0, 0.0, 0

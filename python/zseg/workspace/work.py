@@ -35,6 +35,11 @@ FINAL_DIR = "final"
 LABELS_DIR = "labels"
 CELLS_DIR = "cells"
 PARTIALS_DIR = "partials"
+# a slide run's own stages
+SLIDE_INPUTS_DIR = "inputs"
+MATCH_DIR = "match"
+LAYERS_DIR = "layers"
+MATCH_RESULT = "match.json"
 # results of the reduce stages
 PERCENTILES_RESULT = "percentiles.json"
 NUMBER_RESULT = "number.json"

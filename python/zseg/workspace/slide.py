@@ -1,0 +1,116 @@
+"""The context of a 2D multiplex slide run: its manifest ``OUTPUT/run.json`` (``"kind": "slide"``),
+its 2D chunk grid, and its compartments, each a one-plane run (:class:`RunContext`) under
+``work/<compartment>`` (docs/architecture.md, "Multiplex slides").
+
+The slide run's own stages (:data:`zseg.workspace.stages.SLIDE_STAGES`) share the chunk grid of its
+compartments (their grid is the same cores with a leading plane axis), so chunk ``i`` is the
+same piece of the slide in every stage.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from zseg.errors import UserError
+from zseg.params import RunParams
+from zseg.storage import uri as U
+from zseg.storage.grid import ChunkGrid
+from zseg.storage.slide import open_slide
+from zseg.workspace.context import MANIFEST, RunContext
+from zseg.workspace.stages import SLIDE_STAGES
+
+#: The compartment runs of each ``--compartment``, as folders under ``work/``.
+COMPARTMENT_RUNS = {"whole-cell": ("cells",), "nuclear": ("nuclei",), "both": ("cells", "nuclei")}
+#: The network input of a slide run: ``work/inputs.zarr`` (C, 1, Y, X).
+INPUTS = "inputs.zarr"
+#: The patch table a slide run writes next to its labels.
+PATCHES = "patches.parquet"
+
+
+def read_manifest(root: str) -> dict | None:
+    """``root``'s ``run.json`` as a dict, None when there is none (no checks: see the contexts)."""
+    path = U.join(root, MANIFEST)
+    if not U.exists(path):
+        return None
+    try:
+        return U.read_json(path)
+    except Exception as e:
+        reason = " ".join(str(e).split())
+        raise UserError(f"{path!r} is not valid JSON ({reason}): it was truncated or edited; restore it, "
+                        "or start the run again with --overwrite.") from None
+
+
+def is_slide_run(root: str) -> bool:
+    m = read_manifest(root)
+    return isinstance(m, dict) and m.get("kind") == "slide"
+
+
+class SlideContext:
+    """A planned slide run as its stages see it: parameters, slide, grid, compartments, layout."""
+
+    stage_table = SLIDE_STAGES
+    plane = None
+
+    def __init__(self, root: str, manifest: dict):
+        self.root = str(root)
+        self.manifest = manifest
+        self.params = RunParams.model_validate(manifest["params"])
+        self.params.output = self.root
+        g = manifest["grid"]
+        self.grid = ChunkGrid(tuple(g["shape"]), tuple(g["chunk_shape"]), tuple(g["halo"]))
+
+    @classmethod
+    def open(cls, root: str) -> "SlideContext":
+        m = read_manifest(root)
+        if m is None:
+            raise UserError(f"{root!r} is not a planned zseg run (no {MANIFEST}); run `zseg run INPUT {root}` first.")
+        missing = [k for k in ("params", "input", "grid", "channels", "compartment", "complete") if k not in m]
+        if missing:
+            raise UserError(f"{U.join(root, MANIFEST)!r} was edited or damaged: {', '.join(missing)} missing; "
+                            "restore it, or start the run again with --overwrite.")
+        return cls(root, m)
+
+    # -- layout ------------------------------------------------------------------------------
+    @property
+    def work(self) -> str:
+        return self.params.work_uri()
+
+    def path(self, *parts: str) -> str:
+        return U.join(self.work, *parts)
+
+    def chunk_file(self, phase: str, index: int, ext: str = "npz") -> str:
+        return self.path(phase, f"c{index:07d}.{ext}")
+
+    def pending(self, phase: str, chunks, ext: str = "npz") -> list[int]:
+        present = set(U.listdir(self.path(phase)))
+        return [i for i in chunks if f"c{i:07d}.{ext}" not in present]
+
+    # -- what the run is ------------------------------------------------------------------------
+    @property
+    def compartment(self) -> str:
+        return self.manifest["compartment"]
+
+    @property
+    def channels(self) -> dict:
+        """``{"names": [...], "nuclear": index or None, "membrane": [indices]}``."""
+        return self.manifest["channels"]
+
+    @functools.cached_property
+    def slide(self):
+        p = self.params
+        return open_slide(p.input, axes=p.axes, level=p.level)
+
+    @property
+    def pixel_size_um(self) -> tuple[float, float]:
+        return tuple(self.manifest.get("pixel_size_um") or (1.0, 1.0))
+
+    def compartment_root(self, name: str) -> str:
+        return self.path(name)
+
+    def compartment_run(self, name: str) -> RunContext:
+        """The finished one-plane run of compartment ``name`` (``cells`` or ``nuclei``)."""
+        run = RunContext.open(self.compartment_root(name))
+        if not run.manifest.get("complete"):
+            raise UserError(f"the {name} compartment of {self.root} is not finished; run `zseg run` again to "
+                            "resume it.")
+        return run
