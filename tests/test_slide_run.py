@@ -1,0 +1,194 @@
+"""``zseg run`` on a 2D multiplex slide from given flows: the layers and the table equal the
+whole-slide reference chain (:func:`zseg.engine.multiplex.segment_reference`) bit for bit for
+any chunking, with the flow check removing cells, uninformative patches skipping cells and cells
+without a nucleus; bad inputs are refused with one line and exit 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from zseg.engine import multiplex as MX
+from zseg.engine.synth import flows_from_labels, synth_multiplex
+from zseg.params import build_params
+from zseg.run.entry import run_local
+from zseg.storage.arrays import create_array, open_array
+from zseg.storage.omezarr import write_ome_zarr
+
+SHAPE = (200, 230)
+DIAMETER = 18
+PATCH = 32
+NITER = 120
+
+
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory):
+    """A synthetic slide with a dark corner (uninformative patches), noisy whole-cell flows (the
+    flow check removes cells) and nuclear flows missing some nuclei (cells without a nucleus)."""
+    root = tmp_path_factory.mktemp("slide")
+    s = synth_multiplex(SHAPE, diameter=DIAMETER, markers=3, seed=1)
+    image = s["image"].copy()
+    image[0, :70, :70] = 0  # no DAPI in the corner: its patches are empty
+    write_ome_zarr(str(root / "slide.ome.zarr"), image, axes="cyx", voxel_size=(0.5, 0.5), unit="micrometer",
+                   chunks=(1, 64, 64), channel_names=s["channel_names"])
+    rng = np.random.default_rng(3)
+    f = flows_from_labels(s["cells"]).astype(np.float32)
+    f[:2] += rng.normal(0, 1.5, f[:2].shape).astype(np.float32)
+    nuclei = s["nuclei"].copy()
+    nuclei[np.isin(nuclei, rng.choice(np.unique(nuclei[nuclei > 0]), 12, replace=False))] = 0
+    nf = flows_from_labels(nuclei).astype(np.float32)
+    for name, data in (("flows.zarr", f), ("nuclear_flows.zarr", nf)):
+        a = create_array(str(root / name), shape=data.shape, chunks=(3, 64, 64), dtype="float32")
+        a[...] = data
+    return {"root": root, "image": image, "names": s["channel_names"], "flows": f, "nuclear_flows": nf}
+
+
+def _args(slide, out, **kw):
+    root = slide["root"]
+    return dict(input=str(root / "slide.ome.zarr"), output=str(out), compartment="both", nuclear_channel="DAPI",
+                membrane_channels="Membrane", flows=str(root / "flows.zarr"),
+                nuclear_flows=str(root / "nuclear_flows.zarr"), diameter=DIAMETER, niter=NITER, patch_size=PATCH, **kw)
+
+
+def _reference(slide, compartment="both", keep_unmatched_cells=False):
+    image = slide["image"]
+    stats = MX.patch_stats({"nuclear": image[0], "membrane": image[1]}, origin=(0, 0), slide_shape=SHAPE,
+                           patch_size=PATCH)
+    informative = MX.patch_flags(stats)["is_informative"]
+    return MX.segment_reference(image, slide["names"], compartment=compartment, flows=slide["flows"],
+                                nuclear_flows=slide["nuclear_flows"], niter=NITER, flow_threshold=0.4, min_size=15,
+                                seed_allowed=MX.seed_allowed(SHAPE, PATCH, informative),
+                                keep_unmatched_cells=keep_unmatched_cells, pixel_size_um=(0.5, 0.5))
+
+
+@pytest.fixture(scope="module")
+def reference(slide):
+    return _reference(slide)
+
+
+def _layer(out, name):
+    return np.asarray(open_array(os.path.join(out, "labels.zarr", name, "0"))[...])
+
+
+def _table(out):
+    return pq.read_table(os.path.join(out, "cells.parquet")).to_pydict()
+
+
+def _assert_table_equal(got: dict, want: dict):
+    assert list(got) == list(want)
+    for k, v in want.items():
+        np.testing.assert_array_equal(np.asarray(got[k], np.float64), np.asarray(v, np.float64), err_msg=k)
+
+
+@pytest.mark.parametrize("chunk", [(256, 256), (64, 64), (37, 150)])
+def test_a_slide_run_equals_the_whole_slide_reference_for_any_chunking(slide, reference, tmp_path, chunk):
+    out = str(tmp_path / "out")
+    report = run_local(build_params(**_args(slide, out, chunk_shape=chunk)))
+    assert report["chunk_exact"]
+    comp = report["compartments"]["cells"]
+    # the case is not vacuous: cells were removed by the flow check and skipped, nuclei are missing
+    assert comp["flow_check"]["removed"] > 0 and comp["skipped_cells"] > 0
+    assert 0 < report["matching"]["cells"]["unmatched"] < report["matching"]["cells"]["total"]
+    assert report["matching"] == reference["matching"]
+    for name, want in reference["layers"].items():
+        np.testing.assert_array_equal(_layer(out, name), want, err_msg=name)
+    _assert_table_equal(_table(out), reference["table"])
+    manifest = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert manifest["complete"] and manifest["result"]["matching"] == reference["matching"]
+    assert manifest["channels"]["names"] == slide["names"]
+
+
+def test_the_table_is_direct_numpy_on_the_whole_image(slide, reference, tmp_path):
+    """Per-cell means of every channel in each compartment, against np.bincount on the layers."""
+    out = str(tmp_path / "out")
+    run_local(build_params(**_args(slide, out, chunk_shape=(64, 64))))
+    t = _table(out)
+    labels = np.asarray(t["label"], np.int64)
+    for layer, comp in (("cells", "cell"), ("nuclei", "nucleus"), ("cytoplasm", "cytoplasm")):
+        lab = _layer(out, layer).astype(np.int64).ravel()
+        area = np.bincount(lab, minlength=labels.max() + 1)[labels]
+        np.testing.assert_array_equal(np.asarray(t[f"area_{comp}"]), area)
+        for c, name in enumerate(slide["names"]):
+            sums = np.bincount(lab, weights=slide["image"][c].ravel().astype(np.float64), minlength=labels.max() + 1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                want = np.where(area > 0, sums[labels] / area, np.nan)
+            np.testing.assert_allclose(np.asarray(t[f"{name}_{comp}_mean"]), want, rtol=1e-12, equal_nan=True)
+
+
+def test_unmatched_cells_and_layers_kept_on_request(slide, tmp_path):
+    out = str(tmp_path / "out")
+    report = run_local(build_params(**_args(slide, out, chunk_shape=(64, 64), keep_unmatched_cells=True,
+                                            keep_unmatched_layers=True)))
+    want = _reference(slide, keep_unmatched_cells=True)
+    for name, layer in want["layers"].items():
+        np.testing.assert_array_equal(_layer(out, name), layer, err_msg=name)
+    _assert_table_equal(_table(out), want["table"])
+    assert report["cells"] == want["matching"]["cells"]["total"] > want["matching"]["cells"]["matched"]
+    for name, key in (("cells_unmatched", "cells"), ("nuclei_unmatched", "nuclei")):
+        np.testing.assert_array_equal(_layer(out, name), want["masks"][key])
+
+
+@pytest.mark.parametrize("compartment", ["whole-cell", "nuclear"])
+def test_a_single_compartment(slide, tmp_path, compartment):
+    out = str(tmp_path / "out")
+    args = _args(slide, out, chunk_shape=(64, 100))
+    if compartment == "nuclear":
+        args.update(membrane_channels=None, flows=None)
+    else:
+        args.update(nuclear_flows=None)
+    report = run_local(build_params(**{**args, "compartment": compartment}))
+    want = _reference(slide, compartment=compartment)
+    (name, layer), = want["layers"].items()
+    np.testing.assert_array_equal(_layer(out, name), layer)
+    _assert_table_equal(_table(out), want["table"])
+    assert report["outputs"]["layers"] == [name] and "matching" not in report
+
+
+def test_patches_table(slide, tmp_path):
+    out = str(tmp_path / "out")
+    run_local(build_params(**_args(slide, out, chunk_shape=(64, 64))))
+    t = pq.read_table(os.path.join(out, "patches.parquet")).to_pydict()
+    assert list(t) == list(MX.PATCH_COLUMNS)
+    image = slide["image"]
+    stats = MX.patch_stats({"nuclear": image[0], "membrane": image[1]}, origin=(0, 0), slide_shape=SHAPE,
+                           patch_size=PATCH)
+    for k, v in {**stats, **MX.patch_flags(stats)}.items():
+        np.testing.assert_array_equal(np.asarray(t[k]), v, err_msg=k)
+    assert 0 < sum(t["is_informative"]) < len(t["is_informative"])
+
+
+# -- bad inputs: one line, exit 2, nothing written -------------------------------------------------
+def _argv(slide, out, *extra):
+    root = slide["root"]
+    return ["run", str(root / "slide.ome.zarr"), str(out), "--flows", str(root / "flows.zarr"),
+            "--nuclear-flows", str(root / "nuclear_flows.zarr"), "--diameter", "18", *extra]
+
+
+@pytest.mark.parametrize("extra, expect", [
+    (["--nuclear-channel", "DAPI", "--membrane-channels", "CD45"], "'CD45' is not in slide"),
+    (["--nuclear-channel", "DAPI", "--membrane-channels", "DAPI"], "both --nuclear-channel and one of"),
+    (["--nuclear-channel", "0", "--membrane-channels", "1", "--anisotropy", "2"], "--anisotropy"),
+    (["--nuclear-channel", "0", "--membrane-channels", "1", "--channels", "0,1"], "--channels"),
+    (["--nuclear-channel", "0", "--membrane-channels", "1", "--chunk-shape", "1,64,64"], "--chunk-shape"),
+    (["--nuclear-channel", "0", "--membrane-channels", "1", "--flow3D-smooth", "1"], "--flow3D-smooth"),
+    (["--nuclear-channel", "DAPI", "--membrane-channels", "1", "--patch-mean-threshold", "1e9"],
+     "no informative patch"),
+])
+def test_bad_slide_inputs_are_refused_and_nothing_is_written(slide, tmp_path, refused, extra, expect):
+    out = tmp_path / "out"
+    refused(_argv(slide, out, *extra), expect)
+    assert not out.exists()
+
+
+def test_flows_of_another_shape_are_refused(slide, tmp_path, refused):
+    bad = create_array(str(tmp_path / "bad.zarr"), shape=(3, 10, 10), chunks=(3, 10, 10), dtype="float32")
+    bad[...] = 0
+    out = tmp_path / "out"
+    argv = _argv(slide, out, "--nuclear-channel", "DAPI", "--membrane-channels", "Membrane")
+    argv[argv.index("--flows") + 1] = str(tmp_path / "bad.zarr")
+    refused(argv, "--flows store", "(3, 200, 230)")
+    assert not out.exists()
