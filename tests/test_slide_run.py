@@ -192,3 +192,67 @@ def test_flows_of_another_shape_are_refused(slide, tmp_path, refused):
     argv[argv.index("--flows") + 1] = str(tmp_path / "bad.zarr")
     refused(argv, "--flows store", "(3, 200, 230)")
     assert not out.exists()
+
+
+# -- with a network: each compartment is Cellpose's own 2D eval ----------------------------------
+@pytest.fixture(scope="module")
+def blob_slide(tmp_path_factory):
+    """Two channels of nucleus-like blobs (a 'DAPI' and a 'Membrane' of wider blobs) and a network
+    whose weights compute real flows (predict_support.gradient_cpsam)."""
+    import torch
+
+    from tests.predict_support import blobs, gradient_cpsam
+
+    root = tmp_path_factory.mktemp("blob_slide")
+    nuc = blobs((12, 150, 170), seed=3)[6]
+    mem = blobs((12, 150, 170), seed=3, sigma=3.0)[6]
+    image = np.stack([nuc, mem])
+    write_ome_zarr(str(root / "slide.ome.zarr"), image, axes="cyx", chunks=(1, 64, 64),
+                   channel_names=["DAPI", "Membrane"])
+    torch.save(gradient_cpsam(bsize=64), root / "gradient.pt")
+    return {"root": root, "image": image}
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks", "ignore::RuntimeWarning")
+@pytest.mark.parametrize("threshold", [0.0, 0.8])
+def test_with_a_network_each_compartment_is_cellposes_2d_eval_for_any_chunking(blob_slide, tmp_path, threshold):
+    """Flow check off, and at 0.8 (this hand-set network's flows are gradients, not diffusion
+    flows: 0.8 removes some whole cells and every nucleus, so the nuclei are compared with it off)."""
+    from cellpose.metrics import average_precision
+
+    from tests.predict_support import gradient_cpsam, load
+    from zseg.engine.cellpose_ref import cellpose_eval_2d
+
+    root = blob_slide["root"]
+    runs = {}
+    for chunk in ((150, 170), (64, 48)):
+        out = tmp_path / f"out{chunk[1]}"
+        report = run_local(build_params(
+            input=str(root / "slide.ome.zarr"), output=str(out), compartment="both", nuclear_channel="DAPI",
+            membrane_channels="Membrane", model=str(root / "gradient.pt"), diameter=20, chunk_shape=chunk,
+            use_bfloat16=False, flow_threshold=threshold, skip_uninformative=False, skip_empty=False))
+        assert report["chunk_exact"]
+        runs[chunk] = out
+    net = load(gradient_cpsam(bsize=64)).eval()
+    compared = []
+    for name, planes in (("cells", [1, 0]), ("nuclei", [0])):
+        whole = runs[(150, 170)] / "work" / name
+        labels = np.asarray(open_array(str(whole / "labels.zarr" / "0"))[...])[0]
+        chunked = np.asarray(open_array(str(runs[(64, 48)] / "work" / name / "labels.zarr" / "0"))[...])[0]
+        np.testing.assert_array_equal(chunked, labels, err_msg=name)  # any chunking: identical
+        r = json.loads((whole / "work" / "percentiles.json").read_text())
+        lowhigh = np.stack([r["low"], r["high"]], axis=1)
+        theirs, _ = cellpose_eval_2d(net, blob_slide["image"][planes].astype(np.float32), lowhigh, diameter=20.0,
+                                     compute_masks=True, flow_threshold=threshold, min_size=15)
+        if theirs.max() == 0:
+            assert labels.max() == 0, name
+            continue
+        ap = average_precision([theirs.astype(np.int64)], [labels.astype(np.int64)])[0][0]
+        assert ap[0] >= 0.99, (name, ap, theirs.max(), labels.max())
+        compared.append((name, int(theirs.max())))
+    assert compared[0][0] == "cells" and compared[0][1] > 100
+    if threshold == 0:
+        assert [c[0] for c in compared] == ["cells", "nuclei"] and compared[1][1] > 100
+    else:
+        report = json.loads((runs[(150, 170)] / "work" / "cells" / "run.json").read_text())["result"]
+        assert report["flow_check"]["removed"] > 0

@@ -181,7 +181,8 @@ def plan(params: RunParams, *, check_model: bool = False, plane: dict | None = N
     halo = params.halo or default_halo(params.diameter, anisotropy)
     grid = ChunkGrid(shape, params.chunk_shape, halo)
     flows = _check_flows(params, shape, plane=plane is not None)
-    network = predict.check(params, shape, anisotropy, nchannels=volume.nchannels) if check_model and params.flows is None else None
+    network = (predict.check(params, shape, anisotropy, nchannels=volume.nchannels, plane=plane is not None)
+               if check_model and params.flows is None else None)
 
     resumed = _existing_output(params)
     if resumed is not None:

@@ -55,7 +55,7 @@ VIEWS_STORE = W.VIEWS_STORE
 
 
 # -- plan time ---------------------------------------------------------------------------------
-def check(params, shape, anisotropy: float, *, nchannels: int | None = None) -> dict:
+def check(params, shape, anisotropy: float, *, nchannels: int | None = None, plane: bool = False) -> dict:
     """What ``plan`` records for this phase; raises ``UserError`` before anything is written.
 
     Resolves the model (downloading a missing built-in one) and reads its sizes, and checks
@@ -66,8 +66,11 @@ def check(params, shape, anisotropy: float, *, nchannels: int | None = None) -> 
 
     model = models.inspect_model(params.model)
     try:
-        N.scaled_shape(shape, diameter=params.diameter, anisotropy=anisotropy,
-                       diam_mean=model.get("diam_mean", 30.0))
+        if plane:  # a slide's compartment: Cellpose's 2D eval, resized in Y and X only
+            N.Geometry.plane(shape[1:], diameter=params.diameter, diam_mean=model.get("diam_mean", 30.0))
+        else:
+            N.scaled_shape(shape, diameter=params.diameter, anisotropy=anisotropy,
+                           diam_mean=model.get("diam_mean", 30.0))
     except ValueError as e:
         raise UserError(f"{e}; use a smaller --diameter.") from None
     out = {"model": model, "mask": None}
@@ -148,6 +151,9 @@ def geometry(run: RunContext, bsize: int, *, family: str = "cpsam", diam_mean: f
 
     p = run.params
     cp3 = family == "cp3"
+    if run.plane is not None:  # a slide's compartment: the 2D network pass of Cellpose's eval
+        return N.Geometry.plane(run.grid.shape[1:], diameter=p.diameter, bsize=bsize, tile_overlap=p.tile_overlap,
+                                augment=p.augment, diam_mean=diam_mean if cp3 else 30.0, pad_to_tile=not cp3)
     return N.Geometry.of(run.grid.shape, diameter=p.diameter, anisotropy=run.anisotropy, bsize=bsize,
                          tile_overlap=p.tile_overlap, augment=p.augment,
                          diam_mean=diam_mean if cp3 else 30.0, pad_to_tile=not cp3)
@@ -218,7 +224,7 @@ def _prepare(run: RunContext, task: _Task, index: int):
     reason = _skip_reason(run, task, index)
     if reason:
         return index, core, None, reason, [], time.perf_counter() - t0
-    plan = N.plan_block(task.geometry, core)
+    plan = N.plan_block(task.geometry, core, views=N.PLANE_VIEWS if run.plane is not None else N.VIEWS)
     inputs = N.view_inputs(plan, run.volume.read, task.lowhigh, pin=task.device.type == "cuda")
     return index, core, plan, None, inputs, time.perf_counter() - t0
 
