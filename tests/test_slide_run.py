@@ -256,3 +256,32 @@ def test_with_a_network_each_compartment_is_cellposes_2d_eval_for_any_chunking(b
     else:
         report = json.loads((runs[(150, 170)] / "work" / "cells" / "run.json").read_text())["result"]
         assert report["flow_check"]["removed"] > 0
+
+
+def _rings(geometry):
+    polys = [geometry["coordinates"]] if geometry["type"] == "Polygon" else geometry["coordinates"]
+    return [r for p in polys for r in p]
+
+
+def test_anndata_and_geojson_outputs(slide, tmp_path):
+    import anndata as ad
+
+    from zseg.engine.outlines import ring_area
+
+    out = str(tmp_path / "out")
+    report = run_local(build_params(**_args(slide, out, chunk_shape=(64, 64), anndata=True, geojson=True)))
+    t = _table(out)
+    names = slide["names"]
+    a = ad.read_h5ad(report["outputs"]["anndata"])
+    assert list(a.var_names) == names and a.shape == (len(t["label"]), len(names))
+    np.testing.assert_array_equal(a.X, np.stack([t[f"{n}_cell_mean"] for n in names], axis=1))
+    np.testing.assert_array_equal(a.layers["nucleus"], np.stack([t[f"{n}_nucleus_mean"] for n in names], axis=1))
+    np.testing.assert_array_equal(a.obsm["spatial"], np.stack([t["centroid_x_um"], t["centroid_y_um"]], axis=1))
+    gj = json.loads(open(report["outputs"]["geojson"]).read())
+    feats = gj["features"]
+    assert [int(f["id"]) for f in feats] == list(t["label"])
+    for f, area_cell, area_nucleus in zip(feats, t["area_cell"], t["area_nucleus"]):
+        assert f["properties"]["objectType"] == "cell"
+        assert sum(ring_area(r) for r in _rings(f["geometry"])) == area_cell  # the outline is the pixels
+        assert sum(ring_area(r) for r in _rings(f["nucleusGeometry"])) == area_nucleus
+        assert f["properties"]["measurements"]["area_cell"] == area_cell

@@ -12,6 +12,9 @@ by the report, so memory stays one tile.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 
 import numpy as np
 import pyarrow as pa
@@ -132,8 +135,11 @@ def write_anndata(run, table: dict, uri: str) -> None:
     a.obsm["spatial"] = np.stack([table["centroid_x_um"], table["centroid_y_um"]], axis=1)
     a.uns["zseg"] = {"compartment": run.compartment, "X": f"{first} mean intensity per channel (raw)",
                      "version": __version__}
-    with U.atomic_file(uri) as f:
-        a.write_h5ad(f)
+    with tempfile.TemporaryDirectory() as tmp:  # h5py writes to a path: write here, then put it in place whole
+        path = os.path.join(tmp, "cells.h5ad")
+        a.write_h5ad(path)
+        with open(path, "rb") as src, U.atomic_file(uri) as dst:
+            shutil.copyfileobj(src, dst)
 
 
 def write_geojson(run, table: dict, uri: str) -> int:
