@@ -285,3 +285,13 @@ def test_anndata_and_geojson_outputs(slide, tmp_path):
         assert sum(ring_area(r) for r in _rings(f["geometry"])) == area_cell  # the outline is the pixels
         assert sum(ring_area(r) for r in _rings(f["nucleusGeometry"])) == area_nucleus
         assert f["properties"]["measurements"]["area_cell"] == area_cell
+
+
+def test_the_qc_report_shows_outlines_patches_matching_and_sizes(slide, tmp_path):
+    out = tmp_path / "out"
+    report = run_local(build_params(**_args(slide, str(out), chunk_shape=(64, 64))))
+    page = (out / "qc" / "report.html").read_text()
+    assert report["outputs"]["qc"] == str(out / "qc" / "report.html")
+    for png in ("cells.png", "nuclei.png", "patches.png", "cell_areas.png", "nucleus_areas.png"):
+        assert f'src="{png}"' in page and (out / "qc" / png).stat().st_size > 1000, png
+    assert f"{report['matching']['matched_fraction']:.4g}"[:5] in page and "removed by the flow check" in page

@@ -151,7 +151,7 @@ def render(values: np.ndarray, labels: np.ndarray, pixel: tuple[float, float], l
     return rgb
 
 
-def _png(rgb: np.ndarray) -> bytes:
+def png(rgb: np.ndarray) -> bytes:
     from PIL import Image
 
     buf = io.BytesIO()
@@ -159,7 +159,7 @@ def _png(rgb: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _figure_png(fig) -> bytes:
+def figure_png(fig) -> bytes:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
@@ -168,8 +168,9 @@ def _figure_png(fig) -> bytes:
     return buf.getvalue()
 
 
-def size_histogram(volumes: np.ndarray, voxel_um3: float) -> bytes | None:
-    """PNG of the distribution of cell volumes (µm³), from exact counts per voxel volume."""
+def size_histogram(volumes: np.ndarray, voxel_um3: float, xlabel: str = "cell volume (µm³)",
+                   what: str = "cells") -> bytes | None:
+    """PNG of the distribution of cell volumes (µm³; or areas), from exact counts per voxel volume."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -186,11 +187,11 @@ def size_histogram(volumes: np.ndarray, voxel_um3: float) -> bytes | None:
     ax.stairs(hist, edges, fill=True, color="#4c72b0")
     if log_scale:
         ax.set_xscale("log")
-    ax.set_xlabel("cell volume (µm³)")
-    ax.set_ylabel("cells")
-    ax.set_title(f"{int(volumes.sum())} cells")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(what)
+    ax.set_title(f"{int(volumes.sum())} {what}")
     ax.grid(alpha=0.3)
-    return _figure_png(fig)
+    return figure_png(fig)
 
 
 def chunk_maps(cells: np.ndarray, seconds: np.ndarray) -> bytes:
@@ -219,11 +220,11 @@ def chunk_maps(cells: np.ndarray, seconds: np.ndarray) -> bytes:
                 ax.text(x, y, f"{v:.0f}" if data.dtype.kind in "iu" else f"{v:.1f}", ha="center", va="center",
                         color="black" if v > mid else "white", fontsize=8)
     fig.tight_layout()
-    return _figure_png(fig)
+    return figure_png(fig)
 
 
 # -- the page ------------------------------------------------------------------------------------
-_CSS = """
+CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px auto;max-width:1320px;color:#222;
 background:#fafafa;padding:0 16px}
 h1{margin-bottom:4px}h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:32px}
@@ -238,7 +239,7 @@ figure img{display:block;max-width:100%;image-rendering:pixelated}
 pre{background:#fff;border:1px solid #ddd;padding:8px;overflow:auto;font-size:12px}
 """
 
-_SCRIPT = """
+SCRIPT = """
 window.addEventListener('load', function () {
   var imgs = Array.prototype.slice.call(document.images);
   var ok = imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; });
@@ -247,26 +248,26 @@ window.addEventListener('load', function () {
 """
 
 
-def _e(v) -> str:
+def escape(v) -> str:
     return html.escape(str(v))
 
 
-def _table(rows, header=None) -> str:
+def html_table(rows, header=None) -> str:
     out = ["<table>"]
     if header:
-        out.append("<tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr>")
+        out.append("<tr>" + "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr>")
     for row in rows:
         cells = []
         for v in row:
             cls = ' class="num"' if isinstance(v, (int, float)) and not isinstance(v, bool) else ""
-            cells.append(f"<td{cls}>{_e(v)}</td>")
+            cells.append(f"<td{cls}>{escape(v)}</td>")
         out.append("<tr>" + "".join(cells) + "</tr>")
     out.append("</table>")
     return "".join(out)
 
 
-def _figure(src: str, caption: str, alt: str) -> str:
-    return f'<figure><img src="{_e(src)}" alt="{_e(alt)}"><figcaption>{_e(caption)}</figcaption></figure>'
+def html_figure(src: str, caption: str, alt: str) -> str:
+    return f'<figure><img src="{escape(src)}" alt="{escape(alt)}"><figcaption>{escape(caption)}</figcaption></figure>'
 
 
 def write_report(run: RunContext, report: dict, lay, *, volumes: np.ndarray | None = None,
@@ -306,7 +307,7 @@ def write_report(run: RunContext, report: dict, lay, *, volumes: np.ndarray | No
         for kind, key in (("slice", "slices"), ("mip", "mips")):
             val, lab = views[f"{kind}{a}"]
             fname = f"{kind}_{plane.lower()}.png"
-            U.write_bytes(U.join(qc_dir, fname), _png(render(val, lab, pixel, low, high)))
+            U.write_bytes(U.join(qc_dir, fname), png(render(val, lab, pixel, low, high)))
             if kind == "slice":
                 cap = f"{plane} slice at {along} = {centre[a]}"
             else:
@@ -314,7 +315,7 @@ def write_report(run: RunContext, report: dict, lay, *, volumes: np.ndarray | No
             cap += f"; {len(np.unique(lab[lab != 0]))} cells outlined"
             if stride[other[0]] > 1 or stride[other[1]] > 1:
                 cap += f"; sampled every {stride[other[0]]}×{stride[other[1]]} voxels"
-            figures[key].append(_figure(fname, cap, f"{plane} {kind}"))
+            figures[key].append(html_figure(fname, cap, f"{plane} {kind}"))
 
     voxel_um3 = float(np.prod(vs))
     size_png = size_histogram(volumes, voxel_um3) if volumes is not None else None
@@ -346,9 +347,9 @@ def write_report(run: RunContext, report: dict, lay, *, volumes: np.ndarray | No
     if report.get("chunk_exact", True):
         verdict = '<p class="ok">Chunk-exact: no trajectory or cell was cut by a block face.</p>'
     else:
-        verdict = (f'<p class="warn">Not chunk-exact: {_e(report.get("long_trajectories"))} long trajectories, '
-                   f'{_e(report.get("cells_cut_by_block"))} cells cut by a block face. Re-run with halo '
-                   f'{_e(report.get("suggested_halo"))}.</p>')
+        verdict = (f'<p class="warn">Not chunk-exact: {escape(report.get("long_trajectories"))} long trajectories, '
+                   f'{escape(report.get("cells_cut_by_block"))} cells cut by a block face. Re-run with halo '
+                   f'{escape(report.get("suggested_halo"))}.</p>')
     stage_usage = report.get("usage") or {}
     usage_rows = [(name, u.get("kind", ""), u.get("tasks", ""), u.get("seconds", ""),
                    u.get("longest_task_seconds", ""), u.get("peak_rss_mib", "")) for name, u in stage_usage.items()]
@@ -359,34 +360,34 @@ def write_report(run: RunContext, report: dict, lay, *, volumes: np.ndarray | No
 
     page = [
         "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>zseg QC: {_e(run.params.output)}</title>", f"<style>{_CSS}</style></head>",
+        f"<title>zseg QC: {escape(run.params.output)}</title>", f"<style>{CSS}</style></head>",
         '<body data-images-loaded="pending">',
         "<h1>zseg segmentation report</h1>",
-        f'<p class="sub">{_e(run.params.output)} · created {_e(run.manifest.get("created", ""))} · '
-        f'zseg {_e(versions.get("zseg", ""))}</p>',
+        f'<p class="sub">{escape(run.params.output)} · created {escape(run.manifest.get("created", ""))} · '
+        f'zseg {escape(versions.get("zseg", ""))}</p>',
         verdict,
-        "<h2>Summary</h2>", _table(summary_rows),
+        "<h2>Summary</h2>", html_table(summary_rows),
         "<h2>Orthogonal slices through the centre</h2>",
         '<p class="sub">First channel, scaled between the run\'s global percentiles '
-        f"({_e(f'{low:g}')} – {_e(f'{high:g}')}); each cell outlined in its own colour; physical proportions.</p>",
+        f"({escape(f'{low:g}')} – {escape(f'{high:g}')}); each cell outlined in its own colour; physical proportions.</p>",
         '<div class="row">' + "".join(figures["slices"]) + "</div>",
         "<h2>Maximum projections</h2>",
         '<p class="sub">Outlines of the cell at the brightest voxel along the projection.</p>',
         '<div class="row">' + "".join(figures["mips"]) + "</div>",
         "<h2>Cell sizes</h2>",
-        '<div class="row">' + (_figure("sizes.png", "distribution of cell volumes", "cell sizes") if size_png
-                               else "<p>No cells.</p>") + _table(
+        '<div class="row">' + (html_figure("sizes.png", "distribution of cell volumes", "cell sizes") if size_png
+                               else "<p>No cells.</p>") + html_table(
             [(k, round(v, 3) if isinstance(v, float) else v) for k, v in table.items()], ("statistic", "value")) + "</div>",
         "<h2>Chunks</h2>",
-        '<div class="row">' + _figure("chunks.png", "cells owned (seed in the chunk) and seconds of all map tasks, "
+        '<div class="row">' + html_figure("chunks.png", "cells owned (seed in the chunk) and seconds of all map tasks, "
                                       "per chunk", "chunk map") + "</div>",
         "<h2>Time and memory</h2>",
-        _table(phase_rows, ("phase", "tasks", "seconds (sum)", "peak memory (MiB, largest task)")),
+        html_table(phase_rows, ("phase", "tasks", "seconds (sum)", "peak memory (MiB, largest task)")),
         "<p></p>",
-        _table(usage_rows, ("stage", "kind", "tasks", "seconds (sum)", "longest task (s)", "peak memory (MiB)")),
-        "<h2>Parameters</h2>", _table(params, ("parameter", "value")),
-        "<h2>Versions</h2>", _table(sorted(versions.items()), ("package", "version")),
-        f"<script>{_SCRIPT}</script>",
+        html_table(usage_rows, ("stage", "kind", "tasks", "seconds (sum)", "longest task (s)", "peak memory (MiB)")),
+        "<h2>Parameters</h2>", html_table(params, ("parameter", "value")),
+        "<h2>Versions</h2>", html_table(sorted(versions.items()), ("package", "version")),
+        f"<script>{SCRIPT}</script>",
         "</body></html>",
     ]
     uri = U.join(qc_dir, "report.html")

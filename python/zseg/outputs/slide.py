@@ -24,6 +24,7 @@ import zarr
 from zseg import __version__
 from zseg.engine import outlines as OL
 from zseg.engine import pyramid as P
+from zseg.outputs import report as R
 from zseg.storage import uri as U
 from zseg.storage.arrays import create_array, open_array
 from zseg.storage.omezarr import set_ome_attributes
@@ -166,6 +167,100 @@ def write_geojson(run, table: dict, uri: str) -> int:
             n += 1
         f.write(b"]}\n")
     return n
+
+
+def _thumbnail_level(run) -> int:
+    """The finest pyramid level whose longer side is at most :data:`zseg.outputs.report.DISPLAY` x 2."""
+    shapes = level_shapes(run.grid.shape)
+    return next((k for k, s in enumerate(shapes) if max(s) <= 2 * R.DISPLAY), len(shapes) - 1)
+
+
+def _patch_map(run) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = pq.read_table(run.manifest["patches"]["uri"]).to_pydict()
+    ps = int(run.manifest["patches"]["patch_size"])
+    y, x = np.asarray(t["y_start"]) // ps, np.asarray(t["x_start"]) // ps
+    grid = np.zeros((int(y.max()) + 1, int(x.max()) + 1))
+    mean = np.zeros_like(grid)
+    grid[y, x] = np.asarray(t["is_informative"], float)
+    mean[y, x] = np.asarray(t["nuclear_mean"], float)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    axes[0].imshow(grid, cmap="Greens", vmin=0, vmax=1, interpolation="nearest")
+    axes[0].set_title(f"informative patches ({int(grid.sum())} of {grid.size}, {ps} px)", fontsize=10)
+    im = axes[1].imshow(mean, cmap="magma", interpolation="nearest")
+    fig.colorbar(im, ax=axes[1], shrink=0.8)
+    axes[1].set_title("nuclear channel mean per patch (raw)", fontsize=10)
+    for ax in axes:
+        ax.set_xlabel("patch x")
+        ax.set_ylabel("patch y")
+    fig.tight_layout()
+    return R.figure_png(fig)
+
+
+def write_report(run, result: dict, table: dict) -> str:
+    """``qc/report.html``: outlines of cells and nuclei on a thumbnail of the nuclear channel (a
+    pyramid level, read whole: a few MB), the patch map, the matching and the size distributions."""
+    qc = U.join(run.root, "qc")
+    k = _thumbnail_level(run)
+    f = 2 ** k
+    planes = run.manifest["channels"]
+    inputs = open_array(U.join(run.path("inputs.zarr")))
+    plane = inputs.shape[0] - 1  # the nuclear plane is last (the composite alone for a whole-cell run)
+    base = np.asarray(inputs[plane, 0, ::f, ::f], np.float64)
+    low, high = (float(np.percentile(base, 1)), float(np.percentile(base, 99.5))) if base.size else (0.0, 1.0)
+    pixel = tuple(v * f for v in run.pixel_size_um)
+    figures = []
+    for name in layer_names(run):
+        if name == "cytoplasm" or name.endswith("_unmatched"):
+            continue
+        lab = np.asarray(open_layer(run, name, k))
+        U.write_bytes(U.join(qc, f"{name}.png"), R.png(R.render(base[:lab.shape[0], :lab.shape[1]], lab, pixel, low, high)))
+        figures.append(R.html_figure(f"{name}.png", f"{name}: outlines at 1/{f} scale", name))
+    hist = []
+    for comp in ("cell", "nucleus"):
+        if f"area_{comp}" in table and len(table[f"area_{comp}"]):
+            areas = np.asarray(table[f"area_{comp}"], np.int64)
+            png = R.size_histogram(np.bincount(areas[areas > 0]), float(np.prod(run.pixel_size_um)),
+                                   xlabel=f"{comp} area (µm²)", what="cells" if comp == "cell" else "nuclei")
+            if png:
+                U.write_bytes(U.join(qc, f"{comp}_areas.png"), png)
+                hist.append(R.html_figure(f"{comp}_areas.png", f"{comp} areas", f"{comp} areas"))
+    U.write_bytes(U.join(qc, "patches.png"), _patch_map(run))
+    summary = [("compartment", run.compartment), ("cells (rows of cells.parquet)", result["cells"]),
+               ("chunk exact", result["chunk_exact"]),
+               ("patches informative", f"{result['patches']['informative']} of {result['patches']['total']}")]
+    for name, c in result["compartments"].items():
+        summary.append((f"{name}: kept", c.get("cells")))
+        if c.get("flow_check"):
+            summary.append((f"{name}: removed by the flow check", c["flow_check"]["removed"]))
+        summary.append((f"{name}: skipped (seed in an uninformative patch)", c.get("skipped_cells", 0)))
+    m = result.get("matching")
+    if m:
+        summary += [("matched fraction M / (C + N - M)", round(m["matched_fraction"], 4)),
+                    ("cells matched / total", f"{m['cells']['matched']} / {m['cells']['total']}"),
+                    ("nuclei matched / total", f"{m['nuclei']['matched']} / {m['nuclei']['total']}")]
+    verdict = ('<p class="ok">Chunk-exact: every decision was taken with whole cells.</p>' if result["chunk_exact"]
+               else '<p class="warn">Some decisions reached beyond their chunk: see run.json; re-run with a larger '
+                    "--halo.</p>")
+    page = [
+        "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>zseg QC: {R.escape(run.root)}</title>", f"<style>{R.CSS}</style></head>",
+        '<body data-images-loaded="pending">', "<h1>zseg slide segmentation report</h1>",
+        f'<p class="sub">{R.escape(run.root)} · {R.escape(run.manifest.get("created", ""))} · '
+        f"channels: {R.escape(', '.join(planes['names']))}</p>", verdict,
+        "<h2>Summary</h2>", R.html_table(summary),
+        "<h2>Outlines</h2>", '<div class="row">' + "".join(figures) + "</div>",
+        "<h2>Patches</h2>", '<div class="row">' + R.html_figure("patches.png", "patch QC", "patch map") + "</div>",
+        "<h2>Sizes</h2>", '<div class="row">' + ("".join(hist) or "<p>No cells.</p>") + "</div>",
+        f"<script>{R.SCRIPT}</script>", "</body></html>",
+    ]
+    uri = U.join(qc, "report.html")
+    U.write_bytes(uri, "\n".join(page).encode())
+    return uri
 
 
 def finish_outputs(run, table: dict, bboxes: dict[str, np.ndarray]) -> dict:

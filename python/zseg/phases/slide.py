@@ -465,6 +465,7 @@ def report_reduce(run: SlideContext) -> dict:
             log.warning("%d cell-nucleus components reach beyond their chunk's block: their matching is not "
                         "decided; re-run with a larger --halo", m["undecided"])
     result["chunk_exact"] = bool(exact)
+    result["outputs"]["qc"] = O.write_report(run, result, table)
     manifest = dict(run.manifest, complete=True, result=result)
     write_manifest(run.root, manifest)
     U.write_json(run.path(W.REPORT_RESULT), result)
