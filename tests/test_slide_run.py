@@ -295,3 +295,9 @@ def test_the_qc_report_shows_outlines_patches_matching_and_sizes(slide, tmp_path
     for png in ("cells.png", "nuclei.png", "patches.png", "cell_areas.png", "nucleus_areas.png"):
         assert f'src="{png}"' in page and (out / "qc" / png).stat().st_size > 1000, png
     assert f"{report['matching']['matched_fraction']:.4g}"[:5] in page and "removed by the flow check" in page
+
+
+def test_zseg_plan_says_that_slides_run_with_zseg_run(slide, tmp_path, refused):
+    out = tmp_path / "out"
+    refused(["plan", str(slide["root"] / "slide.ome.zarr"), str(out), "--nuclear-channel", "DAPI"], "zseg run")
+    assert not out.exists()

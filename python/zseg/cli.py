@@ -24,6 +24,7 @@ from zseg.errors import UserError
 from zseg.outputs.verify import verify_output
 from zseg.params import RunParams, build_params
 from zseg.phases.plan import plan as do_plan
+from zseg.phases.slide import is_slide
 from zseg.phases.synth import synth as do_synth
 from zseg.phases.synth import synth_slide as do_synth_slide
 from zseg.run.entry import finished, run_local, run_phase
@@ -159,6 +160,9 @@ def plan(
     if is_samplesheet(params.input):
         raise UserError(f"INPUT {params.input} is a samplesheet; zseg plan plans one image: "
                         "`zseg run SHEET OUTDIR` or `nextflow run main.nf --input SHEET` runs every row.")
+    if is_slide(params):
+        raise UserError(f"INPUT {params.input} is a 2D slide: slides run with `zseg run` on one machine in this "
+                        "version; the Nextflow pipeline (and zseg plan) do not run slides yet.")
     run = do_plan(params, check_model=check_model)
     summary = {"run": run.root, "nchunks": run.grid.nchunks, "grid": run.manifest["grid"]}
     _emit(emit, summary)
