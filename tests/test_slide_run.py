@@ -301,3 +301,26 @@ def test_zseg_plan_says_that_slides_run_with_zseg_run(slide, tmp_path, refused):
     out = tmp_path / "out"
     refused(["plan", str(slide["root"] / "slide.ome.zarr"), str(out), "--nuclear-channel", "DAPI"], "zseg run")
     assert not out.exists()
+
+
+def test_a_killed_slide_run_resumes_to_the_same_result(slide, reference, tmp_path, monkeypatch):
+    from zseg.run import tasks
+
+    out = str(tmp_path / "out")
+    real = tasks.FUNCTIONS["slide:layers"]
+
+    def dies_at_chunk_5(run, index):
+        if index == 5:
+            raise RuntimeError("killed")
+        return real(run, index)
+
+    monkeypatch.setitem(tasks.FUNCTIONS, "slide:layers", dies_at_chunk_5)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_local(build_params(**_args(slide, out, chunk_shape=(64, 64))))
+    monkeypatch.setitem(tasks.FUNCTIONS, "slide:layers", real)
+    report = run_local(build_params(**_args(slide, out, chunk_shape=(64, 64))))
+    assert report["skipped"]["cells"] == report["skipped"]["nuclei"] == "done"
+    assert report["skipped"]["match:number"] == "done" and report["skipped"]["slide:layers"].startswith("0-4")
+    for name, want in reference["layers"].items():
+        np.testing.assert_array_equal(_layer(out, name), want, err_msg=name)
+    _assert_table_equal(_table(out), reference["table"])
