@@ -297,10 +297,41 @@ def test_the_qc_report_shows_outlines_patches_matching_and_sizes(slide, tmp_path
     assert f"{report['matching']['matched_fraction']:.4g}"[:5] in page and "removed by the flow check" in page
 
 
-def test_zseg_plan_says_that_slides_run_with_zseg_run(slide, tmp_path, refused):
-    out = tmp_path / "out"
-    refused(["plan", str(slide["root"] / "slide.ome.zarr"), str(out), "--nuclear-channel", "DAPI"], "zseg run")
-    assert not out.exists()
+def test_the_stages_one_by_one_as_nextflow_runs_them(slide, reference, tmp_path):
+    """zseg plan, then each stage command of the slide and of its compartments, shard by shard:
+    what the Nextflow pipeline runs, giving what zseg run gives."""
+    from zseg.cli import main
+    from zseg.workspace.stages import STAGES
+
+    out = str(tmp_path / "out")
+    a = _args(slide, out, chunk_shape=(64, 64))
+    flags = [f"--{k.replace('_', '-')}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
+             for k, v in a.items() if k not in ("input", "output")]
+    emit = tmp_path / "plan.json"
+    assert main(["plan", a["input"], out, *flags, "--emit", str(emit)]) == 0
+    plan = json.loads(emit.read_text())
+    assert plan["kind"] == "slide" and plan["nchunks"] == 16
+
+    def stage(run, name, kind):
+        phase, _, sub = name.partition(":")
+        argv = [phase, "--run", run] + (["--stage", sub] if sub and sub != "reduce" else [])
+        if kind == "map":
+            for i in range(4):
+                assert main(argv + ["--shard", f"{i}/4"]) == 0, name
+        else:
+            assert main(argv + (["--reduce"] if sub == "reduce" else [])) == 0, name
+
+    stage(out, "slide:inputs", "map")
+    stage(out, "slide:compartments", "reduce")
+    for c in json.loads((tmp_path / "out" / "work" / "compartments.json").read_text())["compartments"]:
+        for name, st in STAGES.items():
+            stage(c["run"], name, st.kind)
+    for name, kind in (("match:decide", "map"), ("match:number", "reduce"), ("slide:layers", "map"),
+                       ("slide:report", "reduce")):
+        stage(out, name, kind)
+    for name, want in reference["layers"].items():
+        np.testing.assert_array_equal(_layer(out, name), want, err_msg=name)
+    _assert_table_equal(_table(out), reference["table"])
 
 
 def test_a_killed_slide_run_resumes_to_the_same_result(slide, reference, tmp_path, monkeypatch):

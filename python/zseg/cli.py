@@ -24,7 +24,7 @@ from zseg.errors import UserError
 from zseg.outputs.verify import verify_output
 from zseg.params import RunParams, build_params
 from zseg.phases.plan import plan as do_plan
-from zseg.phases.slide import is_slide
+from zseg.phases.slide import is_slide, plan_slide
 from zseg.phases.synth import synth as do_synth
 from zseg.phases.synth import synth_slide as do_synth_slide
 from zseg.run.entry import finished, run_local, run_phase
@@ -160,11 +160,13 @@ def plan(
     if is_samplesheet(params.input):
         raise UserError(f"INPUT {params.input} is a samplesheet; zseg plan plans one image: "
                         "`zseg run SHEET OUTDIR` or `nextflow run main.nf --input SHEET` runs every row.")
-    if is_slide(params):
-        raise UserError(f"INPUT {params.input} is a 2D slide: slides run with `zseg run` on one machine in this "
-                        "version; the Nextflow pipeline (and zseg plan) do not run slides yet.")
-    run = do_plan(params, check_model=check_model)
-    summary = {"run": run.root, "nchunks": run.grid.nchunks, "grid": run.manifest["grid"]}
+    if is_slide(params):  # its compartments' networks are checked when they are planned (zseg slide --stage compartments)
+        run = plan_slide(params)
+        summary = {"run": run.root, "nchunks": run.grid.nchunks, "grid": run.manifest["grid"], "kind": "slide",
+                   "compartment": run.compartment}
+    else:
+        run = do_plan(params, check_model=check_model)
+        summary = {"run": run.root, "nchunks": run.grid.nchunks, "grid": run.manifest["grid"], "kind": "volume"}
     _emit(emit, summary)
     typer.echo(json.dumps(summary))
 
@@ -271,6 +273,22 @@ def finalize(run: str = RunOpt, chunks: Optional[str] = ChunksOpt, shard: Option
              emit: Optional[str] = EmitOpt):
     """Per-cell size decisions, consecutive IDs, labels.zarr and its pyramid, cells.parquet, the QC report."""
     _map_or_reduce("finalize", run, chunks, shard, stage, stage in ("number", "report"), emit)
+
+
+@app.command()
+def slide(run: str = RunOpt, chunks: Optional[str] = ChunksOpt, shard: Optional[str] = ShardOpt,
+          stage: str = typer.Option(..., "--stage", help="inputs (map), compartments (reduce), layers (map), report (reduce)."),
+          emit: Optional[str] = EmitOpt):
+    """A 2D slide run's own stages: network inputs, planning its compartments, the output layers, the report."""
+    _map_or_reduce("slide", run, chunks, shard, stage, stage in ("compartments", "report"), emit)
+
+
+@app.command()
+def match(run: str = RunOpt, chunks: Optional[str] = ChunksOpt, shard: Optional[str] = ShardOpt,
+          stage: str = typer.Option(..., "--stage", help="decide (map), number (reduce)."),
+          emit: Optional[str] = EmitOpt):
+    """A 2D slide run's cell-nucleus matching: each chunk decides the components it owns, then one numbering."""
+    _map_or_reduce("match", run, chunks, shard, stage, stage == "number", emit)
 
 
 @app.command()

@@ -292,6 +292,16 @@ def compartment_params(run: SlideContext, name: str) -> RunParams:
 _VOLUME_FIELDS = [n for n in RunParams.model_fields if n not in SLIDE_ONLY]
 
 
+def compartments_reduce(run: SlideContext) -> dict:
+    """Plans each compartment's one-plane run (finding and checking its network); writes
+    ``work/compartments.json``: ``{"compartments": [{"name", "run"}], "nchunks": N}``."""
+    runs = plan_compartments(run)
+    result = {"compartments": [{"name": name, "run": r.root} for name, r in zip(COMPARTMENT_RUNS[run.compartment], runs)],
+              "nchunks": run.grid.nchunks}
+    U.write_json(run.path(W.COMPARTMENTS_RESULT), result)
+    return result
+
+
 def plan_compartments(run: SlideContext, *, check_model: bool = True) -> list[RunContext]:
     """Plan (or resume) each compartment's one-plane run; finished ones are returned as they are."""
     p = run.params

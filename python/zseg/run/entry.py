@@ -11,13 +11,14 @@ from zseg.params import RunParams
 from zseg.phases import slide as SL
 from zseg.phases.plan import plan
 from zseg.run.pool import run_all, run_map, run_reduce
+from zseg.run.tasks import open_run
 from zseg.storage import uri as U
 from zseg.workspace import work as W
 from zseg.workspace.chunks import chunk_ranges, select_chunks
 from zseg.workspace.context import MANIFEST, RunContext
 from zseg.workspace.progress import done_work
 from zseg.workspace.slide import read_manifest
-from zseg.workspace.stages import SLIDE_STAGES, STAGES
+from zseg.workspace.stages import SLIDE_STAGES, stage_table
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +39,15 @@ def run_slide(params: RunParams) -> dict:
     t0 = time.perf_counter()
     run = SL.plan_slide(params)
     skipped = done_work(run)
-    timings = run_all(run, workers=params.workers, stages=["slide:inputs"])
-    for sub in SL.plan_compartments(run):
-        name = sub.root.rstrip("/").rsplit("/", 1)[-1]
+    first = ["slide:inputs", "slide:compartments"]
+    timings = run_all(run, workers=params.workers, stages=first)
+    for c in U.read_json(run.path(W.COMPARTMENTS_RESULT))["compartments"]:
+        sub = RunContext.open(c["run"])
         if sub.manifest.get("complete"):
-            skipped[name] = "done"
+            skipped[c["name"]] = "done"
             continue
-        timings.update({f"{name}/{k}": v for k, v in run_all(sub, workers=params.workers).items()})
-    timings.update(run_all(run, workers=params.workers, stages=[s for s in SLIDE_STAGES if s != "slide:inputs"]))
+        timings.update({f"{c['name']}/{k}": v for k, v in run_all(sub, workers=params.workers).items()})
+    timings.update(run_all(run, workers=params.workers, stages=[s for s in SLIDE_STAGES if s not in first]))
     report = U.read_json(run.path(W.REPORT_RESULT))
     report["wall_seconds"] = round(time.perf_counter() - t0, 3)
     report["stage_seconds"] = timings
@@ -70,22 +72,25 @@ def run_local(params: RunParams) -> dict:
     return report
 
 
-def _stage(phase: str, stage: str | None, reduce: bool):
-    names = [n for n, s in STAGES.items() if s.phase == phase]
+def _stage(table: dict, phase: str, stage: str | None, reduce: bool, root: str):
+    names = [n for n, s in table.items() if s.phase == phase]
+    if not names:
+        kind = "slide" if table is SLIDE_STAGES else "volume"
+        raise UserError(f"{root} is a {kind} run, which has no {phase} phase.")
     if stage is not None:
         name = f"{phase}:{stage}"
-        if name not in STAGES:
+        if name not in table:
             options = ", ".join(n.split(":", 1)[1] for n in names if ":" in n)
             raise UserError(f"--stage {stage!r} is not a stage of {phase}; use one of: {options}.")
-        return STAGES[name]
-    kinds = [STAGES[n] for n in names if (STAGES[n].kind == "reduce") == reduce]
+        return table[name]
+    kinds = [table[n] for n in names if (table[n].kind == "reduce") == reduce]
     return kinds[0]
 
 
 def run_phase(root: str, phase: str, *, stage=None, chunks=None, shard=None, reduce=False) -> dict:
     """One stage of ``phase`` on the selected chunks (map) or once (reduce), skipping done work."""
-    run = RunContext.open(root)
-    st = _stage(phase, stage, reduce)
+    run = open_run(root)
+    st = _stage(stage_table(run), phase, stage, reduce, root)
     if not st.applies(run):  # e.g. predict in a run given precomputed --flows
         log.info("%s does not apply to this run: nothing to do", st.name)
         return {"run": root, "stage": st.name, "applies": False, "ran": []}

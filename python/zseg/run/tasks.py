@@ -38,6 +38,7 @@ FUNCTIONS: dict[str, Callable] = {
     "finalize:report": finalize.report_reduce,
     # a slide run's own stages
     "slide:inputs": slide.inputs_chunk,
+    "slide:compartments": slide.compartments_reduce,
     "match:decide": slide.match_chunk,
     "match:number": slide.match_number,
     "slide:layers": slide.layers_chunk,

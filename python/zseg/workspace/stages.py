@@ -64,13 +64,14 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
 
 SLIDE_STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("slide:inputs", "slide", "map", marker_dir=W.SLIDE_INPUTS_DIR),
+    Stage("slide:compartments", "slide", "reduce", result=W.COMPARTMENTS_RESULT),
     Stage("match:decide", "match", "map", marker_dir=W.MATCH_DIR, applies=lambda run: run.compartment == "both"),
     Stage("match:number", "match", "reduce", result=W.MATCH_RESULT, applies=lambda run: run.compartment == "both"),
     Stage("slide:layers", "slide", "map", marker_dir=W.LAYERS_DIR),
     Stage("slide:report", "slide", "reduce", result=W.REPORT_RESULT),
 )}
 """The stages of a 2D slide run's own, in order; its compartments (one-plane runs of
-:data:`STAGES`) run between ``slide:inputs`` and ``match:decide``."""
+:data:`STAGES`, planned by ``slide:compartments``) run between that stage and ``match:decide``."""
 
 
 def stage_table(run) -> dict[str, Stage]:

@@ -40,6 +40,7 @@ SLIDE_INPUTS_DIR = "inputs"
 MATCH_DIR = "match"
 LAYERS_DIR = "layers"
 MATCH_RESULT = "match.json"
+COMPARTMENTS_RESULT = "compartments.json"
 # results of the reduce stages
 PERCENTILES_RESULT = "percentiles.json"
 NUMBER_RESULT = "number.json"
