@@ -12,18 +12,19 @@
 
 include { ZSEG             } from './workflows/zseg'
 include { ZSEG_SYNTH       } from './modules/local/synth'
+include { ZSEG_SYNTH_SLIDE } from './modules/local/synth_slide'
 include { ZSEG_SAMPLESHEET } from './modules/local/samplesheet'
 
 workflow {
     if (!params.outdir) {
         error("--outdir is missing: give the folder (local path or s3:// URI) for labels.zarr, cells.parquet and run.json.")
     }
-    if (!params.synth && !params.input) {
+    if (!params.synth && !params.synth_multiplex && !params.input) {
         error("--input is missing: give the volume to segment (OME-Zarr, zarr array or TIFF; local path or s3:// URI).")
     }
     // The processes pass these to the shell inside single quotes: a quote or a line break in
     // one could end the quoting, so such a value is refused (tests/test_reliability.py).
-    ['input', 'flows', 'outdir', 'work', 'synth', 'model', 'model_ortho', 'mask'].each { name ->
+    ['input', 'flows', 'nuclear_flows', 'outdir', 'work', 'synth', 'model', 'model_ortho', 'nuclear_model', 'mask'].each { name ->
         if (params[name] && params[name].toString() =~ /['\n\r]/) {
             error("--${name}: a path with a single quote or a line break cannot be passed to the tasks safely; rename or move it.")
         }
@@ -40,12 +41,20 @@ workflow {
     }
 
     def outdir = absoluteUri(params.outdir)
-    def modelMounts = [modelPath(params.model), modelPath(params.model_ortho), modelsDir(params.models_dir)]
+    def modelMounts = [modelPath(params.model), modelPath(params.model_ortho), modelPath(params.nuclear_model),
+                       modelsDir(params.models_dir)]
     def run_params = new LinkedHashMap(params) + [launch_dir: workflow.launchDir.toString()]
     def ch_data = null
     if (params.synth) {
         ZSEG_SYNTH(channel.value([runMeta(outdir, [params.outdir, params.work] + modelMounts), params.synth.toString()]))
         ch_data = ZSEG_SYNTH.out.data.map { m, image, flows -> [m, image.toUriString(), flows.toUriString()] }
+    }
+    else if (params.synth_multiplex) {
+        // a synthetic multiplex slide with the exact flows of both compartments (-profile test_multiplex)
+        ZSEG_SYNTH_SLIDE(channel.value([runMeta(outdir, [params.outdir, params.work] + modelMounts), params.synth_multiplex.toString()]))
+        ch_data = ZSEG_SYNTH_SLIDE.out.data.map { m, slide, flows, nuclear ->
+            [m + [nuclear_flows: nuclear.toUriString()], slide.toUriString(), flows.toUriString()]
+        }
     }
     else if (params.input.toString().toLowerCase().endsWith('.csv')) {
         // a samplesheet: zseg validates it and names each row's output folder; one run per row
@@ -60,7 +69,7 @@ workflow {
         }
     }
     else {
-        def meta = runMeta(outdir, [params.input, params.flows, params.outdir, params.work, params.mask] + modelMounts)
+        def meta = runMeta(outdir, [params.input, params.flows, params.nuclear_flows, params.outdir, params.work, params.mask] + modelMounts)
         ch_data = channel.value([meta, absoluteUri(params.input), params.flows ? absoluteUri(params.flows) : ''])
     }
 

@@ -39,7 +39,7 @@ from zseg.schema import (
     params_from_nextflow,
     render_json,
 )
-from zseg.workspace.stages import STAGES
+from zseg.workspace.stages import SLIDE_STAGES, STAGES
 
 ROOT = NT.ROOT
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -51,10 +51,15 @@ RESOURCE_LABELS = {"process_low", "process_medium", "process_high", "process_gpu
 
 #: Processes that are not a stage of STAGES, and what they are.
 NOT_STAGES = {"ZSEG_PLAN": "plan", "ZSEG_SYNTH": "the synthetic test volume of -profile test",
+              "ZSEG_SYNTH_SLIDE": "the synthetic test slide of -profile test_multiplex",
               "ZSEG_SAMPLESHEET": "checks a samplesheet before its rows are planned"}
+#: Stage processes whose upstream manifests may share a name (a slide's compartments each end with
+#: finalize_report.json), staged one folder each.
+UPSTREAM_FOLDERS = {"ZSEG_MATCH_DECIDE"}
 
 #: The only processes that may output something other than a small JSON manifest, and why.
 NON_MANIFEST_OUTPUTS = {"ZSEG_SYNTH": "the tiny test volume lives in its task folder; plan gets its URI",
+                        "ZSEG_SYNTH_SLIDE": "the tiny test slide and its flows live in its task folder",
                         "ZSEG_SAMPLESHEET": "the rows of the samplesheet, from which main.nf makes one run each"}
 
 
@@ -88,10 +93,10 @@ def _zseg_call(proc: NT.ProcessText, values=None) -> list[str]:
 
 
 def _stage_of(argv: list[str]):
-    """The STAGES entry that `zseg <phase> [--stage S] [--reduce]` runs."""
+    """The STAGES (or SLIDE_STAGES) entry that `zseg <phase> [--stage S] [--reduce]` runs."""
     phase = argv[1]
     stage = argv[argv.index("--stage") + 1] if "--stage" in argv else None
-    found = [s for s in STAGES.values() if s.phase == phase and (stage is None or s.name == f"{phase}:{stage}")]
+    found = [s for s in [*STAGES.values(), *SLIDE_STAGES.values()] if s.phase == phase and (stage is None or s.name == f"{phase}:{stage}")]
     if len(found) > 1:
         kind = "reduce" if "--reduce" in argv else "map"
         found = [s for s in found if s.kind == kind]
@@ -194,25 +199,33 @@ def test_processes_cover_every_stage_once_in_order(procs):
             assert "--shard" in argv, f"{proc.name} runs map stage {st.name} but takes no --shard"
         else:
             assert "--shard" not in argv and "--chunks" not in argv, f"{proc.name}: a reduce runs once"
-    assert set(by_stage) == set(STAGES), f"stages without a process: {set(STAGES) - set(by_stage)}"
+    stages = {**STAGES, **SLIDE_STAGES}
+    assert set(by_stage) == set(stages), f"stages without a process: {set(stages) - set(by_stage)}"
 
-    # The workflow calls them in STAGES order, each on the manifests of the one before (a barrier).
+    # ZSEG plans, then runs volumes and a slide's compartments through ZSEG_STAGES, and a slide's
+    # own stages before and after them.
     body = NT.workflow_body(ROOT / "workflows/zseg.nf", "ZSEG")
-    calls = NT.process_calls(body)
-    names = [name for name, _ in calls]
-    assert names[0] == "ZSEG_PLAN"
-    assert names[1:] == [by_stage[s] for s in STAGES], names
-    previous = "ch_plan"
-    for name, args in calls[1:]:
-        stage = next(s for s, p in by_stage.items() if p == name)
-        upstream = re.findall(r"\b(ch_plan|ZSEG_\w+)(?:\.out\.manifest)?", args)
-        assert upstream == [previous], f"{name} must take the manifests of {previous}, not {upstream}"
-        prev_stage = next((STAGES[s] for s, p in by_stage.items() if p == previous), None)
-        if prev_stage is not None and prev_stage.kind == "map":
-            assert f"gather({previous}.out.manifest)" in args, f"{name}: gather every shard of {previous}"
-        if STAGES[stage].kind == "map":
-            assert args.startswith("ch_shards.combine("), f"{name}: one task per shard"
-        previous = name
+    assert [n for n, _ in NT.process_calls(body)] == ["ZSEG_PLAN", "ZSEG_SLIDE_PREPARE", "ZSEG_STAGES",
+                                                       "ZSEG_SLIDE_FINISH"]
+    # Each workflow calls its stages in order, each on the manifests of the one before (a barrier).
+    slide_order = list(SLIDE_STAGES)
+    for path, name, names, first in (
+            ("workflows/zseg.nf", "ZSEG_STAGES", list(STAGES), "ch_plan"),
+            ("workflows/slide.nf", "ZSEG_SLIDE_PREPARE", slide_order[:2], "ch_plan"),
+            ("workflows/slide.nf", "ZSEG_SLIDE_FINISH", slide_order[2:], "ch_done")):
+        calls = NT.process_calls(NT.workflow_body(ROOT / path, name))
+        assert [n for n, _ in calls] == [by_stage[s] for s in names], (name, calls)
+        previous = first
+        for proc_name, args in calls:
+            stage = next(s for s, p in by_stage.items() if p == proc_name)
+            upstream = re.findall(r"\b(ch_plan|ch_done|ZSEG_\w+)(?:\.out\.manifest)?", args)
+            assert upstream == [previous], f"{proc_name} must take the manifests of {previous}, not {upstream}"
+            prev_stage = next((stages[s] for s, p in by_stage.items() if p == previous), None)
+            if prev_stage is not None and prev_stage.kind == "map":
+                assert re.search(rf"gather\w*\({previous}\.out\.manifest\)", args), f"{proc_name}: gather {previous}"
+            if stages[stage].kind == "map":
+                assert args.startswith("ch_shards.combine("), f"{proc_name}: one task per shard"
+            previous = proc_name
 
 
 def test_every_param_is_a_model_field_or_a_documented_nextflow_param():
@@ -284,7 +297,7 @@ def test_plan_maps_nextflow_names_and_resolves_paths_against_the_launch_folder()
 def test_bin_has_one_entrypoint_per_phase_that_is_the_cli():
     """bin/ (on every task's PATH) holds an executable `zseg-<phase>` per phase, each only handing
     its arguments to the CLI's command of that phase."""
-    phases = {name.split(":")[0] for name in STAGES} | {"plan", "synth", "samplesheet"}
+    phases = {name.split(":")[0] for name in [*STAGES, *SLIDE_STAGES]} | {"plan", "synth", "samplesheet"}
     scripts = {p.name: p for p in (ROOT / "bin").iterdir()}
     assert set(scripts) == {f"zseg-{ph}" for ph in phases}, sorted(scripts)
     for name, path in scripts.items():
@@ -428,6 +441,8 @@ def test_stores_travel_as_uris_with_a_manifest_per_task(procs):
             assert inputs == ["sheet_file, stageAs: 'input/*'"], inputs
         elif proc.name in NOT_STAGES:
             assert inputs == [], f"{proc.name}: stores are val URIs, not staged paths: {inputs}"
+        elif proc.name in UPSTREAM_FOLDERS:
+            assert inputs == ["upstream, stageAs: 'upstream/?/*'"], f"{proc.name}: the upstream manifests"
         else:
             assert inputs == ["upstream, stageAs: 'upstream/*'"], f"{proc.name}: only the upstream manifests"
         outputs = proc.output_paths()
@@ -598,7 +613,7 @@ def test_emulated_run_of_the_rendered_scripts(procs, tmp_path):
     nchunks = json.loads((work / "plan.json").read_text())["nchunks"]
     assert nchunks == 8
     count = -(-nchunks // 3)  # shard_size 3: shards of 3, 3 and 2 chunks
-    for name, args in NT.process_calls(NT.workflow_body(ROOT / "workflows/zseg.nf", "ZSEG"))[1:]:
+    for name, args in NT.process_calls(NT.workflow_body(ROOT / "workflows/zseg.nf", "ZSEG_STAGES")):
         if args.startswith("ch_shards"):
             for index in range(count):
                 run(procs[name], index=str(index), count=str(count))
@@ -619,6 +634,7 @@ PROFILES = {  # profile -> a line `nextflow config` must show for it
     "singularity": "singularity {\n   enabled = true", "apptainer": "apptainer {\n   enabled = true", "gpu": "accelerator", "slurm": "executor = 'slurm'",
     "awsbatch": "executor = 'awsbatch'", "google": "executor = 'google-batch'", "codeocean": "executor = 'local'",
     "conda": "environment.yml", "podman": "podman {\n   enabled = true",
+    "test_multiplex": "synth_multiplex = '256,200'",
 }
 @pytest.fixture(scope="module")
 def test_profile_run(nextflow, tmp_path_factory):
@@ -713,6 +729,39 @@ def test_nextflow_with_given_flows_equals_zseg_run(nextflow, test_profile_run, t
     assert run.returncode == 0, run.stdout + run.stderr
     assert {r["status"] for r in trace(tmp_path)} == {"COMPLETED"}
     np.testing.assert_array_equal(labels(tmp_path / "out"), test_profile_run["reference"])
+
+
+@pytest.mark.slow
+def test_nextflow_profile_test_multiplex_gives_the_layers_and_table_of_zseg_run(nextflow, tmp_path):
+    """A slide through Nextflow (its inputs and compartments' planning, both compartments through the
+    volume stages, matching, layers, report) equals `zseg run` on the same synthetic slide."""
+    import pyarrow.parquet as pq
+
+    from zseg.cli import main
+    from zseg.storage.arrays import open_array
+
+    run = nextflow_run(tmp_path, "-profile", "test_multiplex", "--outdir", str(tmp_path / "results"))
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = trace(tmp_path)
+    assert {r["status"] for r in rows} == {"COMPLETED"}
+    names = {r["name"].split(" ")[0].split(":")[-1] for r in rows}
+    assert {"ZSEG_SLIDE_INPUTS", "ZSEG_SLIDE_COMPARTMENTS", "ZSEG_FINALIZE_QUALITY", "ZSEG_MATCH_DECIDE",
+            "ZSEG_SLIDE_REPORT"} <= names
+    data = tmp_path / "synth"
+    assert main(["synth", str(data), "--multiplex", "--shape", "256,200", "--diameter", "24", "--seed", "2",
+                 "--markers", "2"]) == 0
+    ref = tmp_path / "zseg"
+    assert main(["run", str(data / "slide.ome.zarr"), str(ref), "--flows", str(data / "flows.zarr"),
+                 "--nuclear-flows", str(data / "nuclear_flows.zarr"), "--compartment", "both", "--nuclear-channel",
+                 "DAPI", "--membrane-channels", "Membrane", "--chunk-shape", "128,100", "--diameter", "24",
+                 "--patch-size", "64"]) == 0
+    got = json.loads((tmp_path / "results" / "run.json").read_text())
+    assert got["complete"] and got["result"]["matching"] == json.loads((ref / "run.json").read_text())["result"]["matching"]
+    for layer in ("cells", "nuclei", "cytoplasm"):
+        got_layer, want_layer = (np.asarray(open_array(str(d / "labels.zarr" / layer / "0"))[...]) for d in (tmp_path / "results", ref))
+        assert want_layer.max() > 50
+        np.testing.assert_array_equal(got_layer, want_layer, err_msg=layer)
+    assert pq.read_table(tmp_path / "results" / "cells.parquet").equals(pq.read_table(ref / "cells.parquet"))
 
 
 @pytest.mark.slow

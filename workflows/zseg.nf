@@ -9,6 +9,8 @@
  */
 
 include { ZSEG_PLAN               } from '../modules/local/plan'
+include { ZSEG_SLIDE_PREPARE      } from './slide'
+include { ZSEG_SLIDE_FINISH       } from './slide'
 include { ZSEG_PERCENTILES_MAP    } from '../modules/local/percentiles/map'
 include { ZSEG_PERCENTILES_REDUCE } from '../modules/local/percentiles/reduce'
 include { ZSEG_PREDICT            } from '../modules/local/predict'
@@ -32,14 +34,32 @@ workflow ZSEG {
 
     main:
     ZSEG_PLAN(ch_data, run_params)
-    ch_plan = ZSEG_PLAN.out.manifest
-
-    // [ meta, index, count ] for each of the count = ceil(nchunks / shard_size) shards
-    ch_shards = ch_plan.flatMap { meta, plan ->
-        def nchunks = new groovy.json.JsonSlurper().parseText(plan.text).nchunks as Integer
-        def count = (nchunks + shard_size - 1).intdiv(shard_size)
-        (0..<count).collect { index -> [meta, index, count] }
+    // a 2D slide (plan.json kind "slide") runs its own stages around its compartments, which are
+    // one-plane runs of the volume stages: they join the volume runs in ZSEG_STAGES
+    ch_kind = ZSEG_PLAN.out.manifest.branch { _meta, plan ->
+        slide: readJson(plan).kind == 'slide'
+        volume: true
     }
+    ZSEG_SLIDE_PREPARE(ch_kind.slide, shard_size)
+    ZSEG_STAGES(ch_kind.volume.mix(ZSEG_SLIDE_PREPARE.out.compartments), shard_size)
+    ch_done = ZSEG_STAGES.out.report.branch { meta, _report ->
+        compartment: meta.slide != null
+        volume: true
+    }
+    ZSEG_SLIDE_FINISH(ch_done.compartment, shard_size)
+
+    emit:
+    report = ch_done.volume.mix(ZSEG_SLIDE_FINISH.out.report)  // channel: [ meta, report.json ]
+}
+
+workflow ZSEG_STAGES {
+    take:
+    ch_plan     // channel: [ meta, plan.json ({"nchunks": N, ...}) ]; meta.run is the run folder URI
+    shard_size  // integer: chunks per map task
+
+    main:
+    // [ meta, index, count ] for each of the count = ceil(nchunks / shard_size) shards
+    ch_shards = shards(ch_plan, shard_size)
 
     ZSEG_PERCENTILES_MAP(ch_shards.combine(ch_plan, by: 0))
     ZSEG_PERCENTILES_REDUCE(gather(ZSEG_PERCENTILES_MAP.out.manifest))
@@ -61,6 +81,20 @@ workflow ZSEG {
 
     emit:
     report = ZSEG_FINALIZE_REPORT.out.manifest  // channel: [ meta, finalize_report.json ]
+}
+
+// [ meta, index, count ] for each of the count = ceil(nchunks / shard_size) shards of a run
+// whose plan (or any manifest with "nchunks") is given.
+def shards(ch_plan, shard_size) {
+    return ch_plan.flatMap { meta, plan ->
+        def nchunks = readJson(plan).nchunks as Integer
+        def count = (nchunks + shard_size - 1).intdiv(shard_size)
+        (0..<count).collect { index -> [meta, index, count] }
+    }
+}
+
+def readJson(plan) {
+    return new groovy.json.JsonSlurper().parseText(plan.text)
 }
 
 // All manifests of a map stage as [ meta, [ manifests ] ], once every shard has finished. The

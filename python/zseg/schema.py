@@ -57,6 +57,13 @@ NEXTFLOW_ONLY: dict[str, dict] = {
         "description": "Z,Y,X shape of a synthetic volume (with its exact flows) to make with `zseg synth` and "
         "segment instead of input and flows; used by -profile test.",
     },
+    "synth_multiplex": {
+        "type": "string",
+        "pattern": r"^\s*\d+\s*[,\s]\s*\d+\s*$",
+        "description": "Y,X shape of a synthetic multiplex slide (DAPI, Membrane and 4 markers, with the exact flows of "
+        "cells and nuclei) to make with `zseg synth --multiplex` and segment instead of input and flows; used by "
+        "-profile test_multiplex.",
+    },
     "tracedir": {
         "type": "string",
         "format": "directory-path",
@@ -119,7 +126,7 @@ NEXTFLOW_ONLY: dict[str, dict] = {
 GROUPS = [
     ("input_output_options", "Input/output options", "fas fa-terminal",
      "Where the volume is, where the results go.",
-     ["input", "outdir", "work", "flows", "nuclear_flows", "synth"]),
+     ["input", "outdir", "work", "flows", "nuclear_flows", "synth", "synth_multiplex"]),
     ("input_reading_options", "Reading the input", "fas fa-microscope",
      "Which part of the input to segment, and its geometry.",
      ["axes", "level", "channels", "timepoint", "voxel_size", "anisotropy"]),

@@ -20,7 +20,9 @@ process ZSEG_PLAN {
     // The parameters travel as one line of JSON in a quoted here-document: no flag is built and
     // nothing is quoted here (JSON escapes line breaks, so no line can end the document early).
     // (a samplesheet's row: its image, flows, output and work folders replace the run's)
-    def values = run_params + [input: input, flows: flows ?: null, outdir: meta.run] + (meta.work ? [work: meta.work] : [:])
+    // (a synthetic slide: its nuclear flows come with the meta)
+    def values = run_params + [input: input, flows: flows ?: null, outdir: meta.run] + (meta.work ? [work: meta.work] : [:]) +
+        (meta.nuclear_flows ? [nuclear_flows: meta.nuclear_flows] : [:])
     def json = groovy.json.JsonOutput.toJson(values)
     """
     cat > nextflow_params.json <<'ZSEG_PARAMS'

@@ -94,9 +94,10 @@ def run_phase(root: str, phase: str, *, stage=None, chunks=None, shard=None, red
     if not st.applies(run):  # e.g. predict in a run given precomputed --flows
         log.info("%s does not apply to this run: nothing to do", st.name)
         return {"run": root, "stage": st.name, "applies": False, "ran": []}
-    if st.kind == "reduce":
+    if st.kind == "reduce":  # its result too: what the next task needs to know (e.g. a slide's compartments)
         ran = run_reduce(run, st)
-        return {"run": root, "stage": st.name, "ran": ran}
+        return {"run": root, "stage": st.name, "ran": ran, "nchunks": run.grid.nchunks,
+                "result": U.read_json(run.path(st.result))}
     selected = select_chunks(run.grid.nchunks, chunks, shard)
     ran = run_map(run, st, selected)
     return {"run": root, "stage": st.name, "chunks": len(selected), "ran": ran, "skipped": len(selected) - len(ran),
