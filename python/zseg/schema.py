@@ -60,8 +60,8 @@ NEXTFLOW_ONLY: dict[str, dict] = {
     "synth_multiplex": {
         "type": "string",
         "pattern": r"^\s*\d+\s*[,\s]\s*\d+\s*$",
-        "description": "Y,X shape of a synthetic multiplex slide (DAPI, Membrane and 4 markers, with the exact flows of "
-        "cells and nuclei) to make with `zseg synth --multiplex` and segment instead of input and flows; used by "
+        "description": "Y,X shape of a synthetic multiplex slide (DAPI, Membrane and marker channels, with the exact flows "
+        "of cells and nuclei) to make with `zseg synth --multiplex` and segment instead of input and flows; used by "
         "-profile test_multiplex.",
     },
     "tracedir": {
