@@ -82,7 +82,7 @@ def create_layers(run) -> None:
     for name in names:
         sub = zarr.open_group(U.join(uri, name), mode="w", zarr_format=fmt,
                               storage_options=U.storage_options(uri) or None)
-        label = {"source": {"image": "../../"}}  # the slide, when labels.zarr sits in its image
+        label = {}  # no "source": labels.zarr sits beside the slide, not inside it
         if fmt == 2:
             label["version"] = "0.4"
         set_ome_attributes(sub, {"multiscales": [_multiscale(run, name, len(shapes))], "image-label": label}, fmt)
