@@ -355,3 +355,32 @@ def test_a_killed_slide_run_resumes_to_the_same_result(slide, reference, tmp_pat
     for name, want in reference["layers"].items():
         np.testing.assert_array_equal(_layer(out, name), want, err_msg=name)
     _assert_table_equal(_table(out), reference["table"])
+
+
+@pytest.mark.parametrize("zarr_format", [3, 2])
+def test_labels_zarr_is_an_ngff_labels_group_of_image_labels(slide, tmp_path, zarr_format):
+    """Each layer validates as an NGFF image-label (0.5 on zarr v3, 0.4 on v2) with a pyramid whose
+    levels are the mode of 2x2 windows of the level below, in micrometres."""
+    import zarr
+
+    from zseg.engine.pyramid import downsample_mode
+
+    if zarr_format == 3:
+        from ome_zarr_models.v05.image_label import ImageLabel
+    else:
+        from ome_zarr_models.v04.image_label import ImageLabel
+    out = tmp_path / "out"
+    run_local(build_params(**_args(slide, str(out), chunk_shape=(64, 64), zarr_format=zarr_format)))
+    root = zarr.open_group(str(out / "labels.zarr"), mode="r")
+    attrs = root.attrs.asdict()
+    assert (attrs.get("ome", attrs))["labels"] == ["cells", "nuclei", "cytoplasm"]
+    for name in ("cells", "nuclei", "cytoplasm"):
+        label = ImageLabel.from_zarr(zarr.open_group(str(out / "labels.zarr" / name), mode="r"))
+        a = label.attributes.model_dump(by_alias=True)
+        ms = (a.get("ome", a))["multiscales"][0]
+        assert [ax["name"] for ax in ms["axes"]] == ["y", "x"]
+        scales = [d["coordinateTransformations"][0]["scale"] for d in ms["datasets"]]
+        assert scales[0] == [0.5, 0.5] and scales[1] == [1.0, 1.0]
+        level0 = _layer(str(out), name)
+        level1 = np.asarray(open_array(str(out / "labels.zarr" / name / "1"))[...])
+        np.testing.assert_array_equal(level1, downsample_mode(level0, (2, 2)))
