@@ -384,3 +384,20 @@ def test_labels_zarr_is_an_ngff_labels_group_of_image_labels(slide, tmp_path, za
         level0 = _layer(str(out), name)
         level1 = np.asarray(open_array(str(out / "labels.zarr" / name / "1"))[...])
         np.testing.assert_array_equal(level1, downsample_mode(level0, (2, 2)))
+
+
+def test_a_cellpose3_network_on_a_slide_gives_cellpose3s_own_2d_masks(tmp_path):
+    """The Cellpose 3 family through a slide run: the fixture network (tests/fixtures/cp3, made by
+    Cellpose 3.1.1.3's own 2D eval) on its 48 x 64 image, cut into 4 chunks."""
+    from tests.test_cp3 import FIXTURE, ap50
+
+    img = np.load(FIXTURE / "cp3.npz")["img2"]
+    write_ome_zarr(str(tmp_path / "slide.ome.zarr"), img[None], axes="cyx", chunks=(1, 24, 32), channel_names=["DAPI"])
+    out = tmp_path / "out"
+    report = run_local(build_params(
+        input=str(tmp_path / "slide.ome.zarr"), output=str(out), compartment="nuclear", nuclear_channel="DAPI",
+        model=str(FIXTURE / "gradient_net.pt"), diameter=30, chunk_shape=(24, 32), percentiles=(0, 100),
+        min_size=-1, niter=200, flow_threshold=0, skip_uninformative=False, skip_empty=False, device="cpu"))
+    assert report["chunk_exact"]
+    ref = np.load(FIXTURE / "cp3.npz")["gmasks2"]
+    assert ref.max() > 5 and ap50(ref, _layer(str(out), "nuclei")) >= 0.99
