@@ -36,9 +36,11 @@ def versions() -> dict[str, str]:
     return out
 
 
-class RunContext:
-    """A planned run as every phase sees it: its parameters, input, chunk grid and file layout
-    (read from ``run.json``; the one handle a task works through)."""
+class WorkLayout:
+    """Where a run keeps its files: the work folder (``params.work`` or ``OUTPUT/work``), per-chunk
+    files ``work/<phase>/cNNNNNNN.<ext>`` and which of them are missing. Shared by the contexts of
+    volume runs (:class:`RunContext`) and slide runs (``zseg.workspace.slide.SlideContext``), both
+    made from a folder and its manifest."""
 
     def __init__(self, root: str, manifest: dict):
         self.root = str(root)
@@ -50,25 +52,6 @@ class RunContext:
         g = manifest["grid"]
         self.grid = ChunkGrid(tuple(g["shape"]), tuple(g["chunk_shape"]), tuple(g["halo"]))
 
-    @classmethod
-    def open(cls, root: str) -> "RunContext":
-        path = U.join(root, MANIFEST)
-        if not U.exists(path):
-            raise UserError(
-                f"{root!r} is not a planned zseg run (no {MANIFEST}); run `zseg plan INPUT {root}` first."
-            )
-        advice = "restore it, or start the run again with --overwrite"
-        try:
-            manifest = U.read_json(path)
-        except Exception as e:  # truncated, or edited by hand
-            reason = " ".join(str(e).split())
-            raise UserError(f"{path!r} is not valid JSON ({reason}): it was truncated or edited; {advice}.") from None
-        problems = check_manifest(manifest)
-        if problems:
-            raise UserError(*(f"{path!r} was edited or damaged: {p}; {advice}." for p in problems))
-        return cls(root, manifest)
-
-    # -- layout ------------------------------------------------------------------------------
     @property
     def work(self) -> str:
         return self.params.work_uri()
@@ -87,6 +70,29 @@ class RunContext:
         """The chunks of ``chunks`` whose ``phase`` marker is missing (one listing, not one stat each)."""
         present = set(U.listdir(self.path(phase)))
         return [i for i in chunks if f"c{i:07d}.{ext}" not in present]
+
+
+class RunContext(WorkLayout):
+    """A planned run as every phase sees it: its parameters, input, chunk grid and file layout
+    (read from ``run.json``; the one handle a task works through)."""
+
+    @classmethod
+    def open(cls, root: str) -> "RunContext":
+        path = U.join(root, MANIFEST)
+        if not U.exists(path):
+            raise UserError(
+                f"{root!r} is not a planned zseg run (no {MANIFEST}); run `zseg plan INPUT {root}` first."
+            )
+        advice = "restore it, or start the run again with --overwrite"
+        try:
+            manifest = U.read_json(path)
+        except Exception as e:  # truncated, or edited by hand
+            reason = " ".join(str(e).split())
+            raise UserError(f"{path!r} is not valid JSON ({reason}): it was truncated or edited; {advice}.") from None
+        problems = check_manifest(manifest)
+        if problems:
+            raise UserError(*(f"{path!r} was edited or damaged: {p}; {advice}." for p in problems))
+        return cls(root, manifest)
 
     # -- inputs ------------------------------------------------------------------------------
     @functools.cached_property

@@ -12,11 +12,9 @@ from __future__ import annotations
 import functools
 
 from zseg.errors import UserError
-from zseg.params import RunParams
 from zseg.storage import uri as U
-from zseg.storage.grid import ChunkGrid
 from zseg.storage.slide import open_slide
-from zseg.workspace.context import MANIFEST, RunContext
+from zseg.workspace.context import MANIFEST, RunContext, WorkLayout
 from zseg.workspace.stages import SLIDE_STAGES
 
 #: The compartment runs of each ``--compartment``, as folders under ``work/``.
@@ -45,19 +43,11 @@ def is_slide_run(root: str) -> bool:
     return isinstance(m, dict) and m.get("kind") == "slide"
 
 
-class SlideContext:
+class SlideContext(WorkLayout):
     """A planned slide run as its stages see it: parameters, slide, grid, compartments, layout."""
 
     stage_table = SLIDE_STAGES
     plane = None
-
-    def __init__(self, root: str, manifest: dict):
-        self.root = str(root)
-        self.manifest = manifest
-        self.params = RunParams.model_validate(manifest["params"])
-        self.params.output = self.root
-        g = manifest["grid"]
-        self.grid = ChunkGrid(tuple(g["shape"]), tuple(g["chunk_shape"]), tuple(g["halo"]))
 
     @classmethod
     def open(cls, root: str) -> "SlideContext":
@@ -69,21 +59,6 @@ class SlideContext:
             raise UserError(f"{U.join(root, MANIFEST)!r} was edited or damaged: {', '.join(missing)} missing; "
                             "restore it, or start the run again with --overwrite.")
         return cls(root, m)
-
-    # -- layout ------------------------------------------------------------------------------
-    @property
-    def work(self) -> str:
-        return self.params.work_uri()
-
-    def path(self, *parts: str) -> str:
-        return U.join(self.work, *parts)
-
-    def chunk_file(self, phase: str, index: int, ext: str = "npz") -> str:
-        return self.path(phase, f"c{index:07d}.{ext}")
-
-    def pending(self, phase: str, chunks, ext: str = "npz") -> list[int]:
-        present = set(U.listdir(self.path(phase)))
-        return [i for i in chunks if f"c{i:07d}.{ext}" not in present]
 
     # -- what the run is ------------------------------------------------------------------------
     @property
