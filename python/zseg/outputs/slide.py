@@ -11,6 +11,7 @@ by the report, so memory stays one tile.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import tempfile
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import zarr
 
@@ -29,6 +31,9 @@ from zseg.storage import uri as U
 from zseg.storage.arrays import create_array, open_array
 from zseg.storage.omezarr import set_ome_attributes
 
+#: Cells per pass of the table: the report merges the partial statistics of this many labels at a
+#: time, so its memory is this many rows of every channel, whatever the number of cells.
+TABLE_ROWS = 100_000
 #: The smallest side of the coarsest pyramid level.
 MIN_LEVEL_SIDE = 64
 #: Side of the tiles the report builds coarser levels in (pixels of the level below).
@@ -111,6 +116,39 @@ def build_levels(run, name: str) -> int:
     return tiles
 
 
+# -- partial statistics of the layers, per chunk, and the table streamed from them ------------------
+def stats_uri(run, layer: str, index: int) -> str:
+    return run.path("layer_stats", layer, f"c{index:07d}.parquet")
+
+
+def write_stats(uri: str, st: dict) -> None:
+    """One chunk's partial statistics of a layer (``zseg.engine.stats.block_stats``) as a parquet
+    file sorted by label, so that a reader asking for a range of labels skips what it does not need."""
+    order = np.argsort(st["label"], kind="stable")
+    cols = {"label": st["label"][order].astype(np.uint64), "count": st["count"][order]}
+    for key in ("coord_sum", "bbox_start", "bbox_stop", "intensity_sum", "intensity_max"):
+        for j in range(st[key].shape[1]):
+            cols[f"{key}_{j}"] = st[key][order, j]
+    with U.atomic_file(uri) as f:
+        pq.write_table(pa.table(cols), f)
+
+
+def read_stats(uris: list[str], lo: int, hi: int, nchannels: int, ndim: int = 2) -> list[dict]:
+    """The partial statistics rows of labels ``lo <= label < hi`` in the files ``uris``."""
+    if not uris:
+        return []
+    t = ds.dataset(uris, format="parquet")
+    f = (ds.field("label") >= pa.scalar(lo, pa.uint64())) & (ds.field("label") < pa.scalar(hi, pa.uint64()))
+    tab = t.to_table(filter=f)
+    if tab.num_rows == 0:
+        return []
+    out = {"label": tab["label"].to_numpy(), "count": tab["count"].to_numpy()}
+    for key, n in (("coord_sum", ndim), ("bbox_start", ndim), ("bbox_stop", ndim), ("intensity_sum", nchannels),
+                   ("intensity_max", nchannels)):
+        out[key] = np.stack([tab[f"{key}_{j}"].to_numpy() for j in range(n)], axis=1) if n else np.zeros((tab.num_rows, 0))
+    return [out]
+
+
 def write_parquet(uri: str, columns: dict, metadata: dict | None = None) -> None:
     table = pa.table({k: np.asarray(v) for k, v in columns.items()})
     if metadata:
@@ -119,20 +157,23 @@ def write_parquet(uri: str, columns: dict, metadata: dict | None = None) -> None
         pq.write_table(table, f)
 
 
-def write_anndata(run, table: dict, uri: str) -> None:
-    """``cells.h5ad``: X = each cell's mean per channel; layers ``nucleus`` and ``cytoplasm``; obs
-    the label, areas and centroids; ``obsm["spatial"]`` the centroids (x, y) in micrometres."""
+def write_anndata(run, table_uri: str, uri: str) -> None:
+    """``cells.h5ad`` from ``cells.parquet``: X = each cell's mean per channel; layers ``nucleus``
+    and ``cytoplasm``; obs the label, areas and centroids; ``obsm["spatial"]`` the centroids (x, y)
+    in micrometres. AnnData holds the whole matrix: memory grows with cells x channels."""
     import anndata as ad  # heavy; only runs that ask for it import it
     import pandas as pd
 
+    table = pq.read_table(table_uri).to_pydict()
     names = run.channels["names"]
     comps = [c for c in ("cell", "nucleus", "cytoplasm") if f"area_{c}" in table]
     first = comps[0]
-    X = np.stack([table[f"{n}_{first}_mean"] for n in names], axis=1) if len(names) else np.zeros((len(table["label"]), 0))
+    n = len(table["label"])
+    X = np.stack([table[f"{c}_{first}_mean"] for c in names], axis=1) if names else np.zeros((n, 0))
     obs = pd.DataFrame({k: table[k] for k in ("label", "centroid_y", "centroid_x", *[f"area_{c}" for c in comps])})
     obs.index = [str(int(v)) for v in table["label"]]
-    layers = {c: np.stack([table[f"{n}_{c}_mean"] for n in names], axis=1) for c in comps[1:]}
-    a = ad.AnnData(X=X.astype(np.float64), obs=obs, var=pd.DataFrame(index=list(names)), layers=layers)
+    layers = {c: np.stack([table[f"{ch}_{c}_mean"] for ch in names], axis=1).astype(np.float64) for c in comps[1:]}
+    a = ad.AnnData(X=np.asarray(X, np.float64), obs=obs, var=pd.DataFrame(index=list(names)), layers=layers)
     a.obsm["spatial"] = np.stack([table["centroid_x_um"], table["centroid_y_um"]], axis=1)
     a.uns["zseg"] = {"compartment": run.compartment, "X": f"{first} mean intensity per channel (raw)",
                      "version": __version__}
@@ -143,30 +184,32 @@ def write_anndata(run, table: dict, uri: str) -> None:
             shutil.copyfileobj(src, dst)
 
 
-def write_geojson(run, table: dict, uri: str) -> int:
-    """``cells.geojson``, streamed feature by feature: each cell's outline (and its nucleus'),
+class GeoJSONWriter:
+    """``cells.geojson``, written feature by feature: each cell's outline (and its nucleus'),
     ``objectType: "cell"`` and its measurements, for QuPath. Reads each cell's box only."""
-    layers = layer_names(run)
-    cell_layer = "cells" if "cells" in layers else "nuclei"
-    cells = open_layer(run, cell_layer)
-    nuclei = open_layer(run, "nuclei") if "nuclei" in layers and cell_layer == "cells" else None
-    names = [k for k in table if k.endswith("_mean") or k.startswith("area_")]
-    n = 0
-    with U.atomic_file(uri) as f:
+
+    def __init__(self, run, f):
+        self.run, self.f, self.n = run, f, 0
+        layers = layer_names(run)
+        self.cells = open_layer(run, "cells" if "cells" in layers else "nuclei")
+        self.nuclei = open_layer(run, "nuclei") if {"cells", "nuclei"} <= set(layers) else None
         f.write(b'{"type": "FeatureCollection", "features": [\n')
+
+    def add(self, table: dict, start: np.ndarray, stop: np.ndarray) -> None:
+        names = [k for k in table if k.endswith("_mean") or k.startswith("area_")]
+        shape = self.run.grid.shape
         for row in range(len(table["label"])):
             lab = int(table["label"][row])
-            box = tuple(slice(int(a), int(b)) for a, b in zip(table["_bbox_start"][row], table["_bbox_stop"][row]))
-            grown = tuple(slice(max(0, s.start - 1), min(n_, s.stop + 1)) for s, n_ in zip(box, run.grid.shape))
-            origin = [s.start for s in grown]
-            c = np.asarray(cells[grown]) == lab
-            nuc = None if nuclei is None else (np.asarray(nuclei[grown]) == lab)
+            box = tuple(slice(max(0, int(a) - 1), min(n, int(b) + 1)) for a, b, n in zip(start[row], stop[row], shape))
+            cell = np.asarray(self.cells[box]) == lab
+            nucleus = None if self.nuclei is None else np.asarray(self.nuclei[box]) == lab
             measurements = {k: float(table[k][row]) for k in names if np.isfinite(table[k][row])}
-            feature = OL.cell_feature(lab, c, nuc, origin=origin, measurements=measurements)
-            f.write((("," if n else "") + json.dumps(feature) + "\n").encode())
-            n += 1
-        f.write(b"]}\n")
-    return n
+            feature = OL.cell_feature(lab, cell, nucleus, origin=[b.start for b in box], measurements=measurements)
+            self.f.write((("," if self.n else "") + json.dumps(feature) + "\n").encode())
+            self.n += 1
+
+    def close(self) -> None:
+        self.f.write(b"]}\n")
 
 
 def _thumbnail_level(run) -> int:
@@ -201,7 +244,7 @@ def _patch_map(run) -> bytes:
     return R.figure_png(fig)
 
 
-def write_report(run, result: dict, table: dict) -> str:
+def write_report(run, result: dict, areas: dict[str, np.ndarray]) -> str:
     """``qc/report.html``: outlines of cells and nuclei on a thumbnail of the nuclear channel (a
     pyramid level, read whole: a few MB), the patch map, the matching and the size distributions."""
     qc = U.join(run.root, "qc")
@@ -222,9 +265,11 @@ def write_report(run, result: dict, table: dict) -> str:
         figures.append(R.html_figure(f"{name}.png", f"{name}: outlines at 1/{f} scale", name))
     hist = []
     for comp in ("cell", "nucleus"):
-        if f"area_{comp}" in table and len(table[f"area_{comp}"]):
-            areas = np.asarray(table[f"area_{comp}"], np.int64)
-            png = R.size_histogram(np.bincount(areas[areas > 0]), float(np.prod(run.pixel_size_um)),
+        counts = np.asarray(areas.get(f"area_{comp}", np.zeros(0, np.int64))).copy()
+        if len(counts):
+            counts[0] = 0  # cells without this compartment
+        if counts.any():
+            png = R.size_histogram(counts, float(np.prod(run.pixel_size_um)),
                                    xlabel=f"{comp} area (µm²)", what="cells" if comp == "cell" else "nuclei")
             if png:
                 U.write_bytes(U.join(qc, f"{comp}_areas.png"), png)
@@ -263,21 +308,43 @@ def write_report(run, result: dict, table: dict) -> str:
     return uri
 
 
-def finish_outputs(run, table: dict, bboxes: dict[str, np.ndarray]) -> dict:
-    """Pyramids of every layer, ``cells.parquet`` and the optional outputs; returns their paths."""
+def finish_outputs(run, passes) -> dict:
+    """Pyramids of every layer, ``cells.parquet`` streamed from ``passes`` (an iterator of ``(table
+    columns of a range of labels, their boxes' start and stop)``, ascending), the optional outputs;
+    returns their paths, the row count and each compartment's exact area counts (for the report)."""
     tiles = sum(build_levels(run, name) for name in layer_names(run))
     uri = U.join(run.root, "cells.parquet")
     meta = {"compartment": run.compartment, "channels": run.channels["names"], "pixel_size_um": list(run.pixel_size_um),
             "intensity": "raw slide values (before normalisation); {channel}_{compartment}_mean",
             "labels": labels_uri(run)}
-    write_parquet(uri, table, meta)
     out = {"labels": labels_uri(run), "layers": layer_names(run), "cells": uri,
            "patches": run.manifest["patches"]["uri"], "pyramid_tiles": tiles,
            "levels": [list(s) for s in level_shapes(run.grid.shape)]}
+    rows, areas = 0, {}
+    with contextlib.ExitStack() as stack:
+        f = stack.enter_context(U.atomic_file(uri))
+        geo = None
+        if run.params.geojson:
+            out["geojson"] = U.join(run.root, "cells.geojson")
+            geo = GeoJSONWriter(run, stack.enter_context(U.atomic_file(out["geojson"])))
+        writer = None
+        for table, start, stop in passes:
+            t = pa.table({k: np.asarray(v) for k, v in table.items()})
+            if writer is None:
+                writer = stack.enter_context(pq.ParquetWriter(f, t.schema.with_metadata({"zseg": json.dumps(meta)})))
+            writer.write_table(t)
+            rows += t.num_rows
+            for k in table:
+                if k.startswith("area_"):
+                    counts = np.bincount(np.asarray(table[k], np.int64))
+                    have = areas.get(k, np.zeros(0, np.int64))
+                    n = max(len(have), len(counts))
+                    areas[k] = np.pad(have, (0, n - len(have))) + np.pad(counts, (0, n - len(counts)))
+            if geo is not None:
+                geo.add(table, start, stop)
+        if geo is not None:
+            geo.close()
     if run.params.anndata:
         out["anndata"] = U.join(run.root, "cells.h5ad")
-        write_anndata(run, table, out["anndata"])
-    if run.params.geojson:
-        out["geojson"] = U.join(run.root, "cells.geojson")
-        write_geojson(run, {**table, "_bbox_start": bboxes["start"], "_bbox_stop": bboxes["stop"]}, out["geojson"])
-    return out
+        write_anndata(run, uri, out["anndata"])
+    return {"outputs": out, "rows": rows, "areas": areas}

@@ -416,46 +416,53 @@ def chunk_layers(run: SlideContext, index: int) -> dict[str, np.ndarray]:
 
 
 def layers_chunk(run: SlideContext, index: int) -> dict:
-    """Writes the core of every layer (level 0) and, per layer, the statistics of its cells over
-    every channel of the slide to ``work/layers/cNNNNNNN.npz``."""
+    """Writes the core of every layer (level 0) and, per layer, the statistics of its cells in the
+    core over every channel of the slide (``work/layer_stats/<layer>/cNNNNNNN.parquet``)."""
     core = run.grid.core(index)
     layers = chunk_layers(run, index)
     image = run.slide.read(core)  # every channel: the table measures them all
     origin = box_origin(core)
-    parts = {}
     for name, data in layers.items():
         O.open_layer(run, name, mode="r+")[core] = data
-        st = S.block_stats(data, image, offset=origin)
-        parts.update({f"{name}.{k}": v for k, v in st.items()})
+        O.write_stats(O.stats_uri(run, name, index), S.block_stats(data, image, offset=origin))
     if run.params.keep_unmatched_layers and run.compartment == "both":
         for name in ("cells", "nuclei"):
             O.open_layer(run, f"{name}_unmatched", mode="r+")[core] = \
                 _labels_block(run.compartment_run(name), core).astype(np.uint32)
-    U.write_npz(run.chunk_file(W.LAYERS_DIR, index), **parts)
     return {name: int(len(B.present_labels(v))) for name, v in layers.items()}
 
 
 # -- report ---------------------------------------------------------------------------------------
-def _merged(run: SlideContext, name: str) -> dict[str, np.ndarray]:
-    parts = []
-    for i in range(run.grid.nchunks):
-        d = U.read_npz(run.chunk_file(W.LAYERS_DIR, i))
-        parts.append({k.split(".", 1)[1]: v for k, v in d.items() if k.startswith(name + ".")})
-    parts = [p for p in parts if len(p["label"])]
-    if not parts:
-        return S.empty_stats(2, run.slide.nchannels, run.slide.dtype)
-    return S.merge_stats(parts)
+def output_cells(run: SlideContext) -> int:
+    """How many cells the output layers hold (their IDs are 1..this)."""
+    if run.compartment == "both":
+        return int(U.read_json(run.path(W.MATCH_RESULT))["cells"])
+    return int(run.compartment_run(COMPARTMENT_RUNS[run.compartment][0]).manifest["result"]["cells"])
+
+
+def table_passes(run: SlideContext):
+    """The cell table in passes of :data:`zseg.outputs.slide.TABLE_ROWS` labels: for each, the
+    partial statistics of those labels from every chunk, merged per cell, as table columns
+    (:func:`zseg.engine.multiplex.compartment_table`) with the cells' boxes. Memory: one pass."""
+    layers = LAYERS[run.compartment]
+    nch, dtype = run.slide.nchannels, run.slide.dtype
+    uris = {name: [O.stats_uri(run, name, i) for i in range(run.grid.nchunks)] for name in layers}
+    total = output_cells(run)
+    for lo in range(1, max(total, 1) + 1, O.TABLE_ROWS):
+        hi = min(lo + O.TABLE_ROWS, total + 1)
+        parts = {}
+        for name in layers:
+            rows = O.read_stats(uris[name], lo, hi, nch)
+            parts[TABLE_COMPARTMENT[name]] = S.merge_stats(rows) if rows else S.empty_stats(2, nch, dtype)
+        table = MX.compartment_table(parts, run.channels["names"], run.pixel_size_um)
+        first = parts[TABLE_COMPARTMENT[layers[0]]]  # ascending label, as the table's rows
+        yield table, first["bbox_start"], first["bbox_stop"]
 
 
 def report_reduce(run: SlideContext) -> dict:
     """Pyramid levels of every layer, ``cells.parquet`` (and the optional AnnData and GeoJSON),
     the QC report and the result in ``run.json`` (marking the run complete)."""
-    layers = LAYERS[run.compartment]
-    parts = {TABLE_COMPARTMENT[name]: _merged(run, name) for name in layers}
-    table = MX.compartment_table(parts, run.channels["names"], run.pixel_size_um)
-    first = parts[TABLE_COMPARTMENT[layers[0]]]
-    order = np.argsort(first["label"])  # the table's rows: ascending label
-    outputs = O.finish_outputs(run, table, {"start": first["bbox_start"][order], "stop": first["bbox_stop"][order]})
+    written = O.finish_outputs(run, table_passes(run))
     compartments = {}
     exact = True
     for name in COMPARTMENT_RUNS[run.compartment]:
@@ -463,8 +470,8 @@ def report_reduce(run: SlideContext) -> dict:
         compartments[name] = {k: r.get(k) for k in ("cells", "chunk_exact", "flow_check", "skipped_cells",
                                                      "suggested_halo") if k in r}
         exact &= bool(r.get("chunk_exact"))
-    result = {"cells": int(len(table["label"])), "compartments": compartments, "patches": run.manifest["patches"],
-              "outputs": outputs}
+    result = {"cells": written["rows"], "compartments": compartments, "patches": run.manifest["patches"],
+              "outputs": written["outputs"]}
     if run.compartment == "both":
         m = U.read_json(run.path(W.MATCH_RESULT))
         result["matching"] = m["matching"]
@@ -474,7 +481,7 @@ def report_reduce(run: SlideContext) -> dict:
             log.warning("%d cell-nucleus components reach beyond their chunk's block: their matching is not "
                         "decided; re-run with a larger --halo", m["undecided"])
     result["chunk_exact"] = bool(exact)
-    result["outputs"]["qc"] = O.write_report(run, result, table)
+    result["outputs"]["qc"] = O.write_report(run, result, written["areas"])
     manifest = dict(run.manifest, complete=True, result=result)
     write_manifest(run.root, manifest)
     U.write_json(run.path(W.REPORT_RESULT), result)
