@@ -176,11 +176,13 @@ def test_refuses_missing_input(tmp_path, refused):
     _refused(refused, ["plan", str(tmp_path / "nope.zarr"), out], out, "does not exist")
 
 
-def test_refuses_2d_array(tmp_path, refused):
+def test_a_2d_array_is_a_slide_and_an_empty_one_is_refused(tmp_path, refused):
+    """A plain 2D array is read as a one-channel slide (docs/architecture.md, "Multiplex slides"):
+    all zeros, it has no informative patch, which is refused before anything is written."""
     src = str(tmp_path / "flat.zarr")
     create_array(src, shape=(40, 50), chunks=(20, 25), dtype="uint16")
     out = str(tmp_path / "o")
-    _refused(refused, ["plan", src, out], out, "(40, 50)")
+    _refused(refused, ["plan", src, out], out, "no informative patch")
 
 
 def test_refuses_unknown_channel(tmp_path, refused):

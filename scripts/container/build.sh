@@ -35,6 +35,9 @@ args=()
 if [ -f "$CA" ]; then
     args+=(-v "$CA:/host-ca.crt:ro" --build-arg PIP_CERT=/host-ca.crt)
 fi
+# Earlier builds of this tag are left as dangling images, each as large as the image (~7 GB): a
+# few rebuilds fill a CI disk ("no space left on device"). Drop them before building.
+podman image prune -f >/dev/null 2>&1 || true
 echo "zseg: building localhost/zseg:$VERSION with podman" >&2
 podman build --format docker --network host "${args[@]}" --build-arg BASE_IMAGE=localhost/bookworm-base \
     -t "localhost/zseg:$VERSION" "$ROOT"
