@@ -417,3 +417,17 @@ def test_the_table_streamed_in_small_passes_is_the_same(slide, reference, tmp_pa
     _assert_table_equal(_table(str(runs[7])), reference["table"])
     assert (runs[7] / "cells.geojson").read_text() == (runs[O.TABLE_ROWS] / "cells.geojson").read_text()
     assert pq.read_metadata(str(runs[7] / "cells.parquet")).num_row_groups > 10
+
+
+@pytest.mark.parametrize("axes", ["cyx", "yxc"])
+def test_a_plain_array_slide_with_axes_runs(slide, reference, tmp_path, axes):
+    """`--axes cyx` / `yxc` on a plain zarr array (the issue's inputs): the same result as the OME-Zarr."""
+    image = slide["image"] if axes == "cyx" else np.ascontiguousarray(slide["image"].transpose(1, 2, 0))
+    arr = create_array(str(tmp_path / "plain.zarr"), shape=image.shape, chunks=image.shape, dtype=image.dtype)
+    arr[...] = image
+    out = str(tmp_path / "out")
+    args = _args(slide, out, chunk_shape=(64, 64), axes=axes)
+    args.update(input=str(tmp_path / "plain.zarr"), nuclear_channel=0, membrane_channels="1")
+    run_local(build_params(**args))
+    for name, want in reference["layers"].items():
+        np.testing.assert_array_equal(_layer(out, name), want, err_msg=name)

@@ -231,8 +231,9 @@ class RunParams(BaseModel):
         if v is None:
             return v
         v = v.lower()
-        if len(set(v)) != len(v) or not set(v) <= set("tczyx") or not {"z", "y", "x"} <= set(v):
-            raise ValueError("name each axis once with letters from t,c,z,y,x, including z, y and x (e.g. czyx)")
+        if len(set(v)) != len(v) or not set(v) <= set("tczyx") or not {"y", "x"} <= set(v):
+            raise ValueError("name each axis once with letters from t,c,z,y,x, including y and x (e.g. czyx, or "
+                             "cyx for a 2D slide)")
         return v
 
     @field_validator("device")
