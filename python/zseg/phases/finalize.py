@@ -52,11 +52,19 @@ def sizes_chunk(run: RunContext, index: int) -> dict:
     offsets, _ = W.seed_offsets(run)
     lo, hi = int(offsets[index]), int(offsets[index + 1])
     sizes = np.zeros(hi - lo, np.int64)
+    plane = run.plane is not None
+    if plane:  # a slide compartment: each cell's box in the slide too (for the flow check)
+        start = np.full((hi - lo, g.ndim), np.iinfo(np.int64).max, np.int64)
+        stop = np.full((hi - lo, g.ndim), -1, np.int64)
     if hi > lo:
         for c in g.intersecting(g.block(index)):
             d = U.read_npz(run.chunk_file(W.MASKS_DIR, c))
             sel = (d["ids"] > lo) & (d["ids"] <= hi)
-            np.add.at(sizes, d["ids"][sel] - lo - 1, d["counts"][sel])
+            rows = d["ids"][sel] - lo - 1
+            np.add.at(sizes, rows, d["counts"][sel])
+            if plane:
+                np.minimum.at(start, rows, d["start"][sel])
+                np.maximum.at(stop, rows, d["stop"][sel])
     keep = sizes > 0
     small, large = D.size_limits(sizes, p.min_size, p.max_size or None)
     small &= keep
@@ -68,28 +76,19 @@ def sizes_chunk(run: RunContext, index: int) -> dict:
     out = dict(kept=(lo + 1 + np.flatnonzero(keep)).astype(np.int64), sizes=sizes[keep], linear=np.asarray(linear, np.int64))
     stats = {"kept": int(keep.sum()), "too_small": int(small.sum()), "too_large": int(large.sum()),
              "empty": int((sizes == 0).sum())}
-    if run.plane is not None:
-        out, more = _plane_sizes(run, index, lo, present, large, keep, seeds, out)
+    if plane:
+        out, more = _plane_sizes(run, lo, present, large, keep, seeds, start[present], stop[present], out)
         stats.update(more)
     U.write_npz(run.chunk_file(W.SIZES_DIR, index), **out)
     return stats
 
 
-def _plane_sizes(run: RunContext, index: int, lo: int, present, large, keep, seeds, out: dict):
-    """A slide compartment's extra per-cell facts: each present cell's box in the slide and
-    whether it is too large (for the flow check), and which kept cells are skipped because
-    their seed lies in an uninformative patch (removed last, after hole filling)."""
+def _plane_sizes(run: RunContext, lo: int, present, large, keep, seeds, start, stop, out: dict):
+    """A slide compartment's extra per-cell facts: each present cell's box in the slide
+    (``start``, ``stop``) and whether it is too large (for the flow check), and which kept cells
+    are skipped because their seed lies in an uninformative patch (removed last, after hole filling)."""
     g = run.grid
     ids = lo + 1 + np.flatnonzero(present)
-    start = np.full((len(ids), g.ndim), np.iinfo(np.int64).max, np.int64)
-    stop = np.full((len(ids), g.ndim), -1, np.int64)
-    if len(ids):
-        for c in g.intersecting(g.block(index)):
-            d = U.read_npz(run.chunk_file(W.MASKS_DIR, c))
-            rows = np.searchsorted(ids, d["ids"])
-            hit = (rows < len(ids)) & (ids[np.minimum(rows, len(ids) - 1)] == d["ids"])
-            np.minimum.at(start, rows[hit], d["start"][hit])
-            np.maximum.at(stop, rows[hit], d["stop"][hit])
     is_large = large[present]
     yx = slice(g.ndim - 2, None)  # a plane run's (1, Y, X): the box's Y and X
     extents = (stop[:, yx] - start[:, yx]).sum(axis=1)
