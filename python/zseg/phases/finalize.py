@@ -238,24 +238,21 @@ def labels_chunk(run: RunContext, index: int) -> dict:
     dataset of ``labels.zarr`` a task writes, the core's cell statistics and its QC pieces."""
     g = run.grid
     block = g.block(index)
-    dtype = np.dtype(U.read_json(run.path(W.FINAL_NUMBER_RESULT))["dtype"])
+    numbered = U.read_json(run.path(W.FINAL_NUMBER_RESULT))
+    dtype, cells = np.dtype(numbered["dtype"]), int(numbered["cells"])
     prov = np.asarray(W.masks(run)[block])
     ids = fastremap.unique(prov)
     ids = ids[ids != 0].astype(np.int64)
     new, skipped = _final_ids(run, ids)
-    if skipped.any():  # skipped cells take part in hole filling under IDs above every final one, then go
-        cells = int(U.read_json(run.path(W.FINAL_NUMBER_RESULT))["cells"])
-        temp = np.where(skipped, cells + 1 + np.arange(len(ids)), new)
-        mapping = {int(a): int(b) for a, b in zip(ids, temp)}
-        mapping[0] = 0
-        filled = _fill(fastremap.remap(prov, mapping, preserve_missing_labels=False).astype(np.uint64), g.shape[0] == 1)
+    # skipped cells take part in hole filling under IDs above every final one, then go
+    temp = np.where(skipped, cells + 1 + np.arange(len(ids)), new)
+    mapping = {int(a): int(b) for a, b in zip(ids, temp)}
+    mapping[0] = 0
+    work = np.uint64 if skipped.any() else dtype
+    filled = _fill(fastremap.remap(prov, mapping, preserve_missing_labels=False).astype(work, copy=False), g.shape[0] == 1)
+    if skipped.any():
         filled[filled > cells] = 0
         filled = filled.astype(dtype)
-    else:
-        mapping = {int(a): int(b) for a, b in zip(ids, new)}
-        mapping[0] = 0
-        relabelled = fastremap.remap(prov, mapping, preserve_missing_labels=False).astype(dtype, copy=False)
-        filled = _fill(relabelled, g.shape[0] == 1)
     cib = g.core_in_block(index)
     core_labels = filled[cib]
     # cells of the core that reach an inner face of the block: their holes may need more halo
