@@ -190,7 +190,7 @@ def test_flows_of_another_shape_are_refused(slide, tmp_path, refused):
     out = tmp_path / "out"
     argv = _argv(slide, out, "--nuclear-channel", "DAPI", "--membrane-channels", "Membrane")
     argv[argv.index("--flows") + 1] = str(tmp_path / "bad.zarr")
-    refused(argv, "--flows store", "(3, 200, 230)")
+    refused(argv, "--flows: flow store", "(3, 200, 230)")
     assert not out.exists()
 
 

@@ -45,18 +45,18 @@ def check_flow_store(uri: str, expected: tuple[int, ...], flag: str = "--flows")
     layout = "(dZ, dY, dX, cellprob)" if len(expected) == 4 else "(dY, dX, cellprob)"
     want = f"a zarr array {expected} = {layout}"
     if not U.exists(uri):
-        raise UserError(f"{flag} store {uri!r} does not exist; give the path of {want}.")
+        raise UserError(f"{flag}: flow store {uri!r} does not exist; give the path of {want}.")
     try:
         arr = open_array(uri)
     except Exception as e:
-        raise UserError(f"{flag} store {uri!r} is not a zarr array ({e}); give {want}.") from None
+        raise UserError(f"{flag}: flow store {uri!r} is not a zarr array ({e}); give {want}.") from None
     if arr.dtype.kind != "f":
         raise UserError(
-            f"{flag} store {uri!r} has data type {arr.dtype}, but flows are floating point "
+            f"{flag}: flow store {uri!r} has data type {arr.dtype}, but flows are floating point "
             f"(float16 or float32: {layout} as the network gives them); give the flows as floats."
         )
     if tuple(arr.shape) != tuple(expected):
-        raise UserError(f"{flag} store {uri!r} has shape {tuple(arr.shape)} but the input needs {want}; "
+        raise UserError(f"{flag}: flow store {uri!r} has shape {tuple(arr.shape)} but the input needs {want}; "
                         "give the flows computed for this input.")
     return {"uri": uri, "shape": list(arr.shape), "dtype": str(arr.dtype)}
 
@@ -64,26 +64,10 @@ def check_flow_store(uri: str, expected: tuple[int, ...], flag: str = "--flows")
 def _check_flows(params: RunParams, shape, plane: bool = False) -> dict | None:
     if params.flows is None:
         return None
-    if plane and U.exists(params.flows) and len(open_array(params.flows).shape) == 3:  # a slide's (3, Y, X)
-        return check_flow_store(params.flows, (3, *shape[1:]))
-    if not U.exists(params.flows):
-        raise UserError(f"flow store {params.flows!r} does not exist; give the path of a zarr array (4, Z, Y, X).")
-    try:
-        arr = open_array(params.flows)
-    except Exception as e:
-        raise UserError(f"flow store {params.flows!r} is not a zarr array ({e}); give a zarr array (4, Z, Y, X).") from None
     expected = (len(shape) + 1, *shape)
-    if arr.dtype.kind != "f":
-        raise UserError(
-            f"flow store {params.flows!r} has data type {arr.dtype}, but flows are floating point "
-            "(float16 or float32: dZ, dY, dX, cellprob as the network gives them); give the flows as floats."
-        )
-    if tuple(arr.shape) != expected:
-        raise UserError(
-            f"flow store {params.flows!r} has shape {tuple(arr.shape)} but the input needs {expected} "
-            "(dZ, dY, dX, cellprob over the input's Z, Y, X); give the flows computed for this input."
-        )
-    return {"uri": params.flows, "shape": list(arr.shape), "dtype": str(arr.dtype)}
+    if plane and U.exists(params.flows) and len(open_array(params.flows).shape) == 3:  # a slide's (3, Y, X)
+        expected = (3, *shape[1:])
+    return check_flow_store(params.flows, expected)
 
 
 def _existing_output(params: RunParams) -> RunContext | None:
