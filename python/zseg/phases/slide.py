@@ -46,8 +46,8 @@ from zseg.storage.grid import ChunkGrid, box_origin, grow
 from zseg.storage.slide import open_slide
 from zseg.storage.volume import open_volume
 from zseg.workspace import work as W
-from zseg.workspace.context import RunContext, versions, write_manifest
-from zseg.workspace.slide import COMPARTMENT_RUNS, INPUTS, PATCHES, SlideContext, read_manifest
+from zseg.workspace.context import RunContext, read_manifest, versions, write_manifest
+from zseg.workspace.slide import COMPARTMENT_RUNS, INPUTS, PATCHES, SlideContext
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,8 @@ from zseg.run.tasks import open_run
 from zseg.storage import uri as U
 from zseg.workspace import work as W
 from zseg.workspace.chunks import chunk_ranges, select_chunks
-from zseg.workspace.context import MANIFEST, RunContext
+from zseg.workspace.context import RunContext, read_manifest
 from zseg.workspace.progress import done_work
-from zseg.workspace.slide import read_manifest
 from zseg.workspace.stages import SLIDE_STAGES, stage_table
 
 log = logging.getLogger(__name__)
@@ -25,9 +24,9 @@ log = logging.getLogger(__name__)
 
 def finished(output: str) -> bool:
     """Whether ``output`` holds a finished zseg run (what plan refuses to redo without --overwrite)."""
-    if not U.exists(U.join(output, MANIFEST)):
-        return False
     m = read_manifest(output)
+    if m is None:
+        return False
     if isinstance(m, dict) and m.get("kind") == "slide":
         return bool(m.get("complete"))
     return bool(RunContext.open(output).manifest.get("complete"))

@@ -36,6 +36,23 @@ def versions() -> dict[str, str]:
     return out
 
 
+#: What a message about a damaged ``run.json`` tells the user to do.
+ADVICE = "restore it, or start the run again with --overwrite"
+
+
+def read_manifest(root: str) -> dict | None:
+    """``root``'s ``run.json`` as read, None when there is none; a file that is not JSON (truncated,
+    or edited by hand) is refused. The contexts check what it holds."""
+    path = U.join(root, MANIFEST)
+    if not U.exists(path):
+        return None
+    try:
+        return U.read_json(path)
+    except Exception as e:
+        reason = " ".join(str(e).split())
+        raise UserError(f"{path!r} is not valid JSON ({reason}): it was truncated or edited; {ADVICE}.") from None
+
+
 class WorkLayout:
     """Where a run keeps its files: the work folder (``params.work`` or ``OUTPUT/work``), per-chunk
     files ``work/<phase>/cNNNNNNN.<ext>`` and which of them are missing. Shared by the contexts of
@@ -79,19 +96,14 @@ class RunContext(WorkLayout):
     @classmethod
     def open(cls, root: str) -> "RunContext":
         path = U.join(root, MANIFEST)
-        if not U.exists(path):
+        manifest = read_manifest(root)
+        if manifest is None:
             raise UserError(
                 f"{root!r} is not a planned zseg run (no {MANIFEST}); run `zseg plan INPUT {root}` first."
             )
-        advice = "restore it, or start the run again with --overwrite"
-        try:
-            manifest = U.read_json(path)
-        except Exception as e:  # truncated, or edited by hand
-            reason = " ".join(str(e).split())
-            raise UserError(f"{path!r} is not valid JSON ({reason}): it was truncated or edited; {advice}.") from None
         problems = check_manifest(manifest)
         if problems:
-            raise UserError(*(f"{path!r} was edited or damaged: {p}; {advice}." for p in problems))
+            raise UserError(*(f"{path!r} was edited or damaged: {p}; {ADVICE}." for p in problems))
         return cls(root, manifest)
 
     # -- inputs ------------------------------------------------------------------------------

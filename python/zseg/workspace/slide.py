@@ -14,7 +14,7 @@ import functools
 from zseg.errors import UserError
 from zseg.storage import uri as U
 from zseg.storage.slide import open_slide
-from zseg.workspace.context import MANIFEST, RunContext, WorkLayout
+from zseg.workspace.context import ADVICE, MANIFEST, RunContext, WorkLayout, read_manifest
 from zseg.workspace.stages import SLIDE_STAGES
 
 #: The compartment runs of each ``--compartment``, as folders under ``work/``.
@@ -23,19 +23,6 @@ COMPARTMENT_RUNS = {"whole-cell": ("cells",), "nuclear": ("nuclei",), "both": ("
 INPUTS = "inputs.zarr"
 #: The patch table a slide run writes next to its labels.
 PATCHES = "patches.parquet"
-
-
-def read_manifest(root: str) -> dict | None:
-    """``root``'s ``run.json`` as a dict, None when there is none (no checks: see the contexts)."""
-    path = U.join(root, MANIFEST)
-    if not U.exists(path):
-        return None
-    try:
-        return U.read_json(path)
-    except Exception as e:
-        reason = " ".join(str(e).split())
-        raise UserError(f"{path!r} is not valid JSON ({reason}): it was truncated or edited; restore it, "
-                        "or start the run again with --overwrite.") from None
 
 
 def is_slide_run(root: str) -> bool:
@@ -57,7 +44,7 @@ class SlideContext(WorkLayout):
         missing = [k for k in ("params", "input", "grid", "channels", "compartment", "complete") if k not in m]
         if missing:
             raise UserError(f"{U.join(root, MANIFEST)!r} was edited or damaged: {', '.join(missing)} missing; "
-                            "restore it, or start the run again with --overwrite.")
+                            f"{ADVICE}.")
         return cls(root, m)
 
     # -- what the run is ------------------------------------------------------------------------
