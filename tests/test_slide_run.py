@@ -431,3 +431,24 @@ def test_a_plain_array_slide_with_axes_runs(slide, reference, tmp_path, axes):
     run_local(build_params(**args))
     for name, want in reference["layers"].items():
         np.testing.assert_array_equal(_layer(out, name), want, err_msg=name)
+
+
+def test_a_finished_or_different_slide_run_is_not_resumed(slide, tmp_path, refused):
+    """The output-folder rules of the volume plan (one shared check): a finished run is refused
+    without --overwrite, an unfinished one with other parameters too, nothing is changed."""
+    from zseg.run import tasks
+
+    out = tmp_path / "out"
+    argv = _argv(slide, out, "--nuclear-channel", "DAPI", "--membrane-channels", "Membrane", "--chunk-shape", "64,64")
+    real = tasks.FUNCTIONS["slide:report"]
+    tasks.FUNCTIONS["slide:report"] = lambda run: (_ for _ in ()).throw(RuntimeError("killed"))
+    try:
+        with pytest.raises(RuntimeError, match="killed"):
+            run_local(build_params(**_args(slide, str(out), chunk_shape=(64, 64))))
+    finally:
+        tasks.FUNCTIONS["slide:report"] = real
+    before = (out / "run.json").read_text()
+    refused([*argv, "--flow-threshold", "0.5"], "other parameters", "flow_threshold")
+    assert (out / "run.json").read_text() == before
+    run_local(build_params(**_args(slide, str(out), chunk_shape=(64, 64))))
+    refused(argv, "already holds a finished run")

@@ -16,7 +16,7 @@ from zseg.storage import uri as U
 from zseg.storage.arrays import open_array
 from zseg.storage.grid import ChunkGrid
 from zseg.storage.volume import open_volume
-from zseg.workspace.context import MANIFEST, RunContext, versions, write_manifest
+from zseg.workspace.context import RunContext, read_manifest, versions, write_manifest
 from zseg.workspace.work import create_ends
 
 log = logging.getLogger(__name__)
@@ -70,34 +70,47 @@ def _check_flows(params: RunParams, shape, plane: bool = False) -> dict | None:
     return check_flow_store(params.flows, expected)
 
 
-def _existing_output(params: RunParams) -> RunContext | None:
-    """Decide what to do with an existing output folder; return the run to resume, if any."""
+def existing_manifest(params: RunParams) -> dict | None:
+    """The ``run.json`` of the output folder, or None when there is a folder to create (missing,
+    empty, or deleted for ``--overwrite``); a folder with other contents is refused."""
     out = params.output
-    if not U.exists(out):
-        return None
-    entries = U.listdir(out)
-    if not entries:
+    if not U.exists(out) or not U.listdir(out):
         return None
     if params.overwrite:
         log.info("--overwrite: deleting the existing output folder %s", out)
         U.remove(out)
         return None
-    if MANIFEST not in entries:
+    manifest = read_manifest(out)
+    if manifest is None:
         raise UserError(
             f"output {out!r} exists and is not a zseg run folder; choose a new folder or pass --overwrite to replace it."
         )
-    old = RunContext.open(out)
-    if old.manifest.get("complete"):
+    return manifest
+
+
+def refuse_unless_resumable(params: RunParams, before: RunParams, complete: bool) -> None:
+    """Refuse to resume a finished run, or an unfinished one planned with other parameters
+    (execution-only ones aside)."""
+    out = params.output
+    if complete:
         raise UserError(
             f"output {out!r} already holds a finished run; pass --overwrite to recompute it or choose a new folder."
         )
-    before, now = _result_params(old.params), _result_params(params)
-    changed = sorted(k for k in now if before.get(k) != now[k])
+    was, now = _result_params(before), _result_params(params)
+    changed = sorted(k for k in now if was.get(k) != now[k])
     if changed:
         raise UserError(
             f"output {out!r} holds an unfinished run with other parameters ({', '.join(changed)} differ); "
             "pass --overwrite to start again or choose a new folder."
         )
+
+
+def _existing_output(params: RunParams) -> RunContext | None:
+    """Decide what to do with an existing output folder; return the run to resume, if any."""
+    if existing_manifest(params) is None:
+        return None
+    old = RunContext.open(params.output)
+    refuse_unless_resumable(params, old.params, bool(old.manifest.get("complete")))
     return old
 
 

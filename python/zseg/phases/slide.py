@@ -38,7 +38,7 @@ from zseg.engine import stats as S
 from zseg.errors import UserError
 from zseg.outputs import slide as O
 from zseg.params import SLIDE_ONLY, VOLUME_ONLY, RunParams
-from zseg.phases.plan import EXECUTION_ONLY, check_flow_store
+from zseg.phases.plan import EXECUTION_ONLY, check_flow_store, existing_manifest, refuse_unless_resumable
 from zseg.phases.plan import plan as plan_volume
 from zseg.storage import uri as U
 from zseg.storage.arrays import create_array, open_array
@@ -156,28 +156,6 @@ def _check_informative(slide, nuclear, membrane, params: RunParams, patches: dic
         "--no-skip-uninformative to segment it all.")
 
 
-def _existing(params: RunParams) -> dict | None:
-    """The unfinished slide run to resume in the output folder, None for a new one (refusing
-    a finished run, another kind of folder, or other parameters, as the volume plan does)."""
-    out = params.output
-    if not U.exists(out) or not U.listdir(out):
-        return None
-    if params.overwrite:
-        log.info("--overwrite: deleting the existing output folder %s", out)
-        U.remove(out)
-        return None
-    m = read_manifest(out)
-    if m is None:
-        raise UserError(f"output {out!r} exists and is not a zseg run folder; choose a new folder or pass "
-                        "--overwrite to replace it.")
-    if m.get("kind") != "slide":
-        raise UserError(f"output {out!r} holds a run of a volume; choose a new folder or pass --overwrite.")
-    if m.get("complete"):
-        raise UserError(f"output {out!r} already holds a finished run; pass --overwrite to recompute it or "
-                        "choose a new folder.")
-    return m
-
-
 def plan_slide(params: RunParams) -> SlideContext:
     """Validate a slide run and write its manifest, or return the unfinished run to resume."""
     _refuse_volume_options(params)
@@ -202,14 +180,11 @@ def plan_slide(params: RunParams) -> SlideContext:
     grid = ChunkGrid(shape, chunk, halo)
     params = params.model_copy(update={"chunk_shape": chunk, "compartment": compartment,
                                        "nuclear_channel": nuclear})
-    resumed = _existing(params)
+    resumed = existing_manifest(params)
     if resumed is not None:
-        before = {k: v for k, v in resumed["params"].items() if k not in EXECUTION_ONLY}
-        now = {k: v for k, v in params.model_dump(mode="json").items() if k not in EXECUTION_ONLY}
-        changed = sorted(k for k in now if before.get(k) != now[k])
-        if changed:
-            raise UserError(f"output {params.output!r} holds an unfinished run with other parameters "
-                            f"({', '.join(changed)} differ); pass --overwrite to start again or choose a new folder.")
+        if resumed.get("kind") != "slide":
+            raise UserError(f"output {params.output!r} holds a run of a volume; choose a new folder or pass --overwrite.")
+        refuse_unless_resumable(params, RunParams.model_validate(resumed["params"]), bool(resumed.get("complete")))
         resumed["params"].update(params.model_dump(mode="json", include=set(EXECUTION_ONLY)))
         write_manifest(params.output, resumed)
         return SlideContext(params.output, resumed)
