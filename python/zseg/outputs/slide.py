@@ -149,12 +149,10 @@ def read_stats(uris: list[str], lo: int, hi: int, nchannels: int, ndim: int = 2)
     return [out]
 
 
-def write_parquet(uri: str, columns: dict, metadata: dict | None = None) -> None:
-    table = pa.table({k: np.asarray(v) for k, v in columns.items()})
-    if metadata:
-        table = table.replace_schema_metadata({"zseg": json.dumps(metadata)})
+def write_parquet(uri: str, columns: dict) -> None:
+    """A small table (the patches) written whole, atomically."""
     with U.atomic_file(uri) as f:
-        pq.write_table(table, f)
+        pq.write_table(pa.table({k: np.asarray(v) for k, v in columns.items()}), f)
 
 
 def write_anndata(run, table_uri: str, uri: str) -> None:
