@@ -19,7 +19,8 @@ import torch
 
 from zseg.engine import dynamics as D
 from zseg.engine.cp3 import CP3Net, cp3_from_state_dict, describe_cp3_state_dict, is_cp3_state_dict
-from zseg.engine.views import Geometry, predict_block, predict_plane
+from zseg.engine.units import predict_block, predict_plane
+from zseg.engine.views import Geometry
 from zseg.storage.grid import ChunkGrid
 
 FIXTURE = Path(__file__).parent / "fixtures" / "cp3"

@@ -9,6 +9,7 @@ from cellpose import metrics
 
 from tests.predict_support import blobs, gradient_cpsam, load, random_cpsam
 from zseg.engine import dynamics as D
+from zseg.engine import units as U
 from zseg.engine import views as V
 from zseg.engine.cellpose_ref import cellpose_eval_2d
 from zseg.storage.grid import ChunkGrid
@@ -38,7 +39,7 @@ def _predict(net, image, geometry, chunk):
     tiles = 0
     for i in range(grid.nchunks):
         core = grid.core(i)
-        f, stats = V.predict_plane(net, lambda box: image[(slice(None), *box)], core, geometry, _lowhigh(image))
+        f, stats = U.predict_plane(net, lambda box: image[(slice(None), *box)], core, geometry, _lowhigh(image))
         out[(slice(None), *core)] = f
         tiles += stats["tiles"]
     return out, tiles
@@ -86,4 +87,4 @@ def test_a_plane_geometry_refuses_what_it_cannot_be():
         V.Geometry.plane((3, 400), diameter=200.0)
     g = V.Geometry.plane(SHAPE, diameter=30.0, bsize=64)
     with pytest.raises(ValueError, match="plane geometry"):
-        V.predict_plane(None, None, (slice(0, 1), slice(0, 2), slice(0, 3)), g, [[0, 1]])
+        U.predict_plane(None, None, (slice(0, 1), slice(0, 2), slice(0, 3)), g, [[0, 1]])
