@@ -166,7 +166,8 @@ def plan(
                    "compartment": run.compartment}
     else:
         run = do_plan(params, check_model=check_model)
-        summary = {"run": run.root, "nchunks": run.grid.nchunks, "grid": run.manifest["grid"], "kind": "volume"}
+        summary = {"run": run.root, "nchunks": run.grid.nchunks, "npredict": run.npredict,
+                   "grid": run.manifest["grid"], "kind": "volume"}
     _emit(emit, summary)
     typer.echo(json.dumps(summary))
 
@@ -241,9 +242,13 @@ def percentiles(run: str = RunOpt, chunks: Optional[str] = ChunksOpt, shard: Opt
 
 @app.command()
 def predict(run: str = RunOpt, chunks: Optional[str] = ChunksOpt, shard: Optional[str] = ShardOpt,
+            stage: Optional[str] = typer.Option(
+                None, "--stage", help="combine: sum the units' results into each chunk's flows (after every unit "
+                "ran). Without it: run the predict units; --chunks and --shard then select units, not chunks."),
             emit: Optional[str] = EmitOpt):
-    """The network's flows (dZ, dY, dX, cellprob) of each chunk, as Cellpose's whole-volume run gives them."""
-    _map_or_reduce("predict", run, chunks, shard, None, False, emit)
+    """The network's flows (dZ, dY, dX, cellprob), as Cellpose's whole-volume run gives them: each tile
+    runs once, in predict units fixed by the volume and the network; then --stage combine writes each chunk."""
+    _map_or_reduce("predict", run, chunks, shard, stage, False, emit)
 
 
 @app.command()

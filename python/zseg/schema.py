@@ -138,7 +138,7 @@ GROUPS = [
     ("network_options", "Network", "fas fa-brain",
      "The Cellpose network and the intensity normalisation.",
      ["model", "model_ortho", "models_dir", "diameter", "percentiles", "exclude_zeros", "tile_overlap", "augment", "batch_size", "use_bfloat16",
-      "skip_empty", "mask", "keep_views", "flows_dtype"]),
+      "skip_empty", "mask", "predict_memory", "keep_views", "flows_dtype"]),
     ("dynamics_options", "Flow dynamics and cell sizes", "fas fa-wind",
      "Turning flows into cells (Cellpose's parameter names).",
      ["cellprob_threshold", "niter", "flow3D_smooth", "min_size", "max_size"]),

@@ -28,5 +28,6 @@ def reduce(run: RunContext) -> dict:
     )
     result = {"offsets": [int(v) for v in offsets], "total": total, "dtype": W.id_dtype(total)}
     U.write_json(run.path(W.NUMBER_RESULT), result)
+    W.free_units(run)  # the flows are combined (predict:combine is complete): the units' sums are scratch
     return result
 

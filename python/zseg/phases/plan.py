@@ -214,6 +214,8 @@ def plan(params: RunParams, *, check_model: bool = False, plane: dict | None = N
         },
         "flows": flows,
         "network": network,
+        "predict": (predict.plan_units(params, shape, anisotropy, nchannels=volume.nchannels, plane=plane is not None,
+                                       network=network) if params.flows is None else None),
         "plane": plane,
         "versions": versions(),
         "complete": False,

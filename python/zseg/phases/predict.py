@@ -1,26 +1,33 @@
-"""Phase 2, ``predict``: the network's flows for each chunk, equal to Cellpose's whole-volume run.
+"""Phase 2, ``predict``: the network's flows, equal to Cellpose's whole-volume run, each tile run once.
 
-For each chunk, the block of input its core needs is normalised with the *global* low/high
-values of the percentiles phase, resized with the whole volume's coordinates, cut into the
-tiles of the *whole-volume* tile grid that cover the core, run through the network on the
-YX, ZY and ZX planes, blended with the whole planes' weights, summed over the views and
-resized back; the core is written to the flow store ``work/flows.zarr`` as float16 (or float32,
-``flows_dtype``) ``(4, Z, Y, X)`` = dZ, dY, dX, cellprob. :mod:`zseg.engine.views` explains why this equals
-``CellposeModel.eval(do_3D=True)`` on the whole volume whatever the chunk shape.
+Two stages (docs/architecture.md, "Predict units"):
 
-Chunks are processed in one process per task: the network is loaded once, a reader thread
-reads and normalises the next chunk while the device runs this one, and a writer thread
-stores the previous chunk's result, so the device does not wait on I/O. Each chunk's marker
-(``work/predict/cNNNNNNN.json``) is written after its flows, with the planes and tiles it ran.
+* ``predict`` (map over the *predict units* of :mod:`zseg.engine.units`, fixed by the volume's
+  geometry, the network and ``--predict-memory``, never by the chunking): each unit normalises
+  the input its tiles need with the *global* low/high values of the percentiles phase, resizes it
+  to network scale with the whole volume's coordinates, runs the tiles it owns (the YX, ZY and ZX
+  views' tiles batched together) and writes its fixed-point partial sums over its reach to
+  ``work/units/uNNNNNNN.zarr``. Every tile of Cellpose's whole-volume run runs in exactly one unit.
+* ``predict:combine`` (map over chunks): sums the partial sums of the units that reach the chunk,
+  converts them to float32 once, resizes them back to the core and writes the core of
+  ``work/flows.zarr`` as float16 (or float32, ``flows_dtype``) ``(4, Z, Y, X)`` = dZ, dY, dX, cellprob.
+  Integer sums do not depend on order, so the flows are the same bits for any chunking, any
+  unit size and any worker count.
 
-A chunk whose block (core plus the dynamics halo) is nowhere above the low percentile in any
-channel (``skip_empty``), or where the user's ``mask`` is zero, is not run: its flows are 0
-and its cellprob :data:`SKIPPED_CELLPROB`, so no threshold makes it foreground; its marker
-records ``"skipped": "empty"`` or ``"mask"``. Skipping depends on the block, i.e. on the
-chunk shape; ``--no-skip-empty`` and no mask give flows that never do.
+Units are processed in one process per task: the network is loaded once, a reader thread reads
+and normalises the next unit while the device runs this one, and a writer thread stores the
+previous unit's sums. Each unit's marker (``work/predict/cNNNNNNN.json``, the index a unit's) is
+written after its sums, with the planes and tiles it ran.
+
+A unit whose input (everything its tiles read) is nowhere above the low percentile in any channel
+(``skip_empty``), or where the user's ``mask`` is zero, does not run the network: each of its
+tiles is taken to output flows 0 and cellprob :data:`SKIPPED_CELLPROB`, blended like any tile,
+so no threshold makes its inside foreground; its marker records ``"skipped": "empty"`` or
+``"mask"``. The decision is the unit's, so it does not depend on the chunking either.
 
 With ``keep_views``, each view's own output (its two flows and its cellprob, at the volume's
-resolution) goes to ``work/views.zarr`` ``(3, 3, Z, Y, X)``, views in the order YX, ZY, ZX.
+resolution) goes to ``work/views.zarr`` ``(3, 3, Z, Y, X)``, views in the order YX, ZY, ZX; the
+flows are the same integers summed, so keeping the views does not change them.
 """
 
 from __future__ import annotations
@@ -99,6 +106,95 @@ def _open_mask(uri: str):
     return vol
 
 
+def network_sizes(params, network: dict | None) -> dict:
+    """The tile size, family and ``diam_mean`` of ``--model`` (and ``--model-ortho``): what the
+    predict units depend on. From what plan found (``network``), else read from the weights
+    without downloading them (a built-in CPSAM name not downloaded yet: CPSAM's own sizes)."""
+    from zseg.storage import models
+
+    out = {}
+    for key in ("model", "model_ortho"):
+        name = getattr(params, key)
+        if name is None:
+            continue
+        info = (network or {}).get(key)
+        if info is None:
+            try:
+                info = models.inspect_model(name, download=False)
+            except UserError:
+                if name not in models.BUILTIN:
+                    raise
+                info = {"bsize": 256, "family": "cpsam", "diam_mean": 30.0}
+        out[key] = {"bsize": int(info["bsize"]), "family": info["family"], "diam_mean": float(info["diam_mean"])}
+    return out
+
+
+def make_geometry(params, shape, anisotropy: float, plane: bool, sizes: dict):
+    """The whole volume's network geometry (:class:`zseg.engine.views.Geometry`) for the
+    networks of ``sizes`` (:func:`network_sizes`)."""
+    from zseg.engine import views as N
+
+    m = sizes["model"]
+    cp3 = m["family"] == "cp3"
+    diam_mean = m["diam_mean"] if cp3 else 30.0
+    if plane:  # a slide's compartment: the 2D network pass of Cellpose's eval
+        geo = N.Geometry.plane(shape[1:], diameter=params.diameter, bsize=m["bsize"], tile_overlap=params.tile_overlap,
+                               augment=params.augment, diam_mean=diam_mean, pad_to_tile=not cp3)
+    else:
+        geo = N.Geometry.of(shape, diameter=params.diameter, anisotropy=anisotropy, bsize=m["bsize"],
+                            tile_overlap=params.tile_overlap, augment=params.augment, diam_mean=diam_mean,
+                            pad_to_tile=not cp3)
+    ortho = sizes.get("model_ortho")
+    if ortho is not None and not plane:  # same network scale (--model's), the ortho network's own tiles
+        geo = geo.with_ortho(ortho["bsize"], tile_overlap=params.tile_overlap, pad_to_tile=ortho["family"] != "cp3")
+    return geo
+
+
+def plan_units(params, shape, anisotropy: float, *, nchannels: int, plane: bool, network: dict | None) -> dict:
+    """The predict decomposition ``plan`` records in ``run.json`` (``predict``): the networks'
+    sizes, the tiles per unit that fit ``--predict-memory``, the number of units and their tiles."""
+    from zseg.engine import units as UN
+    from zseg.engine import views as N
+
+    sizes = network_sizes(params, network)
+    geo = make_geometry(params, shape, anisotropy, plane, sizes)
+    views = N.PLANE_VIEWS if plane else N.VIEWS
+    budget = int(params.predict_memory * 2**30)
+    n = UN.tiles_per_unit(geo, budget, views=views, nchannels=nchannels, keep_views=params.keep_views)
+    units = UN.Units.of(geo, views, n)
+    need = UN.unit_bytes(units, nchannels, params.keep_views)
+    if need > budget:
+        log.warning("--predict-memory %.2f GiB is less than the smallest predict unit needs (%.2f GiB, one tile "
+                    "per axis): units of one tile per axis", params.predict_memory, need / 2**30)
+    return {
+        "sizes": sizes,
+        "tiles_per_unit": n,
+        "units": len(units),
+        "unit_grid": list(units.grid_shape),
+        "unit_bytes": need,
+        "tiles": sum(units.ntiles(u) for u in range(len(units))),
+        "cellpose_tiles": sum(t for _p, t in geo.view_counts(views).values()),
+    }
+
+
+def units(run: RunContext):
+    """The run's predict units (:class:`zseg.engine.units.Units`), as plan decided them."""
+    from zseg.engine import units as UN
+    from zseg.engine import views as N
+
+    rec = run.manifest.get("predict")
+    if not isinstance(rec, dict) or not isinstance(rec.get("sizes"), dict):
+        raise UserError(f"{U.join(run.root, 'run.json')!r} records no predict units; plan the run again "
+                        "(--overwrite), or it was edited.")
+    plane = run.plane is not None
+    geo = make_geometry(run.params, run.grid.shape, run.anisotropy, plane, rec["sizes"])
+    out = UN.Units.of(geo, N.PLANE_VIEWS if plane else N.VIEWS, int(rec["tiles_per_unit"]))
+    if len(out) != rec["units"]:
+        raise UserError(f"run.json records {rec['units']} predict units but its parameters give {len(out)}: "
+                        "it was edited; restore it, or start the run again with --overwrite.")
+    return out
+
+
 def ensure_stores(run: RunContext) -> None:
     """Create the flow store (and the view store with ``keep_views``) unless it exists: ``plan``
     does this once, before any task, for a run without precomputed ``--flows``."""
@@ -138,25 +234,10 @@ def applies(run: RunContext) -> bool:
 class _Task:
     net: object  # the torch module
     device: object  # torch.device
-    geometry: object  # zseg.engine.views.Geometry
+    units: object  # zseg.engine.units.Units
     lowhigh: np.ndarray
     mask: object | None
     net_ortho: object | None = None  # the ZY/ZX network (--model-ortho)
-
-
-def geometry(run: RunContext, bsize: int, *, family: str = "cpsam", diam_mean: float = 30.0):
-    """The whole volume's network geometry (:class:`zseg.engine.views.Geometry`) for a
-    network of ``family`` (Cellpose 3: rescale by its ``diam_mean``, Cellpose 3's tiles)."""
-    from zseg.engine import views as N
-
-    p = run.params
-    cp3 = family == "cp3"
-    if run.plane is not None:  # a slide's compartment: the 2D network pass of Cellpose's eval
-        return N.Geometry.plane(run.grid.shape[1:], diameter=p.diameter, bsize=bsize, tile_overlap=p.tile_overlap,
-                                augment=p.augment, diam_mean=diam_mean if cp3 else 30.0, pad_to_tile=not cp3)
-    return N.Geometry.of(run.grid.shape, diameter=p.diameter, anisotropy=run.anisotropy, bsize=bsize,
-                         tile_overlap=p.tile_overlap, augment=p.augment,
-                         diam_mean=diam_mean if cp3 else 30.0, pad_to_tile=not cp3)
 
 
 def _model_path(run: RunContext, key: str, model: str) -> str:
@@ -183,13 +264,15 @@ def _task(run: RunContext) -> _Task:
     if p.model_ortho:
         ortho = models.load_network(_model_path(run, "model_ortho", p.model_ortho), device,
                                     use_bfloat16=p.use_bfloat16, keep=keep)
+    sizes = run.manifest["predict"]["sizes"]
+    for key, n in (("model", net), ("model_ortho", ortho)):
+        if n is not None and int(n.bsize) != sizes[key]["bsize"]:
+            raise UserError(f"--{key.replace('_', '-')} {getattr(p, key)!r} now has tiles of {n.bsize} pixels, "
+                            f"{sizes[key]['bsize']} when the run was planned: the weights changed; plan again "
+                            "with --overwrite.")
     lowhigh = W.lowhigh(run)
     mask = _open_mask(p.mask) if p.mask else None
-    geo = geometry(run, net.bsize, family=getattr(net, "family", "cpsam"), diam_mean=float(net.diam_mean))
-    if ortho is not None:  # same network scale (--model's), the ortho network's own tiles
-        geo = geo.with_ortho(ortho.bsize, tile_overlap=p.tile_overlap,
-                             pad_to_tile=getattr(ortho, "family", "cpsam") != "cp3")
-    return _Task(net, device, geo, lowhigh, mask, ortho)
+    return _Task(net, device, units(run), lowhigh, mask, ortho)
 
 
 def _mask_box(core, shape, mshape):
@@ -200,15 +283,13 @@ def _mask_box(core, shape, mshape):
     )
 
 
-def _skip_reason(run: RunContext, task: _Task, index: int) -> str | None:
-    g = run.grid
-    block = g.block(index)
+def _skip_reason(run: RunContext, task: _Task, box, data) -> str | None:
+    """Why a unit reading the voxels ``box`` (``data``) does not run the network, if it does not."""
     if task.mask is not None:
-        m = task.mask.read(_mask_box(block, g.shape, task.mask.shape))
+        m = task.mask.read(_mask_box(box, run.grid.shape, task.mask.shape))
         if not np.any(m):
             return "mask"
     if run.params.skip_empty:
-        data = run.volume.read(block)
         peak = data.reshape(data.shape[0], -1).max(axis=1).astype(np.float64)
         if np.all(peak <= task.lowhigh[:, 0]):
             return "empty"
@@ -216,58 +297,67 @@ def _skip_reason(run: RunContext, task: _Task, index: int) -> str | None:
 
 
 def _prepare(run: RunContext, task: _Task, index: int):
-    """Reader thread: the chunk's plan and each view's normalised input (host memory)."""
-    from zseg.engine import views as N
-
-    t0 = time.perf_counter()
-    core = run.grid.core(index)
-    reason = _skip_reason(run, task, index)
-    if reason:
-        return index, core, None, reason, [], time.perf_counter() - t0
-    plan = N.plan_block(task.geometry, core, views=N.PLANE_VIEWS if run.plane is not None else N.VIEWS)
-    inputs = N.view_inputs(plan, run.volume.read, task.lowhigh, pin=task.device.type == "cuda")
-    return index, core, plan, None, inputs, time.perf_counter() - t0
-
-
-def _compute(run: RunContext, task: _Task, plan, inputs) -> tuple[np.ndarray, np.ndarray | None]:
-    """Device: the views of one chunk, summed and resized back to its core (host arrays)."""
+    """Reader thread: the unit's input, normalised (host memory), or why it is skipped."""
     import torch
 
-    from zseg.engine import views as N
+    from zseg.engine.views import normalize
+
+    t0 = time.perf_counter()
+    box = task.units.read(index)
+    data = run.volume.read(box)
+    reason = _skip_reason(run, task, box, data)
+    x = None
+    if reason is None:
+        x = torch.from_numpy(normalize(data, task.lowhigh))
+        if task.device.type == "cuda":
+            x = x.pin_memory()
+    del data
+    return index, x, reason, time.perf_counter() - t0
+
+
+def _compute(run: RunContext, task: _Task, index: int, x, reason) -> np.ndarray:
+    """Device: the unit's fixed-point sums over its reach (host array)."""
+    from zseg.engine import units as UN
+    from zseg.engine.views import to_network_scale
 
     p = run.params
-    flows, kept = N.run_block(task.net, plan, inputs, task.geometry, batch_size=p.batch_size, device=task.device,
-                              dtype=task.net.dtype, keep_views=p.keep_views, net_ortho=task.net_ortho)
-    out = flows.to(getattr(torch, p.flows_dtype)).cpu().numpy()
-    views = np.stack([v.to(torch.float16).cpu().numpy() for v in kept]) if kept else None
-    return out, views
+    if reason is not None:  # every tile outputs flows 0 and a cellprob no threshold passes
+        acc = UN.accumulate(task.units, index, None, keep_views=p.keep_views,
+                            constant=(0.0, 0.0, SKIPPED_CELLPROB))
+    else:
+        u = task.units
+        scaled = to_network_scale(x.to(task.device, non_blocking=True), u.read(index), u.reach(index), u.geometry)
+        acc = UN.accumulate(u, index, scaled, net=task.net, net_ortho=task.net_ortho, batch_size=p.batch_size,
+                            dtype=task.net.dtype, keep_views=p.keep_views)
+        del scaled
+    return acc.cpu().numpy()
 
 
-def _write(run: RunContext, core, flows: np.ndarray, views: np.ndarray | None) -> float:
-    """Writer thread: the core's flows (and views); returns the seconds it took."""
+def _unit_chunks(shape) -> tuple[int, ...]:
+    """Zarr chunks of a unit's sums: the reach halved along its longest axis down to 2**19 voxels."""
+    chunks = list(shape[1:])
+    while math.prod(chunks) > 2**19:
+        ax = int(np.argmax(chunks))
+        chunks[ax] = (chunks[ax] + 1) // 2
+    return (shape[0], *chunks)
+
+
+def _write(run: RunContext, index: int, acc: np.ndarray) -> float:
+    """Writer thread: the unit's sums, in an array of its own; returns the seconds it took."""
     t0 = time.perf_counter()
-    open_array(W.flows_uri(run), mode="r+")[(slice(None), *core)] = flows
-    if views is not None:
-        open_array(run.path(VIEWS_STORE), mode="r+")[(slice(None), slice(None), *core)] = views
+    arr = create_array(W.unit_uri(run, index), shape=acc.shape, chunks=_unit_chunks(acc.shape), dtype="int64",
+                       zarr_format=run.params.zarr_format, fill_value=0, overwrite=True,
+                       attributes={"zseg": {"content": "fixed-point partial flow sums of one predict unit",
+                                            "fraction_bits": 32}})
+    arr[...] = acc
     return time.perf_counter() - t0
 
 
-def _skipped(core, keep_views: bool):
-    shape = tuple(s.stop - s.start for s in core)
-    flows = np.zeros((4, *shape), np.float32)  # stored as the flow store's dtype
-    flows[3] = SKIPPED_CELLPROB
-    views = None
-    if keep_views:
-        views = np.zeros((3, 3, *shape), np.float16)
-        views[:, 2] = SKIPPED_CELLPROB / 3
-    return flows, views
+def predict_units(run: RunContext, indices):
+    """Run the predict units ``indices`` in order; yield ``(index, stats)`` once each is written.
 
-
-def predict_chunks(run: RunContext, indices):
-    """Predict the chunks ``indices`` in order; yield ``(index, stats)`` once each is written.
-
-    Reading and normalising chunk ``i + 1`` (reader thread) and writing chunk ``i - 1`` (writer
-    thread) overlap the network work on chunk ``i``.
+    Reading and normalising unit ``i + 1`` (reader thread) and writing unit ``i - 1`` (writer
+    thread) overlap the network work on unit ``i``.
     """
     indices = list(indices)
     if not indices:
@@ -275,26 +365,26 @@ def predict_chunks(run: RunContext, indices):
     task = _task(run)
     reader = ThreadPoolExecutor(1, thread_name_prefix="zseg-read")
     writer = ThreadPoolExecutor(1, thread_name_prefix="zseg-write")
-    pending = None  # (index, stats, future) of the chunk being written
+    pending = None  # (index, stats, future) of the unit being written
     try:
         ahead = reader.submit(_prepare, run, task, indices[0])
         for k in range(len(indices)):
-            with _naming(run, indices[k]):
-                index, core, plan, reason, inputs, read_s = ahead.result()
+            with _naming(run, task, indices[k]):
+                index, x, reason, read_s = ahead.result()
             if k + 1 < len(indices):
                 ahead = reader.submit(_prepare, run, task, indices[k + 1])
             t0 = time.perf_counter()
-            if reason:
-                flows, views = _skipped(core, run.params.keep_views)
-                stats = {"skipped": reason, "planes": 0, "tiles": 0}
-            else:
-                with _naming(run, index):
-                    flows, views = _compute(run, task, plan, inputs)
-                stats = {"skipped": None, "planes": plan.planes, "tiles": plan.ntiles}
-            del inputs
-            stats.update(read_seconds=round(read_s, 4), network_seconds=round(time.perf_counter() - t0, 4),
-                         device=str(task.device))
-            future = writer.submit(_write, run, core, flows, views)
+            with _naming(run, task, index):
+                acc = _compute(run, task, index, x, reason)
+            del x
+            ran = reason is None
+            stats = {"skipped": reason, "planes": task.units.nplanes(index) if ran else 0,
+                     "tiles": task.units.ntiles(index) if ran else 0,
+                     "box": [[s.start, s.stop] for s in task.units.box(index)],
+                     "read_seconds": round(read_s, 4), "network_seconds": round(time.perf_counter() - t0, 4),
+                     "device": str(task.device)}
+            future = writer.submit(_write, run, index, acc)
+            del acc
             if pending is not None:
                 yield _finish(*pending)
             pending = (index, stats, future)
@@ -306,21 +396,22 @@ def predict_chunks(run: RunContext, indices):
 
 
 @contextlib.contextmanager
-def _naming(run: RunContext, index: int):
-    """Say which chunk met a problem the user can fix (as the other stages do); running out of
-    device memory is one (the batch size or the chunk shape is too large for the device)."""
-    where = ", ".join(f"{a} {s.start}:{s.stop}" for a, s in zip("zyx", run.grid.core(index)))
+def _naming(run: RunContext, task: _Task, index: int):
+    """Say which unit met a problem the user can fix (as the other stages do); running out of
+    device memory is one (the batch size or the unit is too large for the device)."""
+    where = ", ".join(f"{a} {s.start}:{s.stop}" for a, s in zip("zyx", task.units.box(index)))
+    where = f"{PHASE}, unit {index} (network scale {where})"
     try:
         yield
     except UserError as e:
-        raise UserError(*(f"{PHASE}, chunk {index} ({where}): {p}" for p in e.problems)) from None
+        raise UserError(*(f"{where}: {p}" for p in e.problems)) from None
     except RuntimeError as e:
         if "out of memory" not in str(e).lower():
             raise
         raise UserError(
-            f"{PHASE}, chunk {index} ({where}): out of device memory with --batch-size {run.params.batch_size} "
-            f"and chunks of {run.grid.chunk_shape}; run again with a smaller --batch-size (the run resumes), "
-            "or plan it with a smaller --chunk-shape."
+            f"{where}: out of device memory with --batch-size {run.params.batch_size} and units of "
+            f"{run.manifest['predict']['tiles_per_unit']} tiles per axis; run again with a smaller --batch-size "
+            "(the run resumes), or plan it with a smaller --predict-memory."
         ) from None
 
 
@@ -329,8 +420,44 @@ def _finish(index, stats, future):
     return index, stats
 
 
-def process_chunk(run: RunContext, index: int) -> dict:
-    """One chunk (the network stays loaded for the next call in this process)."""
-    for _, stats in predict_chunks(run, [index]):
+def process_unit(run: RunContext, index: int) -> dict:
+    """One unit (the network stays loaded for the next call in this process)."""
+    for _, stats in predict_units(run, [index]):
         return stats
     return {}
+
+
+# -- combine ------------------------------------------------------------------------------------
+def combine_chunk(run: RunContext, index: int) -> dict:
+    """The flows of one chunk's core: the sums of the units that reach it, in float32, resized back."""
+    import torch
+
+    from zseg.engine import units as UN
+    from zseg.engine.views import from_network_scale
+
+    p = run.params
+    un = units(run)
+    core = run.grid.core(index)
+    out = un.out_box(core)
+    k = UN.channels(p.keep_views)
+    meeting = un.meeting(out)
+
+    def read(u, box):
+        uri = W.unit_uri(run, u)
+        if not U.exists(uri):
+            raise UserError(f"the sums of predict unit {u} ({uri}) are missing though its marker exists; "
+                            f"run `zseg predict --run {run.root} --chunks {u}` again after deleting "
+                            f"{run.chunk_file(W.PREDICT_DIR, u, 'json')}.")
+        return open_array(uri)[(slice(None), *box)]
+
+    acc = UN.combine(un, out, read, k)
+    flows, views = UN.to_float(acc, keep_views=p.keep_views)
+    del acc
+    g = un.geometry
+    flows = from_network_scale(torch.from_numpy(flows), out, core, g).numpy()
+    open_array(W.flows_uri(run), mode="r+")[(slice(None), *core)] = flows.astype(p.flows_dtype)
+    if views is not None:
+        back = np.stack([from_network_scale(torch.from_numpy(v), out, core, g).numpy() for v in views])
+        open_array(run.path(VIEWS_STORE), mode="r+")[(slice(None), slice(None), *core)] = back.astype(np.float16)
+    return {"units": len(meeting)}
+

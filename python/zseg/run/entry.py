@@ -17,7 +17,7 @@ from zseg.workspace import work as W
 from zseg.workspace.chunks import chunk_ranges, select_chunks
 from zseg.workspace.context import RunContext, read_manifest
 from zseg.workspace.progress import done_work
-from zseg.workspace.stages import SLIDE_STAGES, stage_table
+from zseg.workspace.stages import SLIDE_STAGES, size, stage_table
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def run_phase(root: str, phase: str, *, stage=None, chunks=None, shard=None, red
         ran = run_reduce(run, st)
         return {"run": root, "stage": st.name, "ran": ran, "nchunks": run.grid.nchunks,
                 "result": U.read_json(run.path(st.result))}
-    selected = select_chunks(run.grid.nchunks, chunks, shard)
+    selected = select_chunks(size(run, st), chunks, shard, what="units" if st.over == "units" else "chunks")
     ran = run_map(run, st, selected)
     return {"run": root, "stage": st.name, "chunks": len(selected), "ran": ran, "skipped": len(selected) - len(ran),
             "skipped_chunks": chunk_ranges(sorted(set(selected) - set(ran)))}

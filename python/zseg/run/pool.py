@@ -22,7 +22,7 @@ from zseg.run import tasks
 from zseg.storage import uri as U
 from zseg.workspace.context import RunContext
 from zseg.workspace.progress import require_complete
-from zseg.workspace.stages import Stage, applicable, stage_table
+from zseg.workspace.stages import Stage, applicable, size, stage_table
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def run_all(run: RunContext, *, workers: int = 1, show_progress: bool | None = N
                     continue
                 t0 = time.perf_counter()
                 if stage.kind == "map":
-                    ran = run_map(run, stage, range(run.grid.nchunks), pool=pool, progress=progress)
+                    ran = run_map(run, stage, range(size(run, stage)), pool=pool, progress=progress)
                 else:
                     task = progress.add_task(stage.name, total=1)
                     ran = run_reduce(run, stage)

@@ -24,7 +24,8 @@ from zseg.workspace.stages import SLIDE_STAGES, STAGES, Stage
 FUNCTIONS: dict[str, Callable] = {
     "percentiles": percentiles.process_chunk,
     "percentiles:reduce": percentiles.reduce,
-    "predict": predict.process_chunk,
+    "predict": predict.process_unit,
+    "predict:combine": predict.combine_chunk,
     "seeds:follow": seeds.follow_chunk,
     "seeds:find": seeds.find_chunk,
     "number": number.reduce,
@@ -47,7 +48,7 @@ FUNCTIONS: dict[str, Callable] = {
 #: Map stages that run a list of chunks in one process: ``batch(run, indices)`` yields
 #: ``(index, stats)`` as each chunk's data is written, in order, so the stage can keep state
 #: (a loaded network) and overlap I/O with work across chunks.
-BATCHES: dict[str, Callable] = {"predict": predict.predict_chunks}
+BATCHES: dict[str, Callable] = {"predict": predict.predict_units}
 
 if set(FUNCTIONS) != set(STAGES) | set(SLIDE_STAGES):  # pragma: no cover - a stage added on one side only
     raise RuntimeError("stages without a function or functions without a stage: "
@@ -59,7 +60,9 @@ def open_run(root: str):
     return SlideContext.open(root) if is_slide_run(root) else RunContext.open(root)
 
 
-def _where(run, index: int) -> str:
+def _where(run, stage: Stage, index: int) -> str:
+    if stage.over == "units":
+        return "a predict unit"
     return ", ".join(f"{a} {s.start}:{s.stop}" for a, s in zip("zyx"[-run.grid.ndim:], run.grid.core(index)))
 
 
@@ -69,7 +72,7 @@ def run_chunk(run: RunContext, stage: Stage, index: int) -> dict:
         with usage.measure() as used:  # seconds and this task's peak resident memory
             stats = dict(FUNCTIONS[stage.name](run, index) or {})
     except UserError as e:  # say which task met the problem
-        raise UserError(*(f"{stage.name}, chunk {index} ({_where(run, index)}): {p}" for p in e.problems)) from None
+        raise UserError(*(f"{stage.name}, chunk {index} ({_where(run, stage, index)}): {p}" for p in e.problems)) from None
     stats.update(used)
     U.write_json(run.chunk_file(stage.marker_dir, index, "json"), stats)
     return stats

@@ -37,7 +37,8 @@ def short_ranges(spec: str, limit: int = 120) -> str:
 _RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 
 
-def select_chunks(nchunks: int, chunks: str | None = None, shard: str | None = None) -> list[int]:
+def select_chunks(nchunks: int, chunks: str | None = None, shard: str | None = None, *,
+                  what: str = "chunks") -> list[int]:
     """The chunk indices a task works on.
 
     Parameters
@@ -49,6 +50,8 @@ def select_chunks(nchunks: int, chunks: str | None = None, shard: str | None = N
     shard : str, optional
         ``"i/N"``: the i-th (0-based) of N contiguous, near-equal shares of the chunks
         (after ``chunks`` when both are given).
+    what : str
+        What the indices count, for messages: ``"chunks"``, or ``"units"`` (predict's).
 
     Returns
     -------
@@ -69,7 +72,7 @@ def select_chunks(nchunks: int, chunks: str | None = None, shard: str | None = N
             if hi < lo or hi >= nchunks:
                 raise UserError(
                     f"--chunks {chunks!r}: {part!r} is outside 0-{nchunks - 1} "
-                    f"(this run has {nchunks} chunks)."
+                    f"(this run has {nchunks} {what})."
                 )
             picked.update(range(lo, hi + 1))
         selected = sorted(picked)

@@ -119,6 +119,11 @@ class RunContext(WorkLayout):
         return float(self.manifest["anisotropy"])
 
     @property
+    def npredict(self) -> int:
+        """The number of predict units (``run.json`` ``predict.units``; 0 without predict)."""
+        return int((self.manifest.get("predict") or {}).get("units", 0))
+
+    @property
     def plane(self) -> dict | None:
         """For one compartment of a 2D slide run, its 2D settings (``flow_threshold``,
         ``patches``, ``patch_size``): what makes the one-plane run follow Cellpose's 2D eval."""

@@ -12,14 +12,14 @@ from zseg.errors import UserError
 from zseg.storage import uri as U
 from zseg.workspace.chunks import chunk_ranges, short_ranges
 from zseg.workspace.context import RunContext
-from zseg.workspace.stages import applicable
+from zseg.workspace.stages import applicable, size
 
 
 # -- progress ------------------------------------------------------------------------------------
 def stage_missing(run: RunContext, stage) -> list[int] | bool:
     """For a map stage the chunks without a marker; for a reduce whether its result is missing."""
     if stage.kind == "map":
-        return run.pending(stage.marker_dir, range(run.grid.nchunks), ext="json")
+        return run.pending(stage.marker_dir, range(size(run, stage)), ext="json")
     return not U.exists(run.path(stage.result))
 
 
@@ -29,12 +29,16 @@ def done_work(run: RunContext) -> dict:
     for stage in applicable(run):
         missing = stage_missing(run, stage)
         if stage.kind == "map":
-            have = sorted(set(range(run.grid.nchunks)) - set(missing))
+            have = sorted(set(range(size(run, stage))) - set(missing))
             if have:
                 done[stage.name] = chunk_ranges(have)
         elif not missing:
             done[stage.name] = "done"
     return done
+
+
+def _what(stage) -> str:
+    return "unit(s)" if stage.over == "units" else "chunk(s)"
 
 
 def command_for(run: RunContext, stage) -> str:
@@ -72,8 +76,8 @@ def require_complete(run: RunContext, stage) -> None:
             break
     if first.kind == "map":
         raise UserError(
-            f"{stage.name} cannot start: {len(missing)} of {run.grid.nchunks} chunk(s) of {first.name} "
+            f"{stage.name} cannot start: {len(missing)} of {size(run, first)} {_what(first)} of {first.name} "
             f"are not done ({short_ranges(chunk_ranges(missing))}); run `{command_for(run, first)}` first "
-            "(it skips the chunks that are done)."
+            f"(it skips the {_what(first)[:-3]}s that are done)."
         )
     raise UserError(f"{stage.name} cannot start: {first.name} is not done; run `{command_for(run, first)}` first.")

@@ -31,6 +31,9 @@ class Stage:
     result: str | None = None
     applies: Callable = field(default=_always)
     """``applies(run)``: whether this run has the stage (predict is skipped with ``--flows``)."""
+    over: Literal["chunks", "units"] = "chunks"
+    """What a map stage's indices count: the chunks of the grid, or the predict units
+    (:mod:`zseg.engine.units`, fixed by the volume and the network, never by the chunking)."""
 
 
 def _predicts(run) -> bool:
@@ -46,7 +49,8 @@ def flow_check(run) -> bool:
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("percentiles", "percentiles", "map", marker_dir=W.PERCENTILES_DIR),
     Stage("percentiles:reduce", "percentiles", "reduce", result=W.PERCENTILES_RESULT),
-    Stage("predict", "predict", "map", marker_dir=W.PREDICT_DIR, applies=_predicts),
+    Stage("predict", "predict", "map", marker_dir=W.PREDICT_DIR, applies=_predicts, over="units"),
+    Stage("predict:combine", "predict", "map", marker_dir=W.COMBINE_DIR, applies=_predicts),
     Stage("seeds:follow", "seeds", "map", marker_dir=W.FOLLOW_DIR),
     Stage("seeds:find", "seeds", "map", marker_dir=W.SEEDS_DIR),
     Stage("number", "number", "reduce", result=W.NUMBER_RESULT),
@@ -77,6 +81,11 @@ SLIDE_STAGES: dict[str, Stage] = {s.name: s for s in (
 def stage_table(run) -> dict[str, Stage]:
     """The stages of ``run``'s kind: :data:`SLIDE_STAGES` for a slide run, else :data:`STAGES`."""
     return getattr(run, "stage_table", STAGES)
+
+
+def size(run, stage: Stage) -> int:
+    """How many tasks map stage ``stage`` has: the run's chunks, or its predict units."""
+    return run.npredict if stage.over == "units" else run.grid.nchunks
 
 
 def applicable(run) -> list[Stage]:

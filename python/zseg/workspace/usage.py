@@ -86,7 +86,8 @@ def scan(run) -> tuple[dict, np.ndarray, np.ndarray]:
         if stage.kind == "map":
             present = set(U.listdir(run.path(stage.marker_dir)))
             seconds, longest, peak, tasks = 0.0, 0.0, 0.0, 0
-            for i in range(n):
+            units = stage.over == "units"  # predict units are not chunks: no per-chunk seconds
+            for i in range(run.npredict if units else n):
                 if f"c{i:07d}.json" not in present:
                     continue
                 m = U.read_json(run.chunk_file(stage.marker_dir, i, "json"))
@@ -95,7 +96,8 @@ def scan(run) -> tuple[dict, np.ndarray, np.ndarray]:
                 seconds += t
                 longest = max(longest, t)
                 peak = max(peak, float(m.get("peak_rss_mib", 0)))
-                per_chunk_seconds[i] += t
+                if not units:
+                    per_chunk_seconds[i] += t
                 if stage.name == "finalize:cells":
                     cells[i] = int(m.get("cells", 0))
             if tasks:

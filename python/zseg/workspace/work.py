@@ -8,6 +8,8 @@ report all agree on it:
 - ``work/ends.zarr``: for every foreground voxel, the integer displacement to the voxel its
   trajectory ends in (``floor`` of the float displacement), ``(ndim, *shape)``; background
   voxels hold ``ENDS_EMPTY``.
+- ``work/units/uNNNNNNN.zarr``: each predict unit's partial flow sums (int64 fixed point, over
+  its reach at network scale), which ``predict:combine`` sums into ``work/flows.zarr``.
 - ``work/masks.zarr``: provisional labels (global seed IDs before size decisions).
 - per-chunk results and markers in ``work/<stage dir>/cNNNNNNN.{npz,json}`` and the reduces'
   results ``work/<name>.json`` (the ``*_DIR`` and ``*_RESULT`` names below).
@@ -26,6 +28,7 @@ ENDS_EMPTY = np.iinfo(np.int16).min
 # per-chunk folders (data and markers) of the map stages
 PERCENTILES_DIR = "percentiles"
 PREDICT_DIR = "predict"
+COMBINE_DIR = "combine"
 FOLLOW_DIR = "follow"
 SEEDS_DIR = "seeds"
 MASKS_DIR = "masks"
@@ -48,6 +51,19 @@ EXTENT_RESULT = "extent.json"
 FINAL_NUMBER_RESULT = "final_number.json"
 REPORT_RESULT = "report.json"
 VIEWS_STORE = "views.zarr"
+#: the predict units' fixed-point partial sums, one array per unit (``work/units/uNNNNNNN.zarr``)
+UNITS_DIR = "units"
+
+
+def unit_uri(run, index: int) -> str:
+    return run.path(UNITS_DIR, f"u{index:07d}.zarr")
+
+
+def free_units(run) -> None:
+    """Remove the predict units' partial sums (scratch): ``number`` does, once every chunk's
+    flows are combined and followed."""
+    if U.exists(run.path(UNITS_DIR)):
+        U.remove(run.path(UNITS_DIR))
 
 
 def flows_uri(run) -> str:
