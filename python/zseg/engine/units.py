@@ -203,16 +203,16 @@ class Units:
 
 
 def unit_bytes(units: Units, nchannels: int, keep_views: bool = False) -> int:
-    """Host memory the largest unit needs: its int64 sums, its input at network scale and as
-    read (float32), the tiles' weights aside (they are per tile)."""
-    most = 0
-    k = channels(keep_views)
-    for pos in itertools.product(*(range(n) for n in units.grid_shape)):
-        index = int(np.ravel_multi_index(pos, units.grid_shape))
-        reach = math.prod(s.stop - s.start for s in units.reach(index))
-        read = math.prod(s.stop - s.start for s in units.read(index))
-        most = max(most, reach * (8 * k + 4 * nchannels) + read * 8 * nchannels)
-    return most
+    """Host memory the largest unit needs: its int64 sums and its input at network scale over its
+    reach, and its input as read and normalised (float32). A reach is a product of one interval
+    per axis, so the largest is the product of each axis's largest (no unit is enumerated)."""
+    g = units.geometry
+    reach, read = 1, 1
+    for ax in range(3):
+        spans = [units._reach_axis(ax, j) for j in range(units.grid_shape[ax])]
+        reach *= max(hi - lo for lo, hi in spans)
+        read *= max(b - a for a, b in (resample.source_range(g.shape[ax], g.scaled[ax], lo, hi) for lo, hi in spans))
+    return reach * (8 * channels(keep_views) + 4 * nchannels) + read * 8 * nchannels
 
 
 def tiles_per_unit(geometry: Geometry, budget: int, *, views=VIEWS, nchannels: int = 1,
