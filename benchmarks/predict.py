@@ -13,10 +13,13 @@ as Cellpose 4 runs (``--fp32`` for float32):
 
 - cellpose: ``CellposeModel.eval(do_3D=True, compute_masks=False)`` on the whole volume
   (normalise with fixed low/high, resize, run_3D over YX/ZY/ZX, resize back);
-- zseg whole: :func:`zseg.engine.views.predict_block` on the whole volume as one block (the
-  same tiles as Cellpose);
-- zseg predict: the predict phase of a planned run (``zseg predict``): chunks of
-  ``--chunk-shape`` read from and written to zarr, with the reader/writer threads.
+- zseg whole: :func:`zseg.engine.units.predict_block` on the whole volume (every predict unit in
+  this process, combined: the same tiles as Cellpose);
+- zseg predict: the predict phase of a planned run with chunks of ``--chunk-shape``: ``zseg predict``
+  (the predict units, read from and written to zarr with the reader/writer threads, units sized by
+  ``--predict-memory``), then ``zseg predict --stage combine`` (the chunks' flows). The tile ratio
+  is its tiles over Cellpose's (1.00: each tile once, whatever the chunk shape); the peak memory is
+  the largest predict task's (this process, network included).
 
 With ``--repeat N`` each contender runs N times and the fastest run is reported (a shared
 machine is noisy). Tiles are counted at the network's input (every tile it was given); planes are the planes
@@ -115,7 +118,8 @@ def _sync(device):
 def one(name: str, a) -> dict:
     import torch
 
-    from zseg.engine.views import Geometry, predict_block
+    from zseg.engine.units import predict_block
+    from zseg.engine.views import Geometry
     from zseg.storage.models import select_device
 
     device = select_device(a.device)
@@ -155,12 +159,13 @@ def one(name: str, a) -> dict:
                 _sync(device)
                 seconds = time.perf_counter() - t0
         else:
-            planes, seconds, util = _phase(a, img, sd, net, device)
+            planes, seconds, util, peak = _phase(a, img, sd, net, device)
         times.append(seconds)
         utils.append(util.mean)
     best = int(np.argmin(times))
     return {"seconds": times[best], "all_seconds": [round(t, 3) for t in times], "planes": planes,
-            "tiles": counter.tiles, "gpu_util": utils[best], "device": str(device),
+            "tiles": counter.tiles, "cellpose_tiles": sum(t for _p, t in geo.view_counts().values()),
+            "peak_mib": peak if name == "zseg predict" else None, "gpu_util": utils[best], "device": str(device),
             "dtype": str(net.dtype).removeprefix("torch.")}
 
 
@@ -183,7 +188,7 @@ def _phase(a, img, sd, net, device):
         params = build_params(input=os.path.join(tmp, "image.ome.zarr"), output=os.path.join(tmp, "out"),
                               model=os.path.join(tmp, "net.pt"), diameter=a.diameter, chunk_shape=chunks,
                               batch_size=a.batch_size, use_bfloat16=not a.fp32, device=str(device),
-                              skip_empty=False)
+                              skip_empty=False, predict_memory=a.predict_memory)
         run = plan(params)
         run_phase(run.root, "percentiles")
         run_phase(run.root, "percentiles", reduce=True)
@@ -193,10 +198,12 @@ def _phase(a, img, sd, net, device):
         with _Utilisation(device) as util:
             t0 = time.perf_counter()
             run_phase(run.root, "predict")
+            run_phase(run.root, "predict", stage="combine")
             _sync(device)
             seconds = time.perf_counter() - t0
         markers = [json.load(open(os.path.join(run.work, "predict", f))) for f in os.listdir(os.path.join(run.work, "predict"))]
-        return sum(m["planes"] for m in markers), seconds, util
+        peak = max(m["peak_rss_mib"] for m in markers)
+        return sum(m["planes"] for m in markers), seconds, util, peak
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -209,6 +216,7 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--chunk-shape", default=None, help="chunks of the zseg predict contender (default: the volume)")
+    ap.add_argument("--predict-memory", type=float, default=4.0, help="GiB per predict unit (zseg predict)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--fp32", action="store_true")
     ap.add_argument("--repeat", type=int, default=1, help="timed runs per contender; the fastest is reported")
@@ -230,15 +238,19 @@ def main() -> None:
     first = next(iter(rows.values()))
     print(f"volume {a.shape}, diameter {a.diameter:g}, CPSAM width {a.width} with {a.blocks} block(s), "
           f"batch {a.batch_size}, {first['dtype']} on {first['device']} "
-          f"({os.cpu_count()} cores, {platform.processor() or platform.machine()}); zseg predict chunks {a.chunk_shape}\n")
-    print("| contender | seconds | planes | tiles | planes/s | tiles/s | tiles/s vs cellpose | wall vs cellpose | GPU util % |")
+          f"({os.cpu_count()} cores, {platform.processor() or platform.machine()}); zseg predict chunks {a.chunk_shape}, "
+          f"--predict-memory {a.predict_memory:g}\n")
+    print("| contender | seconds | tiles | tiles vs cellpose's count | tiles/s | tiles/s vs cellpose | wall vs cellpose "
+          "| predict task peak MiB | GPU util % |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
-        tps, pps = r["tiles"] / r["seconds"], r["planes"] / r["seconds"]
+        tps = r["tiles"] / r["seconds"]
         ratio = f"{tps / (base['tiles'] / base['seconds']):.2f}" if base else ""
         wall = f"{base['seconds'] / r['seconds']:.2f}" if base else ""
         util = "" if r["gpu_util"] is None else r["gpu_util"]
-        print(f"| {name} | {r['seconds']:.2f} | {r['planes']} | {r['tiles']} | {pps:.2f} | {tps:.2f} | {ratio} | {wall} | {util} |")
+        peak = "" if r.get("peak_mib") is None else f"{r['peak_mib']:.0f}"
+        print(f"| {name} | {r['seconds']:.2f} | {r['tiles']} | {r['tiles'] / r['cellpose_tiles']:.2f} | {tps:.2f} "
+              f"| {ratio} | {wall} | {peak} | {util} |")
 
 
 if __name__ == "__main__":

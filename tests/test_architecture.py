@@ -21,7 +21,7 @@ TESTS = ROOT / "tests"
 
 #: The imports inside functions that docs/architecture.md allows: network modules (torch) in the
 #: stages that run or load a network, so that other workers never import torch.
-TORCH_MODULES = {"zseg.engine.views", "zseg.storage.models"}
+TORCH_MODULES = {"zseg.engine.views", "zseg.engine.units", "zseg.storage.models"}
 LAZY_ALLOWED = {"phases/predict.py", "phases/seeds.py", "phases/plan.py"}
 
 

@@ -223,8 +223,9 @@ def test_processes_cover_every_stage_once_in_order(procs):
             prev_stage = next((stages[s] for s, p in by_stage.items() if p == previous), None)
             if prev_stage is not None and prev_stage.kind == "map":
                 assert re.search(rf"gather\w*\({previous}\.out\.manifest\)", args), f"{proc_name}: gather {previous}"
-            if stages[stage].kind == "map":
-                assert args.startswith("ch_shards.combine("), f"{proc_name}: one task per shard"
+            if stages[stage].kind == "map":  # one task per shard of chunks, or per predict unit
+                shards = "ch_units" if stages[stage].over == "units" else "ch_shards"
+                assert args.startswith(f"{shards}.combine("), f"{proc_name}: one task per {shards}"
             previous = proc_name
 
 

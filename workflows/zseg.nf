@@ -14,6 +14,7 @@ include { ZSEG_SLIDE_FINISH       } from './slide'
 include { ZSEG_PERCENTILES_MAP    } from '../modules/local/percentiles/map'
 include { ZSEG_PERCENTILES_REDUCE } from '../modules/local/percentiles/reduce'
 include { ZSEG_PREDICT            } from '../modules/local/predict'
+include { ZSEG_PREDICT_COMBINE    } from '../modules/local/predict/combine'
 include { ZSEG_SEEDS_FOLLOW       } from '../modules/local/seeds/follow'
 include { ZSEG_SEEDS_FIND         } from '../modules/local/seeds/find'
 include { ZSEG_NUMBER             } from '../modules/local/number'
@@ -60,12 +61,16 @@ workflow ZSEG_STAGES {
     main:
     // [ meta, index, count ] for each of the count = ceil(nchunks / shard_size) shards
     ch_shards = shards(ch_plan, shard_size)
+    // predict runs one task per predict unit (run.json predict.units: fixed by the volume and the
+    // network, never by the chunking); the chunks' flows are then combined one shard at a time
+    ch_units = units(ch_plan)
 
     ZSEG_PERCENTILES_MAP(ch_shards.combine(ch_plan, by: 0))
     ZSEG_PERCENTILES_REDUCE(gather(ZSEG_PERCENTILES_MAP.out.manifest))
 
-    ZSEG_PREDICT(ch_shards.combine(ZSEG_PERCENTILES_REDUCE.out.manifest, by: 0))
-    ZSEG_SEEDS_FOLLOW(ch_shards.combine(gather(ZSEG_PREDICT.out.manifest), by: 0))
+    ZSEG_PREDICT(ch_units.combine(ZSEG_PERCENTILES_REDUCE.out.manifest, by: 0))
+    ZSEG_PREDICT_COMBINE(ch_shards.combine(gather(ZSEG_PREDICT.out.manifest), by: 0))
+    ZSEG_SEEDS_FOLLOW(ch_shards.combine(gather(ZSEG_PREDICT_COMBINE.out.manifest), by: 0))
     ZSEG_SEEDS_FIND(ch_shards.combine(gather(ZSEG_SEEDS_FOLLOW.out.manifest), by: 0))
     ZSEG_NUMBER(gather(ZSEG_SEEDS_FIND.out.manifest))
 
@@ -89,6 +94,18 @@ def shards(ch_plan, shard_size) {
     return ch_plan.flatMap { meta, plan ->
         def nchunks = readJson(plan).nchunks as Integer
         def count = (nchunks + shard_size - 1).intdiv(shard_size)
+        (0..<count).collect { index -> [meta, index, count] }
+    }
+}
+
+// [ meta, index, count ] for each of a run's predict units (at least one task: with --flows the
+// predict tasks have nothing to do and exit at once). A slide's compartment finds its own count
+// in its entry of the compartments' manifest.
+def units(ch_plan) {
+    return ch_plan.flatMap { meta, plan ->
+        def json = readJson(plan)
+        def own = json.compartments ? json.compartments.find { c -> c.run == meta.run } : json
+        def count = Math.max(1, (own.npredict ?: 0) as Integer)
         (0..<count).collect { index -> [meta, index, count] }
     }
 }

@@ -1,10 +1,10 @@
-// The network's flows (dZ, dY, dX, cellprob) of one shard of chunks: normalise with the global
-// percentiles, run Cellpose's network on the YX, ZY and ZX tiles of the whole volume that cover
-// each core, write the cores into the run's flow store (work folder, flows.zarr). One GPU under -profile gpu; the model is
-// loaded once per task. A run given precomputed --flows has nothing to predict: the task exits at
-// once (leave out -profile gpu then, so that it does not wait for a GPU).
+// One predict unit (of the run's predict units, fixed by the volume and the network): normalise
+// its input with the global percentiles, run Cellpose's network on the YX, ZY and ZX tiles it
+// owns (each tile of the whole volume belongs to exactly one unit), write its partial sums to the
+// work folder (units/). One GPU under -profile gpu. A run given precomputed --flows has nothing
+// to predict: the task exits at once (leave out -profile gpu then, so that it does not wait for a GPU).
 process ZSEG_PREDICT {
-    tag "${meta.id} shard ${index}/${count}"
+    tag "${meta.id} unit ${index}/${count}"
     label 'process_gpu'
     containerOptions "${meta.container_options}"
 

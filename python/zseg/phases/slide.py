@@ -268,9 +268,11 @@ _VOLUME_FIELDS = [n for n in RunParams.model_fields if n not in SLIDE_ONLY]
 
 def compartments_reduce(run: SlideContext) -> dict:
     """Plans each compartment's one-plane run (finding and checking its network); writes
-    ``work/compartments.json``: ``{"compartments": [{"name", "run"}], "nchunks": N}``."""
+    ``work/compartments.json``: ``{"compartments": [{"name", "run", "npredict"}], "nchunks": N}``
+    (``npredict``: the compartment's predict units, one predict task each under Nextflow)."""
     runs = plan_compartments(run)
-    result = {"compartments": [{"name": name, "run": r.root} for name, r in zip(COMPARTMENT_RUNS[run.compartment], runs)],
+    result = {"compartments": [{"name": name, "run": r.root, "npredict": r.npredict}
+                               for name, r in zip(COMPARTMENT_RUNS[run.compartment], runs)],
               "nchunks": run.grid.nchunks}
     U.write_json(run.path(W.COMPARTMENTS_RESULT), result)
     return result
