@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--diameter", type=float, default=30.0)
     ap.add_argument("--anisotropy", type=float, default=1.0)
     ap.add_argument("--chunk-shape", default="128,256,256")
-    ap.add_argument("--predict-memory", type=float, default=8.0)
+    ap.add_argument("--predict-memory", type=float, default=12.0)
     ap.add_argument("--channels", type=int, default=1)
     ap.add_argument("--input-bytes", type=int, default=2)
     ap.add_argument("--store-chunk", default="64,256,256", help="the input's zarr chunks")

@@ -100,6 +100,8 @@ def _stage_of(argv: list[str]):
     if len(found) > 1:
         kind = "reduce" if "--reduce" in argv else "map"
         found = [s for s in found if s.kind == kind]
+        if stage is None:  # as `zseg <phase>` does: the phase's first stage of that kind
+            found = found[:1]
     assert len(found) == 1, f"{argv}: not exactly one zseg stage ({[s.name for s in found]})"
     return found[0]
 

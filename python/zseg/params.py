@@ -115,7 +115,7 @@ class RunParams(BaseModel):
     """Do not run the network on predict units whose input is nowhere above the low percentile (their tiles give flows 0 and no cells)."""
     mask: str | None = None
     """Only run the network where this volume (any resolution, e.g. a low-resolution foreground mask) is nonzero."""
-    predict_memory: float = Field(8.0, gt=0)
+    predict_memory: float = Field(12.0, gt=0)
     """GiB of host memory one predict task may use for a unit (its input and sums at network scale): units get as many tiles per axis as fit. Flows do not depend on it."""
     keep_views: bool = False
     """Also keep the three views' predictions (work/views.zarr) for inspection."""

@@ -203,16 +203,18 @@ class Units:
 
 
 def unit_bytes(units: Units, nchannels: int, keep_views: bool = False) -> int:
-    """Host memory the largest unit needs: its int64 sums and its input at network scale over its
-    reach, and its input as read and normalised (float32). A reach is a product of one interval
-    per axis, so the largest is the product of each axis's largest (no unit is enumerated)."""
+    """Host memory a predict task needs for the largest unit: two units' int64 sums (the writer
+    stores the previous unit's while the device fills this one's), this unit's input at network
+    scale, and two units' input as read and normalised (the reader prepares the next one), all
+    float32. A reach is a product of one interval per axis, so the largest is the product of each
+    axis's largest (no unit is enumerated). The network's own memory is not counted."""
     g = units.geometry
     reach, read = 1, 1
     for ax in range(3):
         spans = [units._reach_axis(ax, j) for j in range(units.grid_shape[ax])]
         reach *= max(hi - lo for lo, hi in spans)
         read *= max(b - a for a, b in (resample.source_range(g.shape[ax], g.scaled[ax], lo, hi) for lo, hi in spans))
-    return reach * (8 * channels(keep_views) + 4 * nchannels) + read * 8 * nchannels
+    return reach * (2 * 8 * channels(keep_views) + 4 * nchannels) + 2 * read * 8 * nchannels
 
 
 def tiles_per_unit(geometry: Geometry, budget: int, *, views=VIEWS, nchannels: int = 1,
