@@ -79,7 +79,7 @@ def main() -> None:
     print(f"| chunk tasks per map stage | {grid.nchunks} |")
     print(f"| block read / core written (voxels re-read through the halo) | {ratio:.2f} x |")
     print(f"| zarr objects read per task (block over the run's chunks) | {_objects(block, chunk)} |")
-    print(f"| zarr objects written per task | 1 per store |")
+    print("| zarr objects written per task | 1 per store |")
     print(f"| flows store (float16, 4 channels) | {8 * voxels / 2**40:.2f} TiB |")
     print(f"| end points (int16, 3) + provisional labels (uint32) + labels (uint32) | "
           f"{(6 + 4 + 4) * voxels / 2**40:.2f} TiB |")

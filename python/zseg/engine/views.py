@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from zseg.engine import resample
-from zseg.engine.tiles import AxisTiles, taper
+from zseg.engine.tiles import AxisTiles
 
 __all__ = [
     "VIEWS",

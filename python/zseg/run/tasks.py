@@ -62,8 +62,9 @@ def open_run(root: str):
 
 def _where(run, stage: Stage, index: int) -> str:
     if stage.over == "units":
-        return "a predict unit"
-    return ", ".join(f"{a} {s.start}:{s.stop}" for a, s in zip("zyx"[-run.grid.ndim:], run.grid.core(index)))
+        return f"unit {index}"
+    where = ", ".join(f"{a} {s.start}:{s.stop}" for a, s in zip("zyx"[-run.grid.ndim:], run.grid.core(index)))
+    return f"chunk {index} ({where})"
 
 
 def run_chunk(run: RunContext, stage: Stage, index: int) -> dict:
@@ -72,7 +73,7 @@ def run_chunk(run: RunContext, stage: Stage, index: int) -> dict:
         with usage.measure() as used:  # seconds and this task's peak resident memory
             stats = dict(FUNCTIONS[stage.name](run, index) or {})
     except UserError as e:  # say which task met the problem
-        raise UserError(*(f"{stage.name}, chunk {index} ({_where(run, stage, index)}): {p}" for p in e.problems)) from None
+        raise UserError(*(f"{stage.name}, {_where(run, stage, index)}: {p}" for p in e.problems)) from None
     stats.update(used)
     U.write_json(run.chunk_file(stage.marker_dir, index, "json"), stats)
     return stats
