@@ -23,8 +23,10 @@ as Cellpose 4 runs (``--fp32`` for float32):
   started: the network and the benchmark's own volume are not counted).
 
 With ``--repeat N`` each contender runs N times and the fastest run is reported (a shared
-machine is noisy). Tiles are counted at the network's input (every tile it was given); planes are the planes
-whose tiles ran (for Cellpose: every plane of the three views). Prints a Markdown table with
+machine is noisy). Tiles are the tiles of the volume that ran (from the markers for zseg predict); planes are the planes
+whose tiles ran (for Cellpose: every plane of the three views); network inputs count the zero tiles
+that fill each predict unit's last batch (every network call gets ``--batch-size`` tiles, so a
+tile's output does not depend on its unit). Prints a Markdown table with
 seconds, planes/s, tiles/s, the speed ratio against cellpose (tiles/s over cellpose's tiles/s,
 and wall time), and on CUDA the mean GPU utilisation sampled with ``nvidia-smi``.
 """
@@ -138,6 +140,7 @@ def one(name: str, a) -> dict:
     geo = Geometry.of(shape, diameter=a.diameter, bsize=net.bsize)
     planes = sum(p for p, _ in geo.view_counts().values())
     times, utils = [], []
+    peak = None
     for _ in range(a.repeat):
         counter.tiles = 0
         if name == "cellpose":
@@ -151,22 +154,24 @@ def one(name: str, a) -> dict:
                            normalize={"lowhigh": lowhigh}, bsize=net.bsize, compute_masks=False)
                 _sync(device)
                 seconds = time.perf_counter() - t0
+                tiles = counter.tiles
         elif name == "zseg whole":
             core = tuple(slice(0, s) for s in shape)
             with _Utilisation(device) as util:
                 t0 = time.perf_counter()
-                predict_block(net, lambda box: img[(slice(None), *box)], core, geo, lowhigh,
-                              batch_size=a.batch_size, device=device, dtype=net.dtype)
+                _f, _v, stats = predict_block(net, lambda box: img[(slice(None), *box)], core, geo, lowhigh,
+                                              batch_size=a.batch_size, device=device, dtype=net.dtype)
+                tiles = stats["tiles"]
                 _sync(device)
                 seconds = time.perf_counter() - t0
         else:
-            planes, seconds, util, peak = _phase(a, img, sd, net, device)
+            planes, tiles, seconds, util, peak = _phase(a, img, sd, net, device)
         times.append(seconds)
         utils.append(util.mean)
     best = int(np.argmin(times))
     return {"seconds": times[best], "all_seconds": [round(t, 3) for t in times], "planes": planes,
-            "tiles": counter.tiles, "cellpose_tiles": sum(t for _p, t in geo.view_counts().values()),
-            "peak_mib": peak if name == "zseg predict" else None, "gpu_util": utils[best], "device": str(device),
+            "tiles": tiles, "inputs": counter.tiles, "cellpose_tiles": sum(t for _p, t in geo.view_counts().values()),
+            "peak_mib": peak, "gpu_util": utils[best], "device": str(device),
             "dtype": str(net.dtype).removeprefix("torch.")}
 
 
@@ -206,7 +211,7 @@ def _phase(a, img, sd, net, device):
         # the predict tasks' own growth: peak over the task less the process's size when it started
         # (this process also holds the benchmark's volume, which is not the task's)
         peak = max(m["peak_rss_mib"] - m.get("start_rss_mib", 0) for m in markers)
-        return sum(m["planes"] for m in markers), seconds, util, peak
+        return sum(m["planes"] for m in markers), sum(m["tiles"] for m in markers), seconds, util, peak
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -219,7 +224,7 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--chunk-shape", default=None, help="chunks of the zseg predict contender (default: the volume)")
-    ap.add_argument("--predict-memory", type=float, default=4.0, help="GiB per predict unit (zseg predict)")
+    ap.add_argument("--predict-memory", type=float, default=12.0, help="GiB per predict task (zseg predict)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--fp32", action="store_true")
     ap.add_argument("--repeat", type=int, default=1, help="timed runs per contender; the fastest is reported")
@@ -243,16 +248,16 @@ def main() -> None:
           f"batch {a.batch_size}, {first['dtype']} on {first['device']} "
           f"({os.cpu_count()} cores, {platform.processor() or platform.machine()}); zseg predict chunks {a.chunk_shape}, "
           f"--predict-memory {a.predict_memory:g}\n")
-    print("| contender | seconds | tiles | tiles vs cellpose's count | tiles/s | tiles/s vs cellpose | wall vs cellpose "
-          "| predict task peak MiB (own) | GPU util % |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| contender | seconds | tiles | tiles vs cellpose's count | network inputs | tiles/s | tiles/s vs cellpose "
+          "| wall vs cellpose | predict task peak MiB (own) | GPU util % |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         tps = r["tiles"] / r["seconds"]
         ratio = f"{tps / (base['tiles'] / base['seconds']):.2f}" if base else ""
         wall = f"{base['seconds'] / r['seconds']:.2f}" if base else ""
         util = "" if r["gpu_util"] is None else r["gpu_util"]
         peak = "" if r.get("peak_mib") is None else f"{r['peak_mib']:.0f}"
-        print(f"| {name} | {r['seconds']:.2f} | {r['tiles']} | {r['tiles'] / r['cellpose_tiles']:.2f} | {tps:.2f} "
+        print(f"| {name} | {r['seconds']:.2f} | {r['tiles']} | {r['tiles'] / r['cellpose_tiles']:.2f} | {r['inputs']} | {tps:.2f} "
               f"| {ratio} | {wall} | {peak} | {util} |")
 
 

@@ -268,6 +268,14 @@ def accumulate(units: Units, index: int, scaled: torch.Tensor | None, *, net=Non
     Returns
     -------
     (K, *reach) torch.Tensor of int64, on ``scaled``'s device (or ``device``)
+
+    Notes
+    -----
+    A network's output for one tile can depend on the *size* of the batch it runs in (a batch of
+    8 and single tiles differ by ~1e-6 in float32 on a CPU: the kernels block the work by batch
+    size), though not on the other tiles in it. So every call gets exactly ``batch_size`` tiles,
+    the last batch of a unit padded with zero tiles whose outputs are dropped: each tile's output
+    is then the same whatever unit it runs in, and the flows the same bytes for any units.
     """
     g = units.geometry
     reach = units.reach(index)
@@ -289,6 +297,8 @@ def accumulate(units: Units, index: int, scaled: torch.Tensor | None, *, net=Non
             else:
                 x = torch.stack([augment_tile(_tile_input(units, reach, scaled, v, p, kb, kc), kb, kc, g.augment)
                                  for _vi, v, p, kb, kc in batch])
+                if len(batch) < batch_size:  # always full batches: see the note on batches above
+                    x = torch.cat([x, x.new_zeros((batch_size - len(batch), *x.shape[1:]))])
                 with torch.inference_mode():
                     out = _forward(vnet, x, vdtype)
                 y = [unaugment_tile(out[j], kb, kc, g.augment) for j, (_vi, _v, _p, kb, kc) in enumerate(batch)]
