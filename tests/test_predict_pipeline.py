@@ -270,3 +270,19 @@ def test_readme_table_names_real_tests():
     for row in rows:
         names = re.findall(r"`(test_\w+)(?:\[[^\]]*\])?`", row.rsplit("|", 2)[-2])
         assert names and all(n in globals() for n in names), row
+
+
+def test_an_unfinished_run_of_an_earlier_zseg_is_not_resumed_without_units(blob_volume, tmp_path, capsys):
+    """A run planned before predict units (no `predict` in run.json) cannot resume: its flows
+    would be half per chunk, half per unit."""
+    out = tmp_path / "out"
+    args = ["plan", blob_volume["uri"], str(out), "--model", blob_volume["random"], "--chunk-shape", "12,24,48"]
+    assert main(args) == 0
+    manifest = json.loads((out / "run.json").read_text())
+    del manifest["predict"]
+    (out / "run.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "earlier zseg" in err[0] and "--overwrite" in err[0], err
+    assert main([*args, "--overwrite"]) == 0

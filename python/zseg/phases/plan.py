@@ -183,6 +183,9 @@ def plan(params: RunParams, *, check_model: bool = False, plane: dict | None = N
 
     resumed = _existing_output(params)
     if resumed is not None:
+        if params.flows is None and not resumed.manifest.get("complete") and not resumed.manifest.get("predict"):
+            raise UserError(f"output {params.output!r} holds an unfinished run planned by an earlier zseg, whose "
+                            "predict ran per chunk (no predict units in run.json); pass --overwrite to start again.")
         log.info("resuming the unfinished run in %s", params.output)
         if not U.exists(resumed.path("ends.zarr")):  # killed between run.json and ends.zarr
             create_ends(resumed)
