@@ -80,6 +80,26 @@ def test_labels_identical_whatever_the_chunking(volume, reference, tmp_path, chu
     np.testing.assert_array_equal(labels, ref)
 
 
+@pytest.mark.slow
+def test_smoothed_flows_give_identical_labels_whatever_the_chunking(volume, tmp_path):
+    """`flow3D_smooth` (Cellpose's Gaussian on the flows before following them; its agreement with
+    Cellpose is in tests/test_dynamics_engine.py): each block smooths its flows read with a margin
+    of the filter's radius, so chunks give the whole volume's labels, which the engine's
+    whole-volume run gives too."""
+    sigma = (1.0, 1.5, 1.5)
+    runs = [_segment(volume, tmp_path / f"out{i}", chunk_shape=c, flow3D_smooth=sigma)
+            for i, c in enumerate([SHAPE, (11, 24, 20), (8, 16, 16)])]
+    (ref, ref_report), *others = runs
+    dP = volume["dP"]
+    whole = compute_masks(dP[:3], dP[3], niter=int(200 * DIAMETER / 30), min_size=15, flow3D_smooth=sigma)
+    np.testing.assert_array_equal(ref, whole)
+    unsmoothed = compute_masks(dP[:3], dP[3], niter=int(200 * DIAMETER / 30), min_size=15)
+    assert not np.array_equal(whole, unsmoothed)  # the smoothing did change the labels
+    for labels, report in others:
+        assert report["chunk_exact"], report
+        np.testing.assert_array_equal(labels, ref)
+
+
 def test_single_chunk_equals_the_whole_volume_engine(volume, reference):
     ref, _ = reference
     dP = volume["dP"]
