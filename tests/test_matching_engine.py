@@ -273,3 +273,18 @@ def test_labels_past_32_bits_give_the_same_pairs(pair):
     got = M.match_masks(c64, n64)
     want = M.match_masks(cells, nuclei)
     assert got[0].tolist() == (want[0] + big).tolist() and got[1].tolist() == (want[1] + big).tolist()
+
+
+def test_labels_on_faces_are_the_volumes_not_the_cores_and_a_plane_has_no_z_faces():
+    from zseg.engine.blocks import labels_on_faces
+
+    labels = np.zeros((4, 6, 6), np.int64)
+    labels[0, 2, 2] = 1  # on the volume's z=0 face
+    labels[2, 2, 2] = 2  # inside
+    labels[2, 5, 3] = 3  # on the y = 5 face of a core that ends at the volume's y = 5
+    core = (slice(0, 4), slice(10, 16), slice(4, 10))  # the core (4, 6, 6) inside a (4, 16, 20) volume
+    assert labels_on_faces(labels, core, (4, 16, 20)).tolist() == [1, 3]
+    assert labels_on_faces(labels, core, (4, 30, 20)).tolist() == [1]  # y = 15 is no longer a face
+    plane = np.zeros((1, 5, 5), np.int64)
+    plane[0, 2, 2], plane[0, 0, 3] = 4, 5
+    assert labels_on_faces(plane, (slice(0, 1), slice(0, 5), slice(0, 5)), (1, 5, 5)).tolist() == [5]

@@ -100,6 +100,26 @@ def test_smoothed_flows_give_identical_labels_whatever_the_chunking(volume, tmp_
         np.testing.assert_array_equal(labels, ref)
 
 
+@pytest.mark.slow
+def test_exclude_on_edges_removes_the_cells_on_the_volumes_faces_whatever_the_chunking(volume, reference, tmp_path):
+    """--exclude-on-edges equals Cellpose's remove_edge_masks on the full labels (a cell touching
+    a face of the volume is removed, a cell touching only a chunk's face is kept), for any chunking."""
+    from cellpose.utils import remove_edge_masks
+
+    ref, ref_report = reference
+    expect = remove_edge_masks(ref.astype(np.int32).copy())
+    runs = [_segment(volume, tmp_path / f"out{i}", chunk_shape=c, exclude_on_edges=True)
+            for i, c in enumerate([SHAPE, (11, 24, 20), (16, 32, 32)])]
+    (labels, report), *others = runs
+    assert 0 < report["removed_on_edges"] < ref_report["cells"]
+    assert report["cells"] == ref_report["cells"] - report["removed_on_edges"] == expect.max()
+    # the same cells, numbered 1..N in the same order: Cellpose renumbers keeping the order
+    np.testing.assert_array_equal(labels, expect)
+    for other, rep in others:
+        np.testing.assert_array_equal(other, labels)
+        assert rep["removed_on_edges"] == report["removed_on_edges"]
+
+
 def test_single_chunk_equals_the_whole_volume_engine(volume, reference):
     ref, _ = reference
     dP = volume["dP"]

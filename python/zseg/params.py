@@ -133,6 +133,8 @@ class RunParams(BaseModel):
     """Cells with fewer voxels are removed (decided once per cell over the whole volume); -1 keeps all."""
     max_size: int | None = Field(None, ge=1)
     """Cells with more voxels are removed; default: no limit."""
+    exclude_on_edges: bool = False
+    """Remove cells touching a face of the volume (a slide's edges), as Cellpose's --exclude_on_edges; a chunk's faces never count."""
 
     # -- chunking and execution ----------------------------------------------------------------
     chunk_shape: tuple[int, ...] | None = None

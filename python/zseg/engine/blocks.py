@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["Boxes", "label_boxes", "present_labels", "closed_faces", "check_block", "open_labels", "owned",
-           "touching"]
+           "touching", "labels_on_faces"]
 
 
 @dataclass(frozen=True)
@@ -131,3 +131,20 @@ def touching(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return lo_, hi_
     pairs = np.unique(np.stack([lo_, hi_], axis=1), axis=0)
     return pairs[:, 0].copy(), pairs[:, 1].copy()
+
+
+def labels_on_faces(labels: np.ndarray, core, shape) -> np.ndarray:
+    """The labels of a core's voxels that lie on a face of the volume (Cellpose's
+    ``remove_edge_masks``: the first or last index along an axis); axes of length 1 (a slide's
+    one plane) have no faces, as in Cellpose's 2D."""
+    found = []
+    for ax, (s, n) in enumerate(zip(core, shape)):
+        if n == 1:
+            continue
+        for at in {0, n - 1}:
+            if s.start <= at < s.stop:
+                found.append(np.take(labels, at - s.start, axis=ax).ravel())
+    if not found:
+        return np.zeros(0, np.int64)
+    ids = np.unique(np.concatenate(found))
+    return ids[ids != 0].astype(np.int64)

@@ -56,12 +56,16 @@ def sizes_chunk(run: RunContext, index: int) -> dict:
     if plane:  # a slide compartment: each cell's box in the slide too (for the flow check)
         start = np.full((hi - lo, g.ndim), np.iinfo(np.int64).max, np.int64)
         stop = np.full((hi - lo, g.ndim), -1, np.int64)
+    edge = np.zeros(hi - lo, bool)
     if hi > lo:
         for c in g.intersecting(g.block(index)):
             d = U.read_npz(run.chunk_file(W.MASKS_DIR, c))
             sel = (d["ids"] > lo) & (d["ids"] <= hi)
             rows = d["ids"][sel] - lo - 1
             np.add.at(sizes, rows, d["counts"][sel])
+            if p.exclude_on_edges:
+                e = d["edge"]
+                edge[e[(e > lo) & (e <= hi)] - lo - 1] = True
             if plane:
                 np.minimum.at(start, rows, d["start"][sel])
                 np.maximum.at(stop, rows, d["stop"][sel])
@@ -71,11 +75,13 @@ def sizes_chunk(run: RunContext, index: int) -> dict:
     large &= keep
     present = keep.copy()
     keep &= ~small & ~large
+    on_edges = keep & edge  # after the size limits, as Cellpose removes edge masks last
+    keep &= ~edge
     seeds = load_seeds(run, index)["seeds"]
     linear = np.ravel_multi_index(tuple(seeds[keep].T), g.shape) if keep.any() else np.zeros(0, np.int64)
     out = dict(kept=(lo + 1 + np.flatnonzero(keep)).astype(np.int64), sizes=sizes[keep], linear=np.asarray(linear, np.int64))
     stats = {"kept": int(keep.sum()), "too_small": int(small.sum()), "too_large": int(large.sum()),
-             "empty": int((sizes == 0).sum())}
+             "empty": int((sizes == 0).sum()), "on_edges": int(on_edges.sum())}
     if plane:
         out, more = _plane_sizes(run, lo, present, large, keep, seeds, start[present], stop[present], out)
         stats.update(more)
@@ -300,6 +306,8 @@ def report_reduce(run: RunContext) -> dict:
         "seconds": {ph: round(sum(m.get("seconds", 0) for m in ms), 3) for ph, ms in markers.items() if ms},
         "labels": L.labels_uri(run),
     }
+    if run.params.exclude_on_edges:
+        result["removed_on_edges"] = total("sizes", "on_edges")
     if run.plane is not None:
         result["skipped_cells"] = total("sizes", "skipped")
         result["flow_check"] = {"removed": total("quality", "removed"), "undecided": total("quality", "undecided")}

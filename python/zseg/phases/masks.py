@@ -13,7 +13,7 @@ import fastremap
 import numpy as np
 
 from zseg.engine import dynamics as D
-from zseg.engine.blocks import label_boxes
+from zseg.engine.blocks import label_boxes, labels_on_faces
 from zseg.phases.seeds import block_end_points, load_seeds
 from zseg.storage import uri as U
 from zseg.storage.grid import box_origin, box_shape
@@ -68,6 +68,8 @@ def process_chunk(run: RunContext, index: int) -> dict:
     if run.plane is not None:  # a slide's compartment: each cell's box in this core, for the flow check
         boxes = label_boxes(labels, origin=box_origin(core))
         extra = {"start": boxes.start, "stop": boxes.stop}
+    if run.params.exclude_on_edges:  # the cells this core shows on a face of the volume
+        extra["edge"] = labels_on_faces(labels, core, g.shape)
     U.write_npz(run.chunk_file(W.MASKS_DIR, index), ids=uniq[keep].astype(np.int64), counts=cnt[keep].astype(np.int64),
                 **extra)
     return {"labelled": int(cnt[keep].sum()), "ends_outside_block": int(outside.sum())}
