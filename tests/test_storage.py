@@ -151,6 +151,41 @@ def test_plain_array_with_given_axes_is_read_in_czyx_order(tmp_path):
     assert vol.chunks == (4, 8, 8)
 
 
+def test_cellposes_channel_and_z_axis_name_the_axes_of_a_plain_array_and_a_tiff(tmp_path):
+    """--channel-axis/--z-axis (Cellpose's 0-based positions) on a zcyx array and an unnamed TIFF
+    read the same voxels as --axes zcyx."""
+    import tifffile
+
+    uri = str(tmp_path / "zcyx.zarr")
+    create_array(uri, shape=(12, 2, 16, 20), chunks=(4, 1, 8, 8), dtype="uint16")[...] = \
+        SOURCE.transpose(1, 0, 2, 3)
+    tif = str(tmp_path / "yxzc.tif")  # a stack whose axes tifffile cannot name (Q: unnamed)
+    tifffile.imwrite(tif, SOURCE.transpose(2, 3, 1, 0), metadata={"axes": "QQQQ"})
+    expect = SOURCE[[1, 0]][(slice(None), *BOX)]
+    for path, c, z in ((uri, 1, 0), (tif, 3, 2)):
+        vol = open_volume(path, channels=[1, 0], channel_axis=c, z_axis=z)
+        np.testing.assert_array_equal(vol.read(BOX), expect)
+    assert open_volume(uri, axes="zcyx", channel_axis=1, z_axis=0, channels=[0]).shape == (12, 16, 20)  # agreeing
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(axes="zcyx", channel_axis=0), "--channel-axis 0 disagrees with the axes 'zcyx'.*its channel axis is 1"),
+    (dict(z_axis=4), "--z-axis 4 is not an axis of input .* which has 4"),
+    (dict(channel_axis=1, z_axis=1), "both name axis 1"),
+])
+def test_bad_channel_and_z_axis_are_refused(tmp_path, kwargs, words):
+    uri = str(tmp_path / "zcyx.zarr")
+    create_array(uri, shape=(12, 2, 16, 20), chunks=(4, 1, 8, 8), dtype="uint16")
+    with pytest.raises(UserError, match=words):
+        open_volume(uri, **kwargs)
+
+
+def test_channel_axis_must_agree_with_ome_metadata(inputs):
+    with pytest.raises(UserError, match="--channel-axis 1 disagrees with the axes 'czyx'"):
+        open_volume(inputs["local", "ome-zarr-0.5"], channel_axis=1, channels=[0])
+    assert open_volume(inputs["local", "ome-zarr-0.5"], channel_axis=0, z_axis=1, channels=[0]).nchannels == 1
+
+
 def test_timepoint_selects_along_t(tmp_path):
     data = np.stack([SOURCE, SOURCE + 1])  # t, c, z, y, x
     uri = str(tmp_path / "tczyx.zarr")
@@ -381,3 +416,13 @@ def test_hcs_plate_points_to_a_field_image(tmp_path):
         "wells": [{"path": "B/1", "rowIndex": 0, "columnIndex": 0}]}}
     with pytest.raises(UserError, match=r"HCS plate.*plate.ome.zarr/B/1/0"):
         open_volume(uri)
+
+
+def test_the_cli_refuses_disagreeing_axes_in_one_line_and_writes_nothing(tmp_path, refused):
+    uri = str(tmp_path / "zcyx.zarr")
+    create_array(uri, shape=(12, 2, 16, 20), chunks=(4, 1, 8, 8), dtype="uint16")
+    out = tmp_path / "out"
+    refused(["plan", uri, str(out), "--axes", "zcyx", "--channel-axis", "0", "--channels", "0"],
+            "--channel-axis 0 disagrees with the axes 'zcyx'")
+    refused(["plan", uri, str(out), "--z-axis", "-1"], "z_axis")
+    assert not out.exists()

@@ -49,6 +49,10 @@ class RunParams(BaseModel):
     # -- what to read --------------------------------------------------------------------------
     axes: str | None = None
     """Axis order of a plain zarr array or TIFF, e.g. zyx, czyx, zcyx, or cyx, yxc for a 2D slide (OME-Zarr carries its own); default zyx for 3D, czyx for 4D."""
+    channel_axis: int | None = Field(None, ge=0)
+    """Cellpose's --channel_axis: the 0-based position of the channel axis of a plain array or TIFF (with --axes or OME metadata it must agree)."""
+    z_axis: int | None = Field(None, ge=0)
+    """Cellpose's --z_axis: the 0-based position of the z axis of a plain array or TIFF (with --axes or OME metadata it must agree)."""
     level: int = Field(0, ge=0)
     """Multiscale level of an OME-Zarr input to segment (0 = full resolution)."""
     channels: list[int | str] | None = Field(None, min_length=1, max_length=3)
@@ -278,7 +282,7 @@ SLIDE_ONLY = ("compartment", "nuclear_channel", "membrane_channels", "membrane_c
               "patch_mean_threshold", "skip_uninformative", "keep_unmatched_cells", "keep_unmatched_layers",
               "anndata", "geojson")
 #: Options of 3D volumes only (refused on a 2D slide).
-VOLUME_ONLY = ("channels", "anisotropy", "flow3D_smooth", "model_ortho", "timepoint")
+VOLUME_ONLY = ("channels", "anisotropy", "flow3D_smooth", "model_ortho", "timepoint", "z_axis")
 
 _HINTS = {
     "input": "give the path or s3:// URI of the volume",

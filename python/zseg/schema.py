@@ -129,7 +129,7 @@ GROUPS = [
      ["input", "outdir", "work", "flows", "nuclear_flows", "synth", "synth_multiplex"]),
     ("input_reading_options", "Reading the input", "fas fa-microscope",
      "Which part of the input to segment, and its geometry.",
-     ["axes", "level", "channels", "timepoint", "voxel_size", "anisotropy"]),
+     ["axes", "channel_axis", "z_axis", "level", "channels", "timepoint", "voxel_size", "anisotropy"]),
     ("slide_options", "2D multiplex slides", "fas fa-layer-group",
      "Compartments, channels, patches, matching and outputs of 2D multiplex slides.",
      ["compartment", "nuclear_channel", "membrane_channels", "membrane_combine", "nuclear_diameter", "nuclear_model",

@@ -154,7 +154,8 @@ def plan(params: RunParams, *, check_model: bool = False, plane: dict | None = N
     if not U.exists(params.input):
         raise UserError(f"input {params.input!r} does not exist; give the path or s3:// URI of a volume.")
     volume = open_volume(
-        params.input, axes=params.axes, level=params.level, channels=params.channels, timepoint=params.timepoint
+        params.input, axes=params.axes, level=params.level, channels=params.channels, timepoint=params.timepoint,
+        channel_axis=params.channel_axis, z_axis=params.z_axis,
     )
     shape = tuple(volume.shape)
     voxel_size = params.voxel_size or volume.voxel_size

@@ -71,11 +71,11 @@ def is_slide(params: RunParams) -> bool:
         return False  # the volume plan says that it is missing
     try:
         open_volume(params.input, axes=params.axes, level=params.level, channels=params.channels,
-                    timepoint=params.timepoint)
+                    timepoint=params.timepoint, channel_axis=params.channel_axis, z_axis=params.z_axis)
         return False
     except UserError as volume_error:
         try:
-            open_slide(params.input, axes=params.axes, level=params.level)
+            open_slide(params.input, axes=params.axes, level=params.level, channel_axis=params.channel_axis)
         except UserError:
             raise volume_error from None
         return True
@@ -159,7 +159,7 @@ def _check_informative(slide, nuclear, membrane, params: RunParams, patches: dic
 def plan_slide(params: RunParams) -> SlideContext:
     """Validate a slide run and write its manifest, or return the unfinished run to resume."""
     _refuse_volume_options(params)
-    slide = open_slide(params.input, axes=params.axes, level=params.level)
+    slide = open_slide(params.input, axes=params.axes, level=params.level, channel_axis=params.channel_axis)
     compartment = _compartment(params)
     nuclear = params.nuclear_channel
     if nuclear is None and compartment in ("nuclear", "both"):
@@ -258,6 +258,7 @@ def compartment_params(run: SlideContext, name: str) -> RunParams:
     py, px = run.pixel_size_um
     return RunParams.model_validate({
         **shared, "input": run.path(INPUTS), "output": run.compartment_root(name), "axes": "czyx",
+        "channel_axis": None, "z_axis": None,  # the slide's own axes: the inputs store is czyx
         "channels": channels, "flows": flows, "model": model, "diameter": diameter,
         "chunk_shape": (1, *run.grid.chunk_shape), "halo": (0, *run.grid.halo), "voxel_size": (1.0, py, px),
     })

@@ -148,7 +148,7 @@ class Slide(V._Lazy):
         return self._open["array"]
 
 
-def open_slide(uri, *, axes: str | None = None, level: int = 0) -> Slide:
+def open_slide(uri, *, axes: str | None = None, level: int = 0, channel_axis: int | None = None) -> Slide:
     """Open a 2D multiplex slide and check that zseg can segment it.
 
     Parameters
@@ -157,6 +157,8 @@ def open_slide(uri, *, axes: str | None = None, level: int = 0) -> Slide:
     axes : for a plain array or TIFF, one letter per axis from ``c, y, x`` (``cyx``, ``yxc``);
         default ``cyx`` for 3D and ``yx`` for 2D arrays; OME inputs carry their own
     level : resolution level of a pyramidal input (0 = full resolution)
+    channel_axis : Cellpose's ``channel_axis`` (0-based): names the channel axis of a plain array or
+        a TIFF without named axes; with ``axes`` or named axes it must agree
 
     Raises
     ------
@@ -168,11 +170,13 @@ def open_slide(uri, *, axes: str | None = None, level: int = 0) -> Slide:
     path = V.require_input(uri)
     if axes is not None:
         axes = _slide_axes(uri, axes)
+    axes = V.positional_axes(uri, axes, channel_axis, None, level)
     if path.lower().rstrip("/").endswith((".tif", ".tiff")):
         meta = V._inspect_tiff(uri, axes, level)
     else:
         meta = V._inspect_zarr(uri, axes, level, defaults=_SLIDE_AXES)
     try:
+        V.agree_with_positions(uri, meta["axes"], channel_axis)
         return _slide(uri, meta, level)
     except BaseException:
         V._close(meta["open"])

@@ -220,7 +220,7 @@ def require_input(uri: str) -> str:
     return path
 
 
-def open_volume(uri, *, axes=None, level=0, channels=None, timepoint=0) -> Volume:
+def open_volume(uri, *, axes=None, level=0, channels=None, timepoint=0, channel_axis=None, z_axis=None) -> Volume:
     """Open an input volume and check that zseg can segment it.
 
     Parameters
@@ -240,6 +240,10 @@ def open_volume(uri, *, axes=None, level=0, channels=None, timepoint=0) -> Volum
         May be omitted when the input has a single channel.
     timepoint : int
         Index along the t axis, if there is one.
+    channel_axis, z_axis : int, optional
+        Cellpose's ``channel_axis`` and ``z_axis`` (0-based positions of the stored axes): for a
+        plain array or a TIFF without named axes they name the axes (the others are y and x,
+        last, and t before them); with ``axes`` or named axes they must agree.
 
     Returns
     -------
@@ -252,11 +256,13 @@ def open_volume(uri, *, axes=None, level=0, channels=None, timepoint=0) -> Volum
     """
     uri = str(uri)
     path = require_input(uri)
+    axes = positional_axes(uri, axes, channel_axis, z_axis, level)
     if path.lower().rstrip("/").endswith((".tif", ".tiff")):
         meta = _inspect_tiff(uri, axes, level)
     else:
         meta = _inspect_zarr(uri, axes, level)
     try:
+        agree_with_positions(uri, meta["axes"], channel_axis, z_axis)
         return _volume(uri, meta, level, channels, timepoint)
     except BaseException:
         _close(meta["open"])
@@ -560,6 +566,64 @@ def _unit(name) -> str | None:
     if name is None:
         return None
     return _UNITS.get(str(name).strip().lower())
+
+
+# -- Cellpose's channel_axis and z_axis -----------------------------------------------------------
+_POSITION_FLAGS = (("c", "--channel-axis"), ("z", "--z-axis"))
+
+
+def _stored(uri: str, level: int) -> tuple[int, bool] | None:
+    """The stored array's number of axes and whether its metadata names them (OME-Zarr, a TIFF
+    with named axes); None for an OME-Zarr group (its metadata always names them)."""
+    if str(uri).lower().rstrip("/").endswith((".tif", ".tiff")):
+        opened = _open_tiff(uri, level)
+        try:
+            letters = "".join(_TIFF_AXES.get(a, _OTHER) for a in opened["tif"].series[0].axes)
+            named = _OTHER not in letters and len(set(letters)) == len(letters)
+            return opened["array"].ndim, named
+        finally:
+            _close(opened)
+    node = zarr.open(store=zarr_store(uri), mode="r")
+    return (node.ndim, False) if isinstance(node, zarr.Array) else None
+
+
+def positional_axes(uri: str, axes, channel_axis=None, z_axis=None, level: int = 0):
+    """``axes`` unless Cellpose's ``channel_axis``/``z_axis`` must name the axes of a plain array
+    or a TIFF without named axes: then the axis letters they give (y and x last, t before them)."""
+    given = {a: v for (a, _flag), v in zip(_POSITION_FLAGS, (channel_axis, z_axis)) if v is not None}
+    if not given or axes is not None:
+        return axes
+    try:
+        stored = _stored(uri, level)
+    except (FileNotFoundError, zarr.errors.NodeNotFoundError):
+        return axes  # inspection says what is wrong with the input
+    if stored is None or stored[1]:
+        return axes  # the metadata names the axes: checked against the positions after inspection
+    ndim = stored[0]
+    flags = dict(_POSITION_FLAGS)
+    for a, v in given.items():
+        if not 0 <= int(v) < ndim:
+            raise UserError(f"{flags[a]} {v} is not an axis of input {uri}, which has {ndim} (0-{ndim - 1}).")
+    if len(set(given.values())) != len(given):
+        raise UserError(f"--channel-axis and --z-axis both name axis {z_axis} of input {uri}; give two different axes.")
+    rest = ndim - len(given)
+    if not 2 <= rest <= 3:
+        raise UserError(f"input {uri} has {ndim} axes: --channel-axis/--z-axis name {len(given)} of them and the "
+                        f"{rest} others cannot all be t, y, x; give every axis with --axes (e.g. tczyx).")
+    others = iter("tyx"[3 - rest:])
+    return "".join(next((a for a, v in given.items() if v == i), None) or next(others) for i in range(ndim))
+
+
+def agree_with_positions(uri: str, axes: str, channel_axis=None, z_axis=None) -> None:
+    """Refuse ``channel_axis``/``z_axis`` that contradict the axes in use (``--axes`` or metadata)."""
+    for (a, flag), v in zip(_POSITION_FLAGS, (channel_axis, z_axis)):
+        if v is None:
+            continue
+        at = axes.find(a)
+        if at != int(v):
+            where = f"its {'channel' if a == 'c' else 'z'} axis is {at}" if at >= 0 else f"it has no {a} axis"
+            raise UserError(f"{flag} {v} disagrees with the axes {axes!r} of input {uri} ({where}); "
+                            "give one of --axes and the axis positions, or make them agree.")
 
 
 # -- checks shared by all formats -----------------------------------------------------------

@@ -111,7 +111,8 @@ class RunContext(WorkLayout):
     def volume(self):
         p = self.params
         return open_volume(
-            p.input, axes=p.axes, level=p.level, channels=p.channels, timepoint=p.timepoint
+            p.input, axes=p.axes, level=p.level, channels=p.channels, timepoint=p.timepoint,
+            channel_axis=p.channel_axis, z_axis=p.z_axis,
         )
 
     @property

@@ -60,7 +60,7 @@ class SlideContext(WorkLayout):
     @functools.cached_property
     def slide(self):
         p = self.params
-        return open_slide(p.input, axes=p.axes, level=p.level)
+        return open_slide(p.input, axes=p.axes, level=p.level, channel_axis=p.channel_axis)
 
     @property
     def pixel_size_um(self) -> tuple[float, float]:
