@@ -120,6 +120,49 @@ def test_exclude_on_edges_removes_the_cells_on_the_volumes_faces_whatever_the_ch
         assert rep["removed_on_edges"] == report["removed_on_edges"]
 
 
+@pytest.mark.slow
+def test_long_thin_protrusions_need_a_large_niter_and_a_halo_that_holds_their_trajectories(tmp_path):
+    """A cell with a 2x2-voxel protrusion 132 voxels long (Cellpose's exact flows): the default
+    niter (200 x 10 / 30 = 67 at diameter 10) leaves the protrusion's far voxels unfollowed, so
+    they are lost; niter 1000 recovers every one. Chunked with a halo too short for those
+    trajectories, the run says so (chunk_exact false, suggested_halo); with that halo it gives the
+    whole volume's labels exactly."""
+    lab = np.zeros((12, 24, 160), np.int32)
+    zz, yy, xx = np.mgrid[:12, :24, :160]
+    lab[(zz - 6) ** 2 + (yy - 12) ** 2 + (xx - 14) ** 2 <= 36] = 1
+    lab[5:7, 11:13, 18:150] = 1
+    protrusion = np.zeros(lab.shape, bool)
+    protrusion[5:7, 11:13, 18:150] = True
+    data = write_volume(str(tmp_path / "in"), (lab * 1000).astype(np.uint16), flows_from_labels(lab),
+                        chunks=(12, 24, 40))
+
+    def run(out, **kw):
+        report = run_local(build_params(input=data["image"], output=str(tmp_path / out), flows=data["flows"],
+                                        diameter=10.0, min_size=15, **kw))
+        return np.asarray(open_array(str(tmp_path / out / "labels.zarr" / "0"))[...]), report
+
+    default, _ = run("default", chunk_shape=lab.shape)
+    assert (default[protrusion] > 0).sum() < 0.75 * protrusion.sum()  # the default niter loses the far voxels
+    whole, _ = run("whole", chunk_shape=lab.shape, niter=1000)
+    assert (whole[protrusion] == whole[6, 12, 14]).all() and whole.max() == 1  # all recovered, one cell
+    stored = flows_from_labels(lab).astype(np.float16).astype(np.float32)  # the flow store is float16
+    np.testing.assert_array_equal(whole, compute_masks(stored[:3], stored[3], niter=1000, min_size=15))
+    # a halo too short for the trajectories: the run says so and suggests a larger one; a
+    # trajectory cut by the block shows only part of its length, so following the suggestion can
+    # take more than one run (docs: "Long cells")
+    halo, tries = (6, 12, 20), []
+    for attempt in range(4):
+        chunked, report = run(f"chunked{attempt}", chunk_shape=(12, 24, 40), halo=halo, niter=1000)
+        tries.append((halo, report["chunk_exact"]))
+        if report["chunk_exact"]:
+            break
+        assert report["long_trajectories"] > 0
+        halo = tuple(report["suggested_halo"])
+    assert tries[0][1] is False and tries[-1][1] is True, tries
+    assert tries[-1][0][2] > 100  # the trajectories' length along the protrusion
+    np.testing.assert_array_equal(chunked, whole)
+
+
 def test_single_chunk_equals_the_whole_volume_engine(volume, reference):
     ref, _ = reference
     dP = volume["dP"]
