@@ -23,6 +23,7 @@ from zseg import __version__
 from zseg.errors import UserError
 from zseg.outputs.verify import verify_output
 from zseg.params import RunParams, build_params
+from zseg.phases.crops import make_crops
 from zseg.phases.plan import plan as do_plan
 from zseg.phases.slide import is_slide, plan_slide
 from zseg.phases.synth import synth as do_synth
@@ -327,6 +328,31 @@ def synth(
                        anisotropy=anisotropy, seed=seed, flows=flows, membrane=membrane, zarr_format=zarr_format,
                        overwrite=overwrite)
     typer.echo(json.dumps(out))
+
+
+@app.command()
+def crops(
+    volume: str = typer.Argument(..., help="The volume: OME-Zarr, zarr array or TIFF, local or s3://."),
+    outdir: str = typer.Argument(..., help="Folder for the crops (TIFF) and crops.json."),
+    crop_size: int = typer.Option(512, "--crop-size", help="Side of a crop in pixels (Cellpose's make_train.py: 512)."),
+    nimg_per_tif: int = typer.Option(10, "--nimg-per-tif", help="Crops per view (planes drawn without repeats; capped by the planes of that axis)."),
+    anisotropy: Optional[float] = typer.Option(None, "--anisotropy", help="Z spacing over YX spacing: Z of ZY and ZX crops is stretched by it (default: from the voxel size, else 1)."),
+    channels: Optional[str] = typer.Option(None, "--channels", help="Up to three channels by index or name, e.g. membrane,nucleus."),
+    axes: Optional[str] = typer.Option(None, "--axes", help="Axes of a plain array or TIFF, e.g. czyx."),
+    channel_axis: Optional[int] = typer.Option(None, "--channel-axis", help="Cellpose's channel_axis (0-based)."),
+    z_axis: Optional[int] = typer.Option(None, "--z-axis", help="Cellpose's z_axis (0-based)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed of the planes and windows."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a folder that is not empty."),
+):
+    """Random YX, ZY and ZX crops of a volume for labelling in Cellpose's GUI and training (Cellpose's make_train.py), reading only the crop windows."""
+    chans = None
+    if channels is not None:
+        chans = [int(c) if c.strip().isdigit() else c.strip() for c in channels.split(",") if c.strip()]
+    index = make_crops(volume, outdir, crop_size=crop_size, nimg_per_tif=nimg_per_tif, anisotropy=anisotropy,
+                       channels=chans, axes=axes, channel_axis=channel_axis, z_axis=z_axis, seed=seed,
+                       overwrite=overwrite)
+    typer.echo(json.dumps({"outdir": outdir, "crops": len(index["crops"]),
+                           "views": {v: sum(c["view"] == v for c in index["crops"]) for v in ("YX", "ZY", "ZX")}}))
 
 
 def main(argv=None) -> int:
