@@ -50,8 +50,7 @@ def main() -> None:
     n = UN.tiles_per_unit(geo, int(a.predict_memory * 2**30), nchannels=a.channels)
     units = UN.Units.of(geo, tiles=n)
     cellpose = sum(t for _p, t in geo.view_counts().values())
-    reach = [[hi - lo for lo, hi in (units._reach_axis(ax, j) for j in range(units.grid_shape[ax]))]
-             for ax in range(3)]
+    reach = [[hi - lo for lo, hi in spans] for spans in units.spans]
     scratch = math.prod(sum(r) for r in reach) * 8 * 4  # every unit's reach, 4 int64 channels
     scaled = math.prod(geo.scaled)
     own = [max(b[j + 1] - b[j] for j in range(len(b) - 1)) for b in units.bounds]
@@ -65,7 +64,8 @@ def main() -> None:
     print(f"| units (predict tasks) | {len(units)} |")
     print(f"| largest unit: own box / reach (network scale) | {own} / {biggest} |")
     print(f"| its estimated memory | {UN.unit_bytes(units, a.channels) / 2**30:.2f} GiB |")
-    print(f"| tiles (all views) / Cellpose's whole-volume count | {cellpose} / {cellpose} = 1.00 |")
+    print(f"| tiles (all views) / Cellpose's whole-volume count | {units.total_tiles} / {cellpose} = "
+          f"{units.total_tiles / cellpose:.2f} |")
     print(f"| input read per voxel (a unit reads its reach's input) | "
           f"{math.prod(sum(r) for r in reach) / scaled:.3f} x |")
     print(f"| scratch: units' sums | {scratch / 2**40:.2f} TiB = {scratch / voxels:.1f} bytes per voxel |")

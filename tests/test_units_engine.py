@@ -65,6 +65,7 @@ def test_every_tile_belongs_to_exactly_one_unit_and_units_tile_the_volume(g):
                     assert key not in seen
                     seen.add(key)
     assert len(seen) == sum(t for _p, t in geo.view_counts().values())  # Cellpose's count, each once
+    assert units.total_tiles == len(seen)
     if cover is not None:
         assert (cover == 1).all()
 

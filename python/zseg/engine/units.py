@@ -54,7 +54,8 @@ from zseg.engine.views import (
     unaugment_tile,
 )
 
-__all__ = ["FRACTION_BITS", "Units", "tiles_per_unit", "unit_bytes", "accumulate", "combine", "to_float",
+__all__ = ["FRACTION_BITS", "Units", "tiles_per_unit", "unit_bytes", "accumulate", "scale_input", "unit_input",
+           "assemble", "combine", "to_float",
            "channels", "predict_block", "predict_plane"]
 
 Box = tuple[slice, slice, slice]
@@ -140,10 +141,20 @@ class Units:
         return tuple(slice(b[j], b[j + 1]) for b, j in zip(self.bounds, self.position(index)))
 
     # -- what a unit runs -------------------------------------------------------------------
-    def _assigned(self, view: str, axis: int, j: int) -> list[int]:
-        t = self.geometry.view_tiles(view)[axis]
-        lo, hi = self.bounds[axis][j], self.bounds[axis][j + 1]
-        return [k for k, s in enumerate(_clamped(t)) if lo <= s < hi]
+    @functools.cached_property
+    def _assignment(self) -> dict[tuple[str, int], tuple[tuple[int, ...], ...]]:
+        """Per (view, in-plane axis), per interval of that axis: the tiles that start in it."""
+        out = {}
+        for v in self.views:
+            for axis in VIEW_AXES[v][1:]:
+                starts = _clamped(self.geometry.view_tiles(v)[axis])
+                b = self.bounds[axis]
+                out[v, axis] = tuple(tuple(k for k, s in enumerate(starts) if b[j] <= s < b[j + 1])
+                                     for j in range(len(b) - 1))
+        return out
+
+    def _assigned(self, view: str, axis: int, j: int) -> tuple[int, ...]:
+        return self._assignment[view, axis][j]
 
     def work(self, index: int) -> list[tuple[str, slice, list[int], list[int]]]:
         """Per view: ``(view, planes, tiles along the plane's first axis, along its second)``;
@@ -162,20 +173,38 @@ class Units:
     def nplanes(self, index: int) -> int:
         return sum(p.stop - p.start for _v, p, kb, kc in self.work(index) if kb and kc)
 
-    def _reach_axis(self, axis: int, j: int) -> tuple[int, int]:
-        lo, hi = self.bounds[axis][j], self.bounds[axis][j + 1]
-        n = self.geometry.scaled[axis]
+    @property
+    def total_tiles(self) -> int:
+        """The tiles all units run: per view, the planes times the tiles of each in-plane axis
+        (each assigned to one interval), i.e. Cellpose's whole-volume count."""
+        total = 0
         for v in self.views:
-            if axis not in VIEW_AXES[v][1:]:
-                continue
-            t = self.geometry.view_tiles(v)[axis]
-            for k in self._assigned(v, axis, j):
-                hi = max(hi, min(t.starts[k] + t.bsize, n))
-        return lo, hi
+            a, b, c = VIEW_AXES[v]
+            total += self.geometry.scaled[a] * math.prod(
+                sum(len(ks) for ks in self._assignment[v, ax]) for ax in (b, c))
+        return total
+
+    @functools.cached_property
+    def spans(self) -> tuple[tuple[tuple[int, int], ...], ...]:
+        """Per axis, per interval: the network-scale samples ``(lo, hi)`` that the tiles of the
+        units in that interval reach (a unit's reach is the product of its intervals' spans)."""
+        out = []
+        for axis, b in enumerate(self.bounds):
+            n = self.geometry.scaled[axis]
+            per = []
+            for j in range(len(b) - 1):
+                hi = b[j + 1]
+                for v in self.views:
+                    if axis in VIEW_AXES[v][1:]:
+                        t = self.geometry.view_tiles(v)[axis]
+                        hi = max([hi, *(min(t.starts[k] + t.bsize, n) for k in self._assigned(v, axis, j))])
+                per.append((b[j], hi))
+            out.append(tuple(per))
+        return tuple(out)
 
     def reach(self, index: int) -> Box:
         """The network-scale samples the unit's tiles reach (its box and their spill)."""
-        return tuple(slice(*self._reach_axis(ax, j)) for ax, j in enumerate(self.position(index)))
+        return tuple(slice(*self.spans[ax][j]) for ax, j in enumerate(self.position(index)))
 
     def read(self, index: int) -> Box:
         """The input voxels that resizing to the unit's reach reads."""
@@ -185,14 +214,8 @@ class Units:
 
     def meeting(self, box: Box) -> list[int]:
         """The units whose reach overlaps the network-scale ``box``, in index order."""
-        per_axis = []
-        for ax, s in enumerate(box):
-            js = []
-            for j in range(self.grid_shape[ax]):
-                lo, hi = self._reach_axis(ax, j)
-                if lo < s.stop and s.start < hi:
-                    js.append(j)
-            per_axis.append(js)
+        per_axis = [[j for j, (lo, hi) in enumerate(self.spans[ax]) if lo < s.stop and s.start < hi]
+                     for ax, s in enumerate(box)]
         return sorted(int(np.ravel_multi_index(p, self.grid_shape)) for p in itertools.product(*per_axis))
 
     def out_box(self, core: Box) -> Box:
@@ -210,8 +233,7 @@ def unit_bytes(units: Units, nchannels: int, keep_views: bool = False) -> int:
     axis's largest (no unit is enumerated). The network's own memory is not counted."""
     g = units.geometry
     reach, read = 1, 1
-    for ax in range(3):
-        spans = [units._reach_axis(ax, j) for j in range(units.grid_shape[ax])]
+    for ax, spans in enumerate(units.spans):
         reach *= max(hi - lo for lo, hi in spans)
         read *= max(b - a for a, b in (resample.source_range(g.shape[ax], g.scaled[ax], lo, hi) for lo, hi in spans))
     return reach * (2 * 8 * channels(keep_views) + 4 * nchannels) + 2 * read * 8 * nchannels
@@ -343,14 +365,18 @@ def _add_tile(acc: torch.Tensor, y: torch.Tensor, units: Units, reach: Box, vi: 
         acc[ch][dest] += t
 
 
+def scale_input(units: Units, index: int, x: torch.Tensor) -> torch.Tensor:
+    """Unit ``index``'s normalised input ``x`` (the voxels :meth:`Units.read`) resized to its reach."""
+    return to_network_scale(x, units.read(index), units.reach(index), units.geometry)
+
+
 def unit_input(units: Units, index: int, read, lowhigh, *, device="cpu") -> torch.Tensor:
     """The normalised input of unit ``index`` at network scale over its reach.
 
     ``read(box) -> (C, z, y, x) ndarray`` reads input voxels; ``lowhigh`` the global normalisation.
     """
-    box, reach = units.read(index), units.reach(index)
-    x = torch.from_numpy(normalize(read(box), lowhigh)).to(device)
-    return to_network_scale(x, box, reach, units.geometry)
+    x = torch.from_numpy(normalize(read(units.read(index)), lowhigh)).to(device)
+    return scale_input(units, index, x)
 
 
 # -- assembling the flows -----------------------------------------------------------------------
@@ -370,6 +396,19 @@ def combine(units: Units, out: Box, read_unit, nchannels: int) -> np.ndarray:
         dst = tuple(slice(s.start - o.start, s.stop - o.start) for s, o in zip(inter, out))
         acc[(slice(None), *dst)] += np.asarray(read_unit(u, src), dtype=np.int64)
     return acc
+
+
+def assemble(units: Units, core: Box, read_unit, *, keep_views: bool = False):
+    """The flows of the voxels ``core`` from the units' sums: :func:`combine` over the network-scale
+    samples the core needs, :func:`to_float`, resized back. Returns ``(flows (4, z, y, x), views
+    (3, 3, z, y, x) or None)`` float32 and the units that met the core."""
+    out = units.out_box(core)
+    meeting = units.meeting(out)
+    flows, views = to_float(combine(units, out, read_unit, channels(keep_views)), keep_views=keep_views)
+    flows = from_network_scale(torch.from_numpy(flows), out, core, units.geometry).numpy()
+    if views is not None:
+        views = np.stack([from_network_scale(torch.from_numpy(v), out, core, units.geometry).numpy() for v in views])
+    return flows, views, meeting
 
 
 def to_float(acc: np.ndarray, *, keep_views: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
@@ -406,18 +445,12 @@ def predict_block(net, read, core: Box, geometry: Geometry, lowhigh, *, batch_si
     ``planes``/``tiles``/``units`` run.
     """
     units = Units.of(geometry, views, tiles)
-    out = units.out_box(core)
-    k = channels(keep_views)
     done = {}
-    for u in units.meeting(out):
+    for u in units.meeting(units.out_box(core)):
         scaled = unit_input(units, u, read, lowhigh, device=device)
         done[u] = accumulate(units, u, scaled, net=net, net_ortho=net_ortho, batch_size=batch_size, dtype=dtype,
                              keep_views=keep_views).cpu().numpy()
-    acc = combine(units, out, lambda u, box: done[u][(slice(None), *box)], k)
-    flows, kept = to_float(acc, keep_views=keep_views)
-    flows = from_network_scale(torch.from_numpy(flows), out, core, geometry).numpy()
-    if kept is not None:
-        kept = np.stack([from_network_scale(torch.from_numpy(kv), out, core, geometry).numpy() for kv in kept])
+    flows, kept, _ = assemble(units, core, lambda u, box: done[u][(slice(None), *box)], keep_views=keep_views)
     stats = {"planes": sum(units.nplanes(u) for u in done), "tiles": sum(units.ntiles(u) for u in done),
              "units": len(done)}
     return flows, kept, stats

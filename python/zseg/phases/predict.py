@@ -172,7 +172,7 @@ def plan_units(params, shape, anisotropy: float, *, nchannels: int, plane: bool,
         "units": len(units),
         "unit_grid": list(units.grid_shape),
         "unit_bytes": need,
-        "tiles": sum(units.ntiles(u) for u in range(len(units))),
+        "tiles": units.total_tiles,
         "cellpose_tiles": sum(t for _p, t in geo.view_counts(views).values()),
     }
 
@@ -318,15 +318,13 @@ def _prepare(run: RunContext, task: _Task, index: int):
 def _compute(run: RunContext, task: _Task, index: int, x, reason) -> np.ndarray:
     """Device: the unit's fixed-point sums over its reach (host array)."""
     from zseg.engine import units as UN
-    from zseg.engine.views import to_network_scale
 
     p = run.params
+    u = task.units
     if reason is not None:  # every tile outputs flows 0 and a cellprob no threshold passes
-        acc = UN.accumulate(task.units, index, None, keep_views=p.keep_views,
-                            constant=(0.0, 0.0, SKIPPED_CELLPROB))
+        acc = UN.accumulate(u, index, None, keep_views=p.keep_views, constant=(0.0, 0.0, SKIPPED_CELLPROB))
     else:
-        u = task.units
-        scaled = to_network_scale(x.to(task.device, non_blocking=True), u.read(index), u.reach(index), u.geometry)
+        scaled = UN.scale_input(u, index, x.to(task.device, non_blocking=True))
         acc = UN.accumulate(u, index, scaled, net=task.net, net_ortho=task.net_ortho, batch_size=p.batch_size,
                             dtype=task.net.dtype, keep_views=p.keep_views)
         del scaled
@@ -430,17 +428,10 @@ def process_unit(run: RunContext, index: int) -> dict:
 # -- combine ------------------------------------------------------------------------------------
 def combine_chunk(run: RunContext, index: int) -> dict:
     """The flows of one chunk's core: the sums of the units that reach it, in float32, resized back."""
-    import torch
-
     from zseg.engine import units as UN
-    from zseg.engine.views import from_network_scale
 
     p = run.params
-    un = units(run)
     core = run.grid.core(index)
-    out = un.out_box(core)
-    k = UN.channels(p.keep_views)
-    meeting = un.meeting(out)
 
     def read(u, box):
         uri = W.unit_uri(run, u)
@@ -450,14 +441,9 @@ def combine_chunk(run: RunContext, index: int) -> dict:
                             f"{run.chunk_file(W.PREDICT_DIR, u, 'json')}.")
         return open_array(uri)[(slice(None), *box)]
 
-    acc = UN.combine(un, out, read, k)
-    flows, views = UN.to_float(acc, keep_views=p.keep_views)
-    del acc
-    g = un.geometry
-    flows = from_network_scale(torch.from_numpy(flows), out, core, g).numpy()
+    flows, views, meeting = UN.assemble(units(run), core, read, keep_views=p.keep_views)
     open_array(W.flows_uri(run), mode="r+")[(slice(None), *core)] = flows.astype(p.flows_dtype)
     if views is not None:
-        back = np.stack([from_network_scale(torch.from_numpy(v), out, core, g).numpy() for v in views])
-        open_array(run.path(VIEWS_STORE), mode="r+")[(slice(None), slice(None), *core)] = back.astype(np.float16)
+        open_array(run.path(VIEWS_STORE), mode="r+")[(slice(None), slice(None), *core)] = views.astype(np.float16)
     return {"units": len(meeting)}
 
