@@ -22,7 +22,7 @@ import typer
 from zseg import __version__
 from zseg.errors import UserError
 from zseg.outputs.verify import verify_output
-from zseg.params import RunParams, build_params
+from zseg.params import RunParams, build_params, channel_list
 from zseg.phases.crops import make_crops
 from zseg.phases.plan import plan as do_plan
 from zseg.phases.slide import is_slide, plan_slide
@@ -345,11 +345,8 @@ def crops(
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a folder that is not empty."),
 ):
     """Random YX, ZY and ZX crops of a volume for labelling in Cellpose's GUI and training (Cellpose's make_train.py), reading only the crop windows."""
-    chans = None
-    if channels is not None:
-        chans = [int(c) if c.strip().isdigit() else c.strip() for c in channels.split(",") if c.strip()]
     index = make_crops(volume, outdir, crop_size=crop_size, nimg_per_tif=nimg_per_tif, anisotropy=anisotropy,
-                       channels=chans, axes=axes, channel_axis=channel_axis, z_axis=z_axis, seed=seed,
+                       channels=channel_list(channels), axes=axes, channel_axis=channel_axis, z_axis=z_axis, seed=seed,
                        overwrite=overwrite)
     typer.echo(json.dumps({"outdir": outdir, "crops": len(index["crops"]),
                            "views": {v: sum(c["view"] == v for c in index["crops"]) for v in ("YX", "ZY", "ZX")}}))

@@ -27,6 +27,17 @@ def _split(value):
     return value
 
 
+def _channel(c):
+    """One ``--channels`` item: an index (``"2"`` -> 2) or a channel name."""
+    return int(c) if isinstance(c, str) and c.strip().lstrip("-").isdigit() else c
+
+
+def channel_list(value):
+    """``--channels`` as written (``"1,membrane"``, ``"1 2"`` or a list): indices as int, names as str."""
+    value = _split(value)
+    return [_channel(c) for c in value] if isinstance(value, (list, tuple)) else value
+
+
 class RunParams(BaseModel):
     """Everything that decides what a run computes and where it writes."""
 
@@ -167,14 +178,12 @@ class RunParams(BaseModel):
     @field_validator("channels", "membrane_channels", mode="before")
     @classmethod
     def _channel_items(cls, v):
-        if isinstance(v, (list, tuple)):
-            return [int(c) if isinstance(c, str) and c.strip().lstrip("-").isdigit() else c for c in v]
-        return v
+        return channel_list(v)
 
     @field_validator("nuclear_channel", mode="before")
     @classmethod
     def _channel_item(cls, v):
-        return int(v) if isinstance(v, str) and v.strip().lstrip("-").isdigit() else v
+        return _channel(v)
 
     @field_validator("flow3D_smooth", mode="before")
     @classmethod

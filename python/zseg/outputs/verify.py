@@ -25,7 +25,7 @@ from zseg.storage.omezarr import axis_names, ome_attributes
 from zseg.workspace import work as W
 from zseg.workspace.context import MANIFEST, RunContext
 from zseg.workspace.progress import chunk_ranges, short_ranges, stage_missing
-from zseg.workspace.stages import applicable, size
+from zseg.workspace.stages import applicable, noun, size
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +110,7 @@ def verify_output(root: str) -> dict:
             for stage in applicable(run):
                 missing = stage_missing(run, stage)
                 if stage.kind == "map" and missing:
-                    lines.append(f"{stage.name}: {len(missing)} of {size(run, stage)} "
-                                 f"{'unit(s)' if stage.over == 'units' else 'chunk(s)'} not done "
+                    lines.append(f"{stage.name}: {len(missing)} of {size(run, stage)} {noun(stage)}(s) not done "
                                  f"({short_ranges(chunk_ranges(missing))}).")
                 elif stage.kind == "reduce" and missing:
                     lines.append(f"{stage.name}: not done.")

@@ -12,7 +12,7 @@ from zseg.errors import UserError
 from zseg.storage import uri as U
 from zseg.workspace.chunks import chunk_ranges, short_ranges
 from zseg.workspace.context import RunContext
-from zseg.workspace.stages import applicable, size
+from zseg.workspace.stages import applicable, noun, size
 
 
 # -- progress ------------------------------------------------------------------------------------
@@ -35,10 +35,6 @@ def done_work(run: RunContext) -> dict:
         elif not missing:
             done[stage.name] = "done"
     return done
-
-
-def _what(stage) -> str:
-    return "unit(s)" if stage.over == "units" else "chunk(s)"
 
 
 def command_for(run: RunContext, stage) -> str:
@@ -76,8 +72,8 @@ def require_complete(run: RunContext, stage) -> None:
             break
     if first.kind == "map":
         raise UserError(
-            f"{stage.name} cannot start: {len(missing)} of {size(run, first)} {_what(first)} of {first.name} "
+            f"{stage.name} cannot start: {len(missing)} of {size(run, first)} {noun(first)}(s) of {first.name} "
             f"are not done ({short_ranges(chunk_ranges(missing))}); run `{command_for(run, first)}` first "
-            f"(it skips the {_what(first)[:-3]}s that are done)."
+            f"(it skips the {noun(first)}s that are done)."
         )
     raise UserError(f"{stage.name} cannot start: {first.name} is not done; run `{command_for(run, first)}` first.")

@@ -83,6 +83,11 @@ def stage_table(run) -> dict[str, Stage]:
     return getattr(run, "stage_table", STAGES)
 
 
+def noun(stage: Stage) -> str:
+    """What one index of map stage ``stage`` counts, for messages: ``"unit"`` or ``"chunk"``."""
+    return "unit" if stage.over == "units" else "chunk"
+
+
 def size(run, stage: Stage) -> int:
     """How many tasks map stage ``stage`` has: the run's chunks, or its predict units."""
     return run.npredict if stage.over == "units" else run.grid.nchunks

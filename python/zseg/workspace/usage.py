@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from zseg.storage import uri as U
-from zseg.workspace.stages import stage_table
+from zseg.workspace.stages import size, stage_table
 
 USAGE_DIR = "usage"
 
@@ -87,7 +87,7 @@ def scan(run) -> tuple[dict, np.ndarray, np.ndarray]:
             present = set(U.listdir(run.path(stage.marker_dir)))
             seconds, longest, peak, tasks = 0.0, 0.0, 0.0, 0
             units = stage.over == "units"  # predict units are not chunks: no per-chunk seconds
-            for i in range(run.npredict if units else n):
+            for i in range(size(run, stage)):
                 if f"c{i:07d}.json" not in present:
                     continue
                 m = U.read_json(run.chunk_file(stage.marker_dir, i, "json"))
