@@ -23,11 +23,16 @@ It writes
                      ``odP3``/``ocellprob3``: the 3D flows of net.pt with gradient_net.pt as
                      Cellpose 3's ortho network (``net_ortho``: ZY and ZX views);
                      ``adP3``/``acellprob3``: net.pt with ``augment=True`` on ``img3[:8, :20, :20]``;
-  cp3.json        -- versions, parameters and cell counts.
+  cp3.json        -- versions, parameters and cell counts;
+  cp3_bsize.npz   -- ``dP3``/``cellprob3``: the 3D flows of net.pt on ``vol8[:16, :56, :72] / 255`` with
+                     ``bsize=64`` (several tiles per axis), for zseg's --bsize (see
+                     :func:`bsize_fixture`: eval's 3D run with ``run_3D`` given the bsize). Written last, from
+                     the net.pt already there: ``--bsize-only`` adds it to an existing fixture.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -169,7 +174,33 @@ def main(out: Path) -> None:
             **cells}
     (out / "cp3.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
     print(json.dumps(meta, default=str))
+    bsize_fixture(out, params3)
+
+
+def bsize_fixture(out: Path, params3: dict) -> None:
+    """net.pt's 3D flows with 64-pixel tiles.
+
+    Cellpose 3.1.1.3's ``eval`` honours ``bsize`` in 2D only: its 3D path calls ``core.run_3D``
+    without it, so every view runs 224-pixel tiles whatever ``bsize`` says. ``run_3D`` itself
+    takes ``bsize`` (and hands it to ``run_net`` for each view); the reference is eval's 3D run
+    with that argument passed on.
+    """
+    vol = np.asarray(np.load(out / "cp3.npz")["vol8"])[:16, :56, :72].astype(np.float32) / np.float32(255)
+    run_3d = models.run_3D
+    models.run_3D = functools.partial(run_3d, bsize=64)
+    try:
+        _, f3, _ = cellpose_model(out / "net.pt").eval(vol, bsize=64,
+                                                       **{**params3, "normalize": dict(params3["normalize"])})
+    finally:
+        models.run_3D = run_3d
+    np.savez_compressed(out / "cp3_bsize.npz", dP3=f3[1].astype(np.float32), cellprob3=f3[2].astype(np.float32),
+                        bsize=np.array(64))
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "tests/fixtures/cp3"))
+    args = [a for a in sys.argv[1:] if a != "--bsize-only"]
+    target = Path(args[0] if args else "tests/fixtures/cp3")
+    if "--bsize-only" in sys.argv:
+        bsize_fixture(target, json.loads((target / "cp3.json").read_text())["params3"])
+    else:
+        main(target)

@@ -369,3 +369,46 @@ def test_3d_flows_with_augment_match_cellpose3(fx, core_shape):
             flows[(slice(None), *core)] = predict_block(net, lambda box: img[(slice(None), *box)], core, geo, LOWHIGH)[0]
     np.testing.assert_allclose(flows[:3], fx["adP3"], **TOL)
     np.testing.assert_allclose(flows[3], fx["acellprob3"], **TOL)
+
+
+# -- --bsize (Cellpose's bsize) -------------------------------------------------------------------------
+@pytest.mark.parametrize("core_shape", [None, (6, 20, 40)])
+def test_3d_flows_with_another_bsize_match_cellpose3(fx, core_shape, tmp_path):
+    """--bsize 64 on a Cellpose 3 network: the geometry the predict phase plans (several tiles per
+    axis) gives Cellpose 3.1.1.3's eval(bsize=64), in blocks of any shape."""
+    from zseg.params import RunParams
+    from zseg.phases import predict as PR
+
+    ref = np.load(FIXTURE / "cp3_bsize.npz")
+    img = (fx["vol8"][:16, :56, :72].astype(np.float32) / np.float32(255))[None]
+    p = fx["meta"]["params3"]
+    params = RunParams(input="x", output=str(tmp_path), model=str(FIXTURE / "net.pt"), diameter=p["diameter"],
+                       bsize=int(ref["bsize"]))
+    sizes = PR.network_sizes(params, None)
+    assert sizes["model"]["bsize"] == 64
+    geo = PR.make_geometry(params, img.shape[1:], p["anisotropy"], False, sizes)
+    assert all(len(t.starts) >= 2 for t in geo.tiles[1:])  # the tile size matters here
+    flows = _predict(cp3_from_state_dict(fx["sd"]), img, p, core_shape, geo=geo)
+    np.testing.assert_allclose(flows[:3], ref["dP3"], **TOL)
+    np.testing.assert_allclose(flows[3], ref["cellprob3"], **TOL)
+
+
+@pytest.mark.parametrize("model, bsize, words", [
+    ("cp3", "100", "multiple of 16 from 64 to 1024"),
+    ("cp3", "2048", "multiple of 16 from 64 to 1024"),
+    ("cpsam", "128", "runs tiles of its own size only (64)"),
+])
+def test_a_bsize_the_network_cannot_run_is_refused(fx, tmp_path, refused, model, bsize, words):
+    from tests.predict_support import random_cpsam
+    from zseg.storage.omezarr import write_ome_zarr
+
+    uri = str(tmp_path / "image.ome.zarr")
+    write_ome_zarr(uri, fx["vol8"][:8, :32, :32], axes="zyx", voxel_size=(1.0, 1.0, 1.0), chunks=(8, 32, 32))
+    net = str(FIXTURE / "net.pt")
+    if model == "cpsam":
+        net = str(tmp_path / "cpsam.pt")
+        torch.save(random_cpsam(), net)
+    out = tmp_path / "out"
+    err = refused(["run", uri, str(out), "--model", net, "--bsize", bsize])
+    assert len(err) == 1 and "bsize" in err[0] and words in err[0], err
+    assert not out.exists()

@@ -19,7 +19,8 @@ from zseg.engine.cpsam import cpsam_from_state_dict, cpsam_state_dict, describe_
 from zseg.engine.resample import resize_axis, source_range
 from zseg.engine.tiles import AxisTiles, plane_padding, taper
 from zseg.engine.units import predict_block
-from zseg.engine.views import Geometry, normalize
+from zseg.engine.normalize import normalize
+from zseg.engine.views import Geometry
 
 cv2 = pytest.importorskip("cv2")
 transforms = pytest.importorskip("cellpose.transforms")

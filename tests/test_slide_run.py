@@ -175,6 +175,7 @@ def _argv(slide, out, *extra):
     (["--nuclear-channel", "0", "--membrane-channels", "1", "--channels", "0,1"], "--channels"),
     (["--nuclear-channel", "0", "--membrane-channels", "1", "--chunk-shape", "1,64,64"], "--chunk-shape"),
     (["--nuclear-channel", "0", "--membrane-channels", "1", "--flow3D-smooth", "1"], "--flow3D-smooth"),
+    (["--nuclear-channel", "0", "--membrane-channels", "1", "--norm-per-plane"], "--norm-per-plane"),
     (["--nuclear-channel", "DAPI", "--membrane-channels", "1", "--patch-mean-threshold", "1e9"],
      "no informative patch"),
 ])

@@ -118,10 +118,16 @@ class RunParams(BaseModel):
     """Low and high intensity percentiles (0-100) for global normalisation."""
     exclude_zeros: bool = False
     """Leave voxels equal to 0 (padding after stitching) out of the percentiles."""
+    norm_per_plane: bool = False
+    """Normalise each Z plane by its own percentiles (Cellpose's normalize={"norm3D": False}; the large-scale pipelines' local normalisation) for dim or unevenly lit volumes."""
+    invert: bool = False
+    """Invert each channel after normalisation (1 - x), for dark cells on a bright background (Cellpose's invert)."""
     tile_overlap: float = Field(0.1, ge=0.05, le=0.5)
     """Fraction of a network tile shared with its neighbour (Cellpose's tile_overlap, 0.05-0.5)."""
     augment: bool = False
     """Cellpose's test-time augmentation: tiles overlap by half and are flipped (about 4x the tiles)."""
+    bsize: int | None = None
+    """Network tile side in pixels (Cellpose's bsize): a Cellpose 3 model takes a multiple of 16 from 64 to 1024 (default 224; 512 helps cells with long thin protrusions); a CPSAM model only its own (256)."""
     batch_size: int = Field(8, ge=1)
     """Network tiles per forward pass (Cellpose's batch_size); raise it on a large GPU, lower it on out-of-memory."""
     use_bfloat16: bool = True
@@ -235,6 +241,13 @@ class RunParams(BaseModel):
             raise ValueError("need 0 <= low < high <= 100, e.g. 1,99")
         return v
 
+    @field_validator("bsize")
+    @classmethod
+    def _bsize(cls, v):
+        if v is not None and not (64 <= v <= 1024 and v % 16 == 0):
+            raise ValueError("use a multiple of 16 from 64 to 1024 (e.g. 224 or 512)")
+        return v
+
     @field_validator("min_size")
     @classmethod
     def _min_size(cls, v):
@@ -291,7 +304,7 @@ SLIDE_ONLY = ("compartment", "nuclear_channel", "membrane_channels", "membrane_c
               "patch_mean_threshold", "skip_uninformative", "keep_unmatched_cells", "keep_unmatched_layers",
               "anndata", "geojson")
 #: Options of 3D volumes only (refused on a 2D slide).
-VOLUME_ONLY = ("channels", "anisotropy", "flow3D_smooth", "model_ortho", "timepoint", "z_axis")
+VOLUME_ONLY = ("channels", "anisotropy", "flow3D_smooth", "model_ortho", "timepoint", "z_axis", "norm_per_plane")
 
 _HINTS = {
     "input": "give the path or s3:// URI of the volume",

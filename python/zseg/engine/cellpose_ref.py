@@ -48,26 +48,38 @@ def cellpose_model(net: CPSAMNet):
     return m
 
 
+def _normalize(lowhigh, invert: bool):
+    """eval's ``normalize``: the given ``lowhigh`` (and ``invert``), or none for pre-normalised input.
+
+    Always a dict with ``normalize`` set: Cellpose 4's eval stores a bool ``normalize`` into its
+    module-level defaults, so one ``normalize=False`` call would switch normalisation off for
+    every later call that does not say otherwise."""
+    if lowhigh is None:
+        return {"normalize": False}
+    return {"normalize": True, "lowhigh": np.asarray(lowhigh, np.float64), "invert": invert}
+
+
 def cellpose_eval(net: CPSAMNet, image: np.ndarray, lowhigh, *, diameter: float, anisotropy: float = 1.0,
-                  compute_masks: bool = False, **kw):
-    """Cellpose's own 3D run: ``(masks, flows (4, Z, Y, X) float32)`` for a ``(C, Z, Y, X)`` image."""
+                  compute_masks: bool = False, invert: bool = False, **kw):
+    """Cellpose's own 3D run: ``(masks, flows (4, Z, Y, X) float32)`` for a ``(C, Z, Y, X)`` image,
+    normalised with ``lowhigh`` (None: the image is already normalised)."""
     m = cellpose_model(net)
     x = np.ascontiguousarray(np.moveaxis(np.asarray(image, np.float32), 0, -1))  # eval normalises in place
     masks, flows, _ = m.eval(
         x, channel_axis=3, z_axis=0, do_3D=True, diameter=diameter, anisotropy=anisotropy,
-        normalize={"lowhigh": np.asarray(lowhigh, np.float64)}, bsize=net.bsize, compute_masks=compute_masks, **kw,
+        normalize=_normalize(lowhigh, invert), bsize=net.bsize, compute_masks=compute_masks, **kw,
     )
     return masks, np.concatenate([flows[1], flows[2][None]]).astype(np.float32)
 
 
 def cellpose_eval_2d(net: CPSAMNet, image: np.ndarray, lowhigh, *, diameter: float, compute_masks: bool = False,
-                     **kw):
+                     invert: bool = False, **kw):
     """Cellpose's own 2D run: ``(masks, flows (3, Y, X) float32 = dY, dX, cellprob)`` for a
     ``(C, Y, X)`` image."""
     m = cellpose_model(net)
     x = np.ascontiguousarray(np.moveaxis(np.asarray(image, np.float32), 0, -1))  # eval normalises in place
     masks, flows, _ = m.eval(
-        x, channel_axis=2, do_3D=False, diameter=diameter, normalize={"lowhigh": np.asarray(lowhigh, np.float64)},
+        x, channel_axis=2, do_3D=False, diameter=diameter, normalize=_normalize(lowhigh, invert),
         bsize=net.bsize, compute_masks=compute_masks, **kw,
     )
     return masks, np.concatenate([flows[1], flows[2][None]]).astype(np.float32)

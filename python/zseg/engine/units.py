@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from zseg.engine import resample
+from zseg.engine.normalize import Normalization
 from zseg.engine.tiles import AxisTiles, taper
 from zseg.engine.views import (
     VIEW_AXES,
@@ -49,7 +50,6 @@ from zseg.engine.views import (
     Geometry,
     augment_tile,
     from_network_scale,
-    normalize,
     to_network_scale,
     unaugment_tile,
 )
@@ -370,12 +370,14 @@ def scale_input(units: Units, index: int, x: torch.Tensor) -> torch.Tensor:
     return to_network_scale(x, units.read(index), units.reach(index), units.geometry)
 
 
-def unit_input(units: Units, index: int, read, lowhigh, *, device="cpu") -> torch.Tensor:
+def unit_input(units: Units, index: int, read, norm, *, device="cpu") -> torch.Tensor:
     """The normalised input of unit ``index`` at network scale over its reach.
 
-    ``read(box) -> (C, z, y, x) ndarray`` reads input voxels; ``lowhigh`` the global normalisation.
+    ``read(box) -> (C, z, y, x) ndarray`` reads input voxels; ``norm`` is the volume's
+    :class:`~zseg.engine.normalize.Normalization` or a global ``(C, 2)`` lowhigh.
     """
-    x = torch.from_numpy(normalize(read(units.read(index)), lowhigh)).to(device)
+    box = units.read(index)
+    x = torch.from_numpy(Normalization.of(norm).apply(read(box), box[0].start)).to(device)
     return scale_input(units, index, x)
 
 
@@ -432,7 +434,7 @@ def to_float(acc: np.ndarray, *, keep_views: bool = False) -> tuple[np.ndarray, 
 
 
 # -- the whole pass for one block (tests, benchmarks) ------------------------------------------
-def predict_block(net, read, core: Box, geometry: Geometry, lowhigh, *, batch_size: int = 8,
+def predict_block(net, read, core: Box, geometry: Geometry, norm, *, batch_size: int = 8,
                   device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
                   keep_views: bool = False, net_ortho=None, views=VIEWS, tiles: int = 2):
     """Cellpose's flows of the voxels ``core``: the units that reach it, run in full, combined.
@@ -442,12 +444,12 @@ def predict_block(net, read, core: Box, geometry: Geometry, lowhigh, *, batch_si
 
     Returns ``(flows, views, stats)``: flows ``(4, z, y, x)`` float32 (dZ, dY, dX, cellprob),
     with ``keep_views`` each view's ``(3, 3, z, y, x)`` output (YX, ZY, ZX) else None, and the
-    ``planes``/``tiles``/``units`` run.
+    ``planes``/``tiles``/``units`` run. ``norm``: as :func:`unit_input`.
     """
     units = Units.of(geometry, views, tiles)
     done = {}
     for u in units.meeting(units.out_box(core)):
-        scaled = unit_input(units, u, read, lowhigh, device=device)
+        scaled = unit_input(units, u, read, norm, device=device)
         done[u] = accumulate(units, u, scaled, net=net, net_ortho=net_ortho, batch_size=batch_size, dtype=dtype,
                              keep_views=keep_views).cpu().numpy()
     flows, kept, _ = assemble(units, core, lambda u, box: done[u][(slice(None), *box)], keep_views=keep_views)
@@ -456,13 +458,13 @@ def predict_block(net, read, core: Box, geometry: Geometry, lowhigh, *, batch_si
     return flows, kept, stats
 
 
-def predict_plane(net, read, core: tuple[slice, slice], geometry: Geometry, lowhigh, *, batch_size: int = 8,
+def predict_plane(net, read, core: tuple[slice, slice], geometry: Geometry, norm, *, batch_size: int = 8,
                   device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
     """Cellpose's 2D flows of the pixels ``core`` of a ``(Y, X)`` image (``geometry`` from
     :meth:`Geometry.plane`; ``read(box) -> (C, y, x)``). Returns ``(flows, stats)``: flows
     ``(3, y, x)`` float32 = dY, dX, cellprob (Cellpose's 2D ``dP`` and cell probability)."""
     if len(core) != 2 or geometry.shape[0] != 1:
         raise ValueError(f"core {core} must be (Y, X) slices of a plane geometry (shape {geometry.shape})")
-    flows, _, stats = predict_block(net, lambda box: read(box[1:])[:, None], (slice(0, 1), *core), geometry, lowhigh,
+    flows, _, stats = predict_block(net, lambda box: read(box[1:])[:, None], (slice(0, 1), *core), geometry, norm,
                                     batch_size=batch_size, device=device, dtype=dtype, views=("YX",))
     return flows[1:, 0], stats

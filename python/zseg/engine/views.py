@@ -30,7 +30,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-import numpy as np
 import torch
 
 from zseg.engine import resample
@@ -42,7 +41,6 @@ __all__ = [
     "VIEW_AXES",
     "Geometry",
     "scaled_shape",
-    "normalize",
     "to_network_scale",
     "from_network_scale",
     "augment_tile",
@@ -169,35 +167,6 @@ class Geometry:
             t = self.view_tiles(v)
             out[v] = (self.scaled[a], self.scaled[a] * len(t[b]) * len(t[c]))
         return out
-
-
-def normalize(data: np.ndarray, lowhigh) -> np.ndarray:
-    """Cellpose's fixed normalisation ``(x - low) / (high - low)`` per channel, in float32.
-
-    Parameters
-    ----------
-    data : (C, ...) ndarray, any real dtype
-    lowhigh : (C, 2) array-like of float
-        Global low and high values per channel (the percentiles phase's result). A channel
-        whose high is not above its low carries no signal: it becomes 0, as Cellpose sets a
-        channel it cannot normalise.
-
-    Returns
-    -------
-    (C, ...) ndarray of float32 (a new array; ``data`` is not modified)
-    """
-    lh = np.asarray(lowhigh, dtype=np.float64).reshape(-1, 2)
-    if lh.shape[0] != data.shape[0]:
-        raise ValueError(f"lowhigh has {lh.shape[0]} channels, the data {data.shape[0]}")
-    out = data.astype(np.float32, copy=True)
-    for c, (lo, hi) in enumerate(lh):
-        if not hi > lo:
-            out[c] = 0
-            continue
-        # float64 scalars, in-place float32 results: the arithmetic of Cellpose's normalize_img
-        np.subtract(out[c], np.float64(lo), out=out[c])
-        np.divide(out[c], np.float64(hi - lo), out=out[c])
-    return out
 
 
 def to_network_scale(x: torch.Tensor, read: Box, region: Box, geometry: Geometry) -> torch.Tensor:

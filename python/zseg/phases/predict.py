@@ -107,8 +107,8 @@ def _open_mask(uri: str):
 
 
 def network_sizes(params, network: dict | None) -> dict:
-    """The tile size, family and ``diam_mean`` of ``--model`` (and ``--model-ortho``): what the
-    predict units depend on. From what plan found (``network``), else read from the weights
+    """The tile size (``--bsize`` for a Cellpose 3 network), family and ``diam_mean`` of
+    ``--model`` (and ``--model-ortho``): what the predict units depend on. From what plan found (``network``), else read from the weights
     without downloading them (a built-in CPSAM name not downloaded yet: CPSAM's own sizes)."""
     from zseg.storage import models
 
@@ -125,7 +125,14 @@ def network_sizes(params, network: dict | None) -> dict:
                 if name not in models.BUILTIN:
                     raise
                 info = {"bsize": 256, "family": "cpsam", "diam_mean": 30.0}
-        out[key] = {"bsize": int(info["bsize"]), "family": info["family"], "diam_mean": float(info["diam_mean"])}
+        bsize = int(info["bsize"])
+        if params.bsize is not None and params.bsize != bsize:
+            if info["family"] != "cp3":
+                raise UserError(f"--bsize {params.bsize}: --{key.replace('_', '-')} {name!r} is a CPSAM network, which "
+                                f"runs tiles of its own size only ({bsize}), as Cellpose refuses others; leave "
+                                "--bsize out.")
+            bsize = params.bsize  # a Cellpose 3 U-Net runs any multiple of 16 (Cellpose's bsize)
+        out[key] = {"bsize": bsize, "family": info["family"], "diam_mean": float(info["diam_mean"])}
     return out
 
 
@@ -235,7 +242,7 @@ class _Task:
     net: object  # the torch module
     device: object  # torch.device
     units: object  # zseg.engine.units.Units
-    lowhigh: np.ndarray
+    norm: object  # zseg.engine.normalize.Normalization
     mask: object | None
     net_ortho: object | None = None  # the ZY/ZX network (--model-ortho)
 
@@ -266,13 +273,13 @@ def _task(run: RunContext) -> _Task:
                                     use_bfloat16=p.use_bfloat16, keep=keep)
     sizes = run.manifest["predict"]["sizes"]
     for key, n in (("model", net), ("model_ortho", ortho)):
-        if n is not None and int(n.bsize) != sizes[key]["bsize"]:
-            raise UserError(f"--{key.replace('_', '-')} {getattr(p, key)!r} now has tiles of {n.bsize} pixels, "
-                            f"{sizes[key]['bsize']} when the run was planned: the weights changed; plan again "
-                            "with --overwrite.")
-    lowhigh = W.lowhigh(run)
+        if n is not None and (n.family != sizes[key]["family"]
+                              or (n.family != "cp3" and int(n.bsize) != sizes[key]["bsize"])):
+            raise UserError(f"--{key.replace('_', '-')} {getattr(p, key)!r} is now a {n.family} network with tiles of "
+                            f"{n.bsize} pixels, a {sizes[key]['family']} one with {sizes[key]['bsize']} when the run "
+                            "was planned: the weights changed; plan again with --overwrite.")
     mask = _open_mask(p.mask) if p.mask else None
-    return _Task(net, device, units(run), lowhigh, mask, ortho)
+    return _Task(net, device, units(run), W.normalization(run), mask, ortho)
 
 
 def _mask_box(core, shape, mshape):
@@ -289,10 +296,8 @@ def _skip_reason(run: RunContext, task: _Task, box, data) -> str | None:
         m = task.mask.read(_mask_box(box, run.grid.shape, task.mask.shape))
         if not np.any(m):
             return "mask"
-    if run.params.skip_empty:
-        peak = data.reshape(data.shape[0], -1).max(axis=1).astype(np.float64)
-        if np.all(peak <= task.lowhigh[:, 0]):
-            return "empty"
+    if run.params.skip_empty and task.norm.empty(data, box[0].start):
+        return "empty"
     return None
 
 
@@ -300,15 +305,13 @@ def _prepare(run: RunContext, task: _Task, index: int):
     """Reader thread: the unit's input, normalised (host memory), or why it is skipped."""
     import torch
 
-    from zseg.engine.views import normalize
-
     t0 = time.perf_counter()
     box = task.units.read(index)
     data = run.volume.read(box)
     reason = _skip_reason(run, task, box, data)
     x = None
     if reason is None:
-        x = torch.from_numpy(normalize(data, task.lowhigh))
+        x = torch.from_numpy(task.norm.apply(data, box[0].start))
         if task.device.type == "cuda":
             x = x.pin_memory()
     del data

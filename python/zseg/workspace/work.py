@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from zseg.engine.normalize import Normalization
 from zseg.errors import UserError
 from zseg.storage import uri as U
 from zseg.storage.arrays import create_array, open_array
@@ -118,13 +119,29 @@ def masks(run, mode: str = "r"):
     return open_array(run.path("masks.zarr"), mode=mode)
 
 
-def lowhigh(run) -> np.ndarray:
-    """The ``(nchannels, 2)`` low/high values of the percentiles reduce (Cellpose's ``lowhigh``)."""
+def _percentiles(run) -> dict:
     path = run.path(PERCENTILES_RESULT)
     if not U.exists(path):
         raise UserError("percentiles have not been reduced yet; run `zseg percentiles --run RUN --reduce`.")
-    r = U.read_json(path)
+    return U.read_json(path)
+
+
+def lowhigh(run) -> np.ndarray:
+    """The ``(nchannels, 2)`` low/high values of the percentiles reduce (Cellpose's ``lowhigh``)."""
+    r = _percentiles(run)
     return np.stack([r["low"], r["high"]], axis=1)
+
+
+def normalization(run) -> Normalization:
+    """How the predict phase normalises the input: the percentiles reduce's global (or, with
+    ``--norm-per-plane``, per-plane) values, and ``--invert``."""
+    r = _percentiles(run)
+    lh = np.stack([r["low"], r["high"]], axis=1)
+    per = r.get("planes")
+    if per is None:
+        return Normalization(lh, invert=bool(run.params.invert))
+    planes = np.stack([np.asarray(per["low"], np.float64), np.asarray(per["high"], np.float64)], axis=2)
+    return Normalization(lh, planes=planes, varies=np.asarray(per["varies"], bool), invert=bool(run.params.invert))
 
 
 def id_dtype(n: int) -> str:
