@@ -71,7 +71,7 @@ def test_per_plane_normalisation_is_cellposes_bit_for_bit(seed, nch, invert, low
     np.testing.assert_array_equal(got, ref)
     # and any run of planes normalises as in the whole volume
     norm = Normalization(np.zeros((nch, 2)), planes=planes, varies=varies, invert=invert)
-    np.testing.assert_array_equal(norm.apply(img[:, 3:5], 3), ref[:, 3:5])
+    np.testing.assert_array_equal(norm.apply(img[:, 3:5], (3, 0, 0)), ref[:, 3:5])
 
 
 def test_a_constant_plane_is_zero_where_cellpose_leaves_it_raw():
@@ -152,3 +152,65 @@ def test_flows_with_invert_are_cellposes_and_skip_bright_units(tmp_path):
     _, ref = cellpose_eval(load(random_cpsam()), img[None], lowhigh, diameter=30.0, invert=True)
     # left of the bright half no skipped unit's tiles reach: the flows are Cellpose's
     np.testing.assert_allclose(_flows(out)[..., :110], ref[..., :110], **F16)
+
+
+# -- --tile-norm-blocksize (Cellpose's tile_norm_blocksize, norm3D=True as its 3D run forces) -----------
+def _cellpose_tiles(img: np.ndarray, blocksize: int, invert: bool = False) -> np.ndarray:
+    x = np.ascontiguousarray(np.moveaxis(img.astype(np.float32), 0, -1))
+    return np.moveaxis(transforms.normalize_img(x, tile_norm_blocksize=blocksize, norm3D=True, invert=invert), -1, 0)
+
+
+def shaded(shape=(10, 70, 90), seed=3) -> np.ndarray:
+    """Blobs under a shading ramp along X, with a black corner (its tiles are filled from neighbours)."""
+    img = blobs(shape, seed=seed).astype(np.float64) * np.linspace(0.15, 1.0, shape[2])[None, None]
+    img[:, :25, :30] = 0
+    return np.round(img).astype(np.uint16)
+
+
+@pytest.mark.parametrize("chunk", ["10,70,90", "4,23,31", "3,40,17"])
+def test_tile_normalisation_of_the_map_reduce_is_cellposes_for_any_chunking(tmp_path, chunk):
+    """The tile grid from per-chunk histograms of tile parts equals normalize99_tile's; every voxel
+    equals Cellpose's normalize_img(tile_norm_blocksize=32) to float32 rounding of the resize, and
+    a block's voxels equal the whole volume's exactly."""
+    img = shaded()
+    write_ome_zarr(str(tmp_path / "s.ome.zarr"), img, axes="zyx", voxel_size=(1.0, 1.0, 1.0), chunks=(5, 35, 45))
+    torch.save(random_cpsam(), tmp_path / "net.pt")
+    out = tmp_path / "out"
+    assert main(["plan", str(tmp_path / "s.ome.zarr"), str(out), "--model", str(tmp_path / "net.pt"),
+                 "--chunk-shape", chunk, "--tile-norm-blocksize", "32"]) == 0
+    assert main(["percentiles", "--run", str(out)]) == 0
+    assert main(["percentiles", "--run", str(out), "--reduce"]) == 0
+    norm = W.normalization(RunContext.open(str(out)))
+    assert norm.tiles.shape == (3, 4, 1, 2)  # ceil(1.2 * 70 / 32) x ceil(1.2 * 90 / 32) tiles
+    whole = norm.apply(img[None])
+    ref = _cellpose_tiles(img[None], 32)
+    np.testing.assert_allclose(whole, ref, rtol=2e-6, atol=2e-6)
+    part = norm.apply(img[None, 2:7, 11:50, 29:80], (2, 11, 29))
+    np.testing.assert_array_equal(part, whole[:, 2:7, 11:50, 29:80])
+
+
+@pytest.mark.slow
+def test_flows_with_tile_normalisation_are_cellposes_and_the_same_for_any_chunking(tmp_path):
+    img = shaded()
+    write_ome_zarr(str(tmp_path / "s.ome.zarr"), img, axes="zyx", voxel_size=(1.0, 1.0, 1.0), chunks=(5, 35, 45))
+    torch.save(random_cpsam(), tmp_path / "net.pt")
+    flows = []
+    for chunk in ("10,70,90", "4,23,31"):
+        out = tmp_path / chunk.replace(",", "_")
+        assert main(["run", str(tmp_path / "s.ome.zarr"), str(out), "--model", str(tmp_path / "net.pt"),
+                     "--chunk-shape", chunk, "--tile-norm-blocksize", "32", "--invert", "--diameter", "25",
+                     "--no-use-bfloat16", "--flows-dtype", "float32", "--no-skip-empty"]) == 0
+        flows.append(_flows(out))
+    np.testing.assert_array_equal(flows[0], flows[1])
+    _, ref = cellpose_eval(load(random_cpsam()), _cellpose_tiles(img[None], 32, invert=True), None, diameter=25.0)
+    np.testing.assert_allclose(flows[0], ref, rtol=1e-4, atol=5e-5)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--tile-norm-blocksize", "-5"], "tile_norm_blocksize = -5"),
+    (["--tile-norm-blocksize", "32", "--norm-per-plane"], "two local normalisations"),
+])
+def test_bad_normalisation_options_are_refused(lit, tmp_path, refused, args, words):
+    out = tmp_path / "out"
+    refused(["run", lit["uri"], str(out), "--model", lit["net"], *args], words)
+    assert not out.exists()

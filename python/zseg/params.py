@@ -120,6 +120,8 @@ class RunParams(BaseModel):
     """Leave voxels equal to 0 (padding after stitching) out of the percentiles."""
     norm_per_plane: bool = False
     """Normalise each Z plane by its own percentiles (Cellpose's normalize={"norm3D": False}; the large-scale pipelines' local normalisation) for dim or unevenly lit volumes."""
+    tile_norm_blocksize: int = Field(0, ge=0)
+    """Normalise by the percentiles of blocksize-pixel tiles of each plane, on Cellpose's fixed tile grid, smoothed and averaged over Z (Cellpose's tile_norm_blocksize, e.g. 100), for unevenly lit volumes; 0: off."""
     invert: bool = False
     """Invert each channel after normalisation (1 - x), for dark cells on a bright background (Cellpose's invert)."""
     tile_overlap: float = Field(0.1, ge=0.05, le=0.5)
@@ -275,10 +277,17 @@ class RunParams(BaseModel):
         return v
 
     @model_validator(mode="after")
+    def _one_local_normalisation(self):
+        if self.norm_per_plane and self.tile_norm_blocksize:
+            raise ValueError("--norm-per-plane and --tile-norm-blocksize are two local normalisations: choose one "
+                             "(Cellpose's 3D run applies its tiles to the whole stack)")
+        return self
+
+    @model_validator(mode="after")
     def _sizes(self):
         if self.max_size is not None and self.min_size > 0 and self.max_size < self.min_size:
             raise ValueError(
-                f"max_size {self.max_size} is below min_size {self.min_size}: every cell would be removed"
+                f"--max-size {self.max_size} is below --min-size {self.min_size}: every cell would be removed"
             )
         return self
 
@@ -304,7 +313,8 @@ SLIDE_ONLY = ("compartment", "nuclear_channel", "membrane_channels", "membrane_c
               "patch_mean_threshold", "skip_uninformative", "keep_unmatched_cells", "keep_unmatched_layers",
               "anndata", "geojson")
 #: Options of 3D volumes only (refused on a 2D slide).
-VOLUME_ONLY = ("channels", "anisotropy", "flow3D_smooth", "model_ortho", "timepoint", "z_axis", "norm_per_plane")
+VOLUME_ONLY = ("channels", "anisotropy", "flow3D_smooth", "model_ortho", "timepoint", "z_axis", "norm_per_plane",
+               "tile_norm_blocksize")
 
 _HINTS = {
     "input": "give the path or s3:// URI of the volume",
@@ -319,7 +329,9 @@ def format_errors(err: ValidationError) -> list[str]:
         loc = ".".join(str(p) for p in e["loc"] if not isinstance(p, int)) or "parameters"
         value = e.get("input")
         msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "missing":
+        if not e["loc"]:  # a rule about several parameters together: name them in the message, not the dict
+            lines.append(f"{msg}; fix it in the config file or on the command line.")
+        elif e["type"] == "missing":
             lines.append(f"{loc}: missing; {_HINTS.get(loc, 'set it in the config file or as a flag')}.")
         elif e["type"] == "extra_forbidden":
             lines.append(

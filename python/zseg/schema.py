@@ -137,7 +137,7 @@ GROUPS = [
       "keep_unmatched_cells", "keep_unmatched_layers", "anndata", "geojson"]),
     ("network_options", "Network", "fas fa-brain",
      "The Cellpose network and the intensity normalisation.",
-     ["model", "model_ortho", "models_dir", "diameter", "percentiles", "exclude_zeros", "norm_per_plane", "invert", "bsize", "tile_overlap", "augment", "batch_size", "use_bfloat16",
+     ["model", "model_ortho", "models_dir", "diameter", "percentiles", "exclude_zeros", "norm_per_plane", "tile_norm_blocksize", "invert", "bsize", "tile_overlap", "augment", "batch_size", "use_bfloat16",
       "skip_empty", "mask", "predict_memory", "keep_views", "flows_dtype"]),
     ("dynamics_options", "Flow dynamics and cell sizes", "fas fa-wind",
      "Turning flows into cells (Cellpose's parameter names).",

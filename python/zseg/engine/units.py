@@ -377,7 +377,7 @@ def unit_input(units: Units, index: int, read, norm, *, device="cpu") -> torch.T
     :class:`~zseg.engine.normalize.Normalization` or a global ``(C, 2)`` lowhigh.
     """
     box = units.read(index)
-    x = torch.from_numpy(Normalization.of(norm).apply(read(box), box[0].start)).to(device)
+    x = torch.from_numpy(Normalization.of(norm).apply(read(box), [b.start for b in box])).to(device)
     return scale_input(units, index, x)
 
 

@@ -296,7 +296,7 @@ def _skip_reason(run: RunContext, task: _Task, box, data) -> str | None:
         m = task.mask.read(_mask_box(box, run.grid.shape, task.mask.shape))
         if not np.any(m):
             return "mask"
-    if run.params.skip_empty and task.norm.empty(data, box[0].start):
+    if run.params.skip_empty and task.norm.empty(data, [b.start for b in box]):
         return "empty"
     return None
 
@@ -311,7 +311,7 @@ def _prepare(run: RunContext, task: _Task, index: int):
     reason = _skip_reason(run, task, box, data)
     x = None
     if reason is None:
-        x = torch.from_numpy(task.norm.apply(data, box[0].start))
+        x = torch.from_numpy(task.norm.apply(data, [b.start for b in box]))
         if task.device.type == "cuda":
             x = x.pin_memory()
     del data

@@ -134,10 +134,14 @@ def lowhigh(run) -> np.ndarray:
 
 def normalization(run) -> Normalization:
     """How the predict phase normalises the input: the percentiles reduce's global (or, with
-    ``--norm-per-plane``, per-plane) values, and ``--invert``."""
+    ``--norm-per-plane``, per-plane; with ``--tile-norm-blocksize``, the tile grid's) values, and
+    ``--invert``."""
     r = _percentiles(run)
     lh = np.stack([r["low"], r["high"]], axis=1)
-    per = r.get("planes")
+    per, tiles = r.get("planes"), r.get("tiles")
+    if tiles is not None:
+        grid = np.stack([np.asarray(tiles["low"], np.float32), np.asarray(tiles["high"], np.float32)], axis=3)
+        return Normalization(lh, invert=bool(run.params.invert), tiles=grid, plane=tuple(run.grid.shape[1:]))
     if per is None:
         return Normalization(lh, invert=bool(run.params.invert))
     planes = np.stack([np.asarray(per["low"], np.float64), np.asarray(per["high"], np.float64)], axis=2)
