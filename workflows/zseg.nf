@@ -22,6 +22,8 @@ include { ZSEG_MASKS              } from '../modules/local/masks'
 include { ZSEG_FINALIZE_SIZES     } from '../modules/local/finalize/sizes'
 include { ZSEG_FINALIZE_EXTENT    } from '../modules/local/finalize/extent'
 include { ZSEG_FINALIZE_QUALITY   } from '../modules/local/finalize/quality'
+include { ZSEG_FINALIZE_OVERLAPS  } from '../modules/local/finalize/overlaps'
+include { ZSEG_FINALIZE_STITCH    } from '../modules/local/finalize/stitch'
 include { ZSEG_FINALIZE_NUMBER    } from '../modules/local/finalize/number'
 include { ZSEG_FINALIZE_LABELS    } from '../modules/local/finalize/labels'
 include { ZSEG_FINALIZE_CELLS     } from '../modules/local/finalize/cells'
@@ -79,7 +81,9 @@ workflow ZSEG_STAGES {
     ZSEG_FINALIZE_SIZES(ch_shards.combine(gather(ZSEG_MASKS.out.manifest), by: 0))
     ZSEG_FINALIZE_EXTENT(gather(ZSEG_FINALIZE_SIZES.out.manifest))
     ZSEG_FINALIZE_QUALITY(ch_shards.combine(ZSEG_FINALIZE_EXTENT.out.manifest, by: 0))
-    ZSEG_FINALIZE_NUMBER(gather(ZSEG_FINALIZE_QUALITY.out.manifest))
+    ZSEG_FINALIZE_OVERLAPS(ch_shards.combine(gather(ZSEG_FINALIZE_QUALITY.out.manifest), by: 0))
+    ZSEG_FINALIZE_STITCH(gather(ZSEG_FINALIZE_OVERLAPS.out.manifest))
+    ZSEG_FINALIZE_NUMBER(ZSEG_FINALIZE_STITCH.out.manifest)
     ZSEG_FINALIZE_LABELS(ch_shards.combine(ZSEG_FINALIZE_NUMBER.out.manifest, by: 0))
     ZSEG_FINALIZE_CELLS(ch_shards.combine(gather(ZSEG_FINALIZE_LABELS.out.manifest), by: 0))
     ZSEG_FINALIZE_REPORT(gather(ZSEG_FINALIZE_CELLS.out.manifest))

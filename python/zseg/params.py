@@ -150,6 +150,8 @@ class RunParams(BaseModel):
     """Voxels with cell probability (sum of the three views' logits) above this are followed."""
     niter: int | None = Field(None, ge=1)
     """Euler steps of flow following; default 200 * diameter / diam_mean as Cellpose (diam_mean 30, or a Cellpose 3 model's own). Long thin cells need more."""
+    stitch_threshold: float = Field(0.0, ge=0, le=1)
+    """Cellpose's stitch_threshold: above 0, each Z plane is segmented in 2D (do_3D=False) and masks of neighbouring planes with an IoU above it are stitched into one cell; 0: Cellpose's 3D segmentation."""
     flow3D_smooth: tuple[float, float, float] = (0.0, 0.0, 0.0)
     """Gaussian sigma Z,Y,X (voxels) applied to the flows before following them; one number for all axes."""
     min_size: int = 15
@@ -284,6 +286,16 @@ class RunParams(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _stitch_mode(self):
+        if self.stitch_threshold > 0:
+            given = [f"--{n.replace('_', '-')}" for n in STITCH_EXCLUDES
+                     if getattr(self, n) != RunParams.model_fields[n].default]
+            if given:
+                raise ValueError(f"--stitch-threshold segments each plane in 2D, so {', '.join(given)} "
+                                 "(3D segmentation only) cannot apply; leave it out or set --stitch-threshold 0")
+        return self
+
+    @model_validator(mode="after")
     def _sizes(self):
         if self.max_size is not None and self.min_size > 0 and self.max_size < self.min_size:
             raise ValueError(
@@ -312,9 +324,11 @@ SLIDE_ONLY = ("compartment", "nuclear_channel", "membrane_channels", "membrane_c
               "nuclear_model", "nuclear_flows", "flow_threshold", "patch_size", "patch_non_zero_threshold",
               "patch_mean_threshold", "skip_uninformative", "keep_unmatched_cells", "keep_unmatched_layers",
               "anndata", "geojson")
+#: Options of Cellpose's 3D segmentation that stitch mode (--stitch-threshold) refuses.
+STITCH_EXCLUDES = ("model_ortho", "flow3D_smooth", "exclude_on_edges")
 #: Options of 3D volumes only (refused on a 2D slide).
 VOLUME_ONLY = ("channels", "anisotropy", "flow3D_smooth", "model_ortho", "timepoint", "z_axis", "norm_per_plane",
-               "tile_norm_blocksize")
+               "tile_norm_blocksize", "stitch_threshold")
 
 _HINTS = {
     "input": "give the path or s3:// URI of the volume",

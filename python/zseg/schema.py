@@ -141,7 +141,7 @@ GROUPS = [
       "skip_empty", "mask", "predict_memory", "keep_views", "flows_dtype"]),
     ("dynamics_options", "Flow dynamics and cell sizes", "fas fa-wind",
      "Turning flows into cells (Cellpose's parameter names).",
-     ["cellprob_threshold", "niter", "flow3D_smooth", "min_size", "max_size", "exclude_on_edges"]),
+     ["cellprob_threshold", "niter", "stitch_threshold", "flow3D_smooth", "min_size", "max_size", "exclude_on_edges"]),
     ("chunking_options", "Chunking and execution", "fas fa-th",
      "How the volume is cut into tasks, and what a run writes.",
      ["chunk_shape", "halo", "shard_size", "device", "zarr_format", "cells_csv", "overwrite"]),

@@ -83,3 +83,16 @@ def cellpose_eval_2d(net: CPSAMNet, image: np.ndarray, lowhigh, *, diameter: flo
         bsize=net.bsize, compute_masks=compute_masks, **kw,
     )
     return masks, np.concatenate([flows[1], flows[2][None]]).astype(np.float32)
+
+
+def cellpose_eval_stitch(net: CPSAMNet, image: np.ndarray, lowhigh, *, diameter: float, stitch_threshold: float,
+                         invert: bool = False, **kw):
+    """Cellpose's own stitch mode (``do_3D=False``, ``stitch_threshold``): ``(masks (Z, Y, X), flows
+    (3, Z, Y, X) float32 = dY, dX, cellprob)`` for a ``(C, Z, Y, X)`` image."""
+    m = cellpose_model(net)
+    x = np.ascontiguousarray(np.moveaxis(np.asarray(image, np.float32), 0, -1))  # eval normalises in place
+    masks, flows, _ = m.eval(
+        x, channel_axis=3, z_axis=0, do_3D=False, stitch_threshold=stitch_threshold, diameter=diameter,
+        normalize=_normalize(lowhigh, invert), bsize=net.bsize, **kw,
+    )
+    return masks, np.concatenate([flows[1], flows[2][None]]).astype(np.float32)

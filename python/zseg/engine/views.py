@@ -135,14 +135,23 @@ class Geometry:
         ``(1, Y, X)`` whose YX view (:data:`PLANE_VIEWS`) is the 2D network pass: the plane is
         resized by ``diam_mean / diameter`` in Y and X only, padded and tiled as a whole plane.
         Its flows (:func:`predict_plane`) equal ``eval(do_3D=False)``'s to float32 rounding."""
-        ly, lx = (int(s) for s in shape)
+        return cls.planes((1, *shape), diameter=diameter, bsize=bsize, tile_overlap=tile_overlap, augment=augment,
+                          diam_mean=diam_mean, pad_to_tile=pad_to_tile)
+
+    @classmethod
+    def planes(cls, shape, *, diameter: float = 30.0, bsize: int = 256, tile_overlap: float = 0.1,
+               augment: bool = False, diam_mean: float = 30.0, pad_to_tile: bool = True) -> "Geometry":
+        """Cellpose's 2D ``eval`` of every plane of a ``(Z, Y, X)`` stack (``do_3D=False``, the
+        network pass of stitch mode): each plane resized by ``diam_mean / diameter`` in Y and X
+        only and tiled as a whole plane (:data:`PLANE_VIEWS`); Z is not resized."""
+        lz, ly, lx = (int(s) for s in shape)
         rescale = float(diam_mean) / diameter
-        scaled = (1, ly, lx) if rescale == 1.0 else (1, int(ly * rescale), int(lx * rescale))
+        scaled = (lz, ly, lx) if rescale == 1.0 else (lz, int(ly * rescale), int(lx * rescale))
         if min(scaled) < 1:
             raise ValueError(f"diameter {diameter} shrinks the image {(ly, lx)} to {scaled[1:]}")
         tiles = tuple(AxisTiles.of(n, bsize, tile_overlap=tile_overlap, augment=augment, pad_to_tile=pad_to_tile)
                       for n in scaled)
-        return cls((1, ly, lx), scaled, tiles, augment)
+        return cls((lz, ly, lx), scaled, tiles, augment)
 
     def with_ortho(self, bsize: int, *, tile_overlap: float = 0.1, pad_to_tile: bool = True) -> "Geometry":
         """This geometry with the ZY and ZX views tiled for an ortho network of tile size

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from zseg.engine import blocks as B
 from zseg.engine import dynamics as D
 from zseg.engine import flow_error as FE
+from zseg.engine import stitch as ST
 from zseg.engine.multiplex import allowed_at
 from zseg.outputs import labels as L
 from zseg.outputs import report as R
@@ -43,6 +44,8 @@ from zseg.workspace.context import RunContext, write_manifest
 from zseg.workspace.stages import flow_check
 
 log = logging.getLogger(__name__)
+#: Cellpose's ``max_size_fraction``: a 2D mask covering more of its plane is removed (stitch mode).
+MAX_PLANE_FRACTION = 0.4
 
 
 def sizes_chunk(run: RunContext, index: int) -> dict:
@@ -70,7 +73,11 @@ def sizes_chunk(run: RunContext, index: int) -> dict:
                 np.minimum.at(start, rows, d["start"][sel])
                 np.maximum.at(stop, rows, d["stop"][sel])
     keep = sizes > 0
-    small, large = D.size_limits(sizes, p.min_size, p.max_size or None)
+    if run.stitching:  # a plane's 2D masks: no min_size (Cellpose turns it off before stitching), and
+        # Cellpose's 2D rule for large masks: more than 40 % of the plane
+        small, large = np.zeros(len(sizes), bool), sizes > MAX_PLANE_FRACTION * g.shape[1] * g.shape[2]
+    else:
+        small, large = D.size_limits(sizes, p.min_size, p.max_size or None)
     small &= keep
     large &= keep
     present = keep.copy()
@@ -172,6 +179,103 @@ def quality_chunk(run: RunContext, index: int) -> dict:
     return {"checked": int(len(r["labels"])), "removed": int(len(bad)), "undecided": int(r["undecided"] + absent)}
 
 
+def _plane_masks(run: RunContext, ids: np.ndarray) -> np.ndarray:
+    """Which provisional ``ids`` (ascending) the sizes stage kept: in stitch mode, the 2D masks
+    of each plane before stitching."""
+    offsets, _ = W.seed_offsets(run)
+    own = W.owners(offsets, ids)
+    out = np.zeros(len(ids), bool)
+    for c in np.unique(own).tolist():
+        sel = own == c
+        out[sel] = np.isin(ids[sel], U.read_npz(run.chunk_file(W.SIZES_DIR, int(c)))["kept"])
+    return out
+
+
+def _fill_planes(labels: np.ndarray) -> np.ndarray:
+    """Each plane's masks with their holes filled in 2D (Cellpose's 2D masks before stitching)."""
+    return np.stack([D.fill_holes(p) for p in labels]) if len(labels) else labels
+
+
+def overlaps_chunk(run: RunContext, index: int) -> dict:
+    """Stitch mode: each plane's 2D masks in the core (holes filled over the block, as the labels
+    stage fills them), their areas and first pixels, and the pixel counts of every pair of masks
+    of plane ``z + 1`` over plane ``z`` for the core's planes ``z``; to ``work/overlaps/cNNNNNNN.npz``."""
+    g = run.grid
+    core, block = g.core(index), g.block(index)
+    z0, z1 = core[0].start, core[0].stop
+    prov = np.asarray(W.masks(run)[(slice(z0, min(z1 + 1, g.shape[0])), *block[1:])])
+    ids = fastremap.unique(prov)
+    ids = ids[ids != 0].astype(np.int64)
+    kept = ids[_plane_masks(run, ids)]
+    prov = np.where(np.isin(prov, kept), prov, 0)
+    planes = _fill_planes(prov)[(slice(None), *g.core_in_block(index)[1:])]
+    width = core[2].stop - core[2].start
+    out = {k: [] for k in ("ids", "plane", "first", "area", "up", "low", "count")}
+    for k in range(z1 - z0):
+        u, first, area = np.unique(planes[k].ravel(), return_index=True, return_counts=True)
+        u, first, area = u[u != 0], first[u != 0], area[u != 0]
+        out["ids"].append(u.astype(np.int64))
+        out["plane"].append(np.full(len(u), z0 + k, np.int64))
+        out["first"].append((core[1].start + first // width) * g.shape[2] + core[2].start + first % width)
+        out["area"].append(area.astype(np.int64))
+        if k + 1 < len(planes):
+            a, b, n = ST.overlaps(planes[k + 1], planes[k])
+            out["up"].append(a), out["low"].append(b), out["count"].append(n)
+    arrays = {k: (np.concatenate(v) if v else np.zeros(0, np.int64)).astype(np.int64) for k, v in out.items()}
+    U.write_npz(run.chunk_file(W.OVERLAPS_DIR, index), **arrays)
+    return {"masks": int(len(arrays["ids"])), "pairs": int(len(arrays["up"]))}
+
+
+def stitch_reduce(run: RunContext) -> dict:
+    """Stitch mode: Cellpose's ``stitch3D`` replayed over every chunk's overlap table
+    (:func:`zseg.engine.stitch.replay`), then ``min_size`` / ``max_size`` once per stitched cell
+    (its voxels after each plane's hole filling, as Cellpose counts them) and final IDs 1..N in C
+    order of each cell's first seed; writes ``work/stitch.npz``. Memory: every 2D mask's row."""
+    g, p = run.grid, run.params
+    parts = [U.read_npz(run.chunk_file(W.OVERLAPS_DIR, i)) for i in range(g.nchunks)]
+    cat = {k: np.concatenate([d[k] for d in parts]).astype(np.int64) for k in parts[0]}
+    uid, inv = np.unique(cat["ids"], return_inverse=True)
+    area = np.bincount(inv, weights=cat["area"], minlength=len(uid)).astype(np.int64)
+    first = np.full(len(uid), np.iinfo(np.int64).max, np.int64)
+    np.minimum.at(first, inv, cat["first"])
+    plane = np.zeros(len(uid), np.int64)
+    plane[inv] = cat["plane"]
+    stitched = ST.replay(uid, plane, first, area, (cat["up"], cat["low"], cat["count"]),
+                         float(p.stitch_threshold), g.shape[0])
+    m = int(stitched.max()) if len(stitched) else 0
+    total = np.bincount(stitched, weights=area, minlength=m + 1).astype(np.int64)[1:]
+    small, large = D.size_limits(total, p.min_size, p.max_size or None)
+    # each stitched cell is ordered (and owned) by its first seed in C order, whatever the chunking
+    linear = _seed_linear(run, uid)
+    order = np.lexsort((linear, stitched))  # within each stitched label (1..m, all present), by seed position
+    rep = order[np.r_[True, stitched[order][1:] != stitched[order][:-1]]] if m else np.zeros(0, np.int64)
+    best = linear[rep]
+    alive = ~small & ~large
+    final_of = np.zeros(m + 1, np.int64)
+    ranked = np.flatnonzero(alive)[np.argsort(best[alive], kind="stable")]
+    final_of[ranked + 1] = np.arange(1, len(ranked) + 1)
+    owner = np.zeros(len(ranked) + 1, np.int64)
+    offsets, _ = W.seed_offsets(run)
+    owner[1:] = W.owners(offsets, uid[rep[ranked]]) if len(ranked) else np.zeros(0, np.int64)
+    U.write_npz(run.path(W.STITCH_TABLE), ids=uid, final=final_of[stitched], owner=owner)
+    result = {"masks": int(len(uid)), "stitched": m, "cells": int(len(ranked)), "too_small": int(small.sum()),
+              "too_large": int(large.sum())}
+    U.write_json(run.path(W.STITCH_RESULT), result)
+    return result
+
+
+def _seed_linear(run: RunContext, ids: np.ndarray) -> np.ndarray:
+    """The C-order position of the seed of each provisional ID (ascending ``ids``)."""
+    offsets, _ = W.seed_offsets(run)
+    own = W.owners(offsets, ids)
+    out = np.zeros(len(ids), np.int64)
+    for c in np.unique(own).tolist():
+        sel = np.flatnonzero(own == c)
+        d = U.read_npz(run.chunk_file(W.SIZES_DIR, int(c)))
+        out[sel] = d["linear"][np.searchsorted(d["kept"], ids[sel])]
+    return out
+
+
 def number_reduce(run: RunContext) -> dict:
     """Final IDs 1..N in C order of the seeds' positions, so they do not depend on the chunking.
 
@@ -180,6 +284,8 @@ def number_reduce(run: RunContext) -> dict:
     slabs plus its rank within its slab. Memory is one slab's kept seeds.
     """
     g = run.grid
+    if run.stitching:
+        return _number_stitched(run)
     per_slab = int(np.prod(g.grid_shape[1:]))
     base = 0
     for k in range(g.grid_shape[0]):
@@ -197,6 +303,22 @@ def number_reduce(run: RunContext) -> dict:
         base += len(linear)
     L.create_labels(run, W.id_dtype(base))
     result = {"cells": base, "dtype": W.id_dtype(base)}
+    U.write_json(run.path(W.FINAL_NUMBER_RESULT), result)
+    return result
+
+
+def _number_stitched(run: RunContext) -> dict:
+    """Stitch mode: the final IDs the stitch reduce decided, filed by the chunk owning each 2D mask."""
+    t = U.read_npz(run.path(W.STITCH_TABLE))
+    offsets, _ = W.seed_offsets(run)
+    own = W.owners(offsets, t["ids"])
+    for c in range(run.grid.nchunks):
+        sel = (own == c) & (t["final"] > 0)
+        U.write_npz(run.chunk_file(W.FINAL_DIR, c), kept=t["ids"][sel], final=t["final"][sel],
+                    skipped=np.zeros(0, np.int64))
+    n = len(t["owner"]) - 1
+    L.create_labels(run, W.id_dtype(n))
+    result = {"cells": n, "dtype": W.id_dtype(n)}
     U.write_json(run.path(W.FINAL_NUMBER_RESULT), result)
     return result
 
@@ -255,7 +377,12 @@ def labels_chunk(run: RunContext, index: int) -> dict:
     mapping = {int(a): int(b) for a, b in zip(ids, temp)}
     mapping[0] = 0
     work = np.uint64 if skipped.any() else dtype
-    filled = _fill(fastremap.remap(prov, mapping, preserve_missing_labels=False).astype(work, copy=False), g.shape[0] == 1)
+    if run.stitching:  # each plane's 2D masks are filled before stitching (Cellpose's order), then relabelled
+        planes = np.where(np.isin(prov, ids[_plane_masks(run, ids)]), prov, 0)
+        filled = fastremap.remap(_fill_planes(planes), mapping, preserve_missing_labels=False).astype(work, copy=False)
+    else:
+        filled = _fill(fastremap.remap(prov, mapping, preserve_missing_labels=False).astype(work, copy=False),
+                       g.shape[0] == 1)
     if skipped.any():
         filled[filled > cells] = 0
         filled = filled.astype(dtype)
@@ -263,14 +390,18 @@ def labels_chunk(run: RunContext, index: int) -> dict:
     core_labels = filled[cib]
     # cells of the core that reach an inner face of the block: their holes may need more halo
     cut = set()
-    for ax in range(g.ndim):
+    for ax in range(1 if run.stitching else 0, g.ndim):  # stitch mode fills holes in 2D: Z faces do not cut
         for side, at_border in ((0, block[ax].start == 0), (-1, block[ax].stop == g.shape[ax])):
             if not at_border:
                 cut.update(np.unique(np.take(filled, side, axis=ax)).tolist())
     cut.discard(0)
     core_ids = set(fastremap.unique(core_labels).tolist())
     # every dataset of labels.zarr under this core, the cell statistics and the QC pieces
-    written = _finish_chunk(run, index, core_labels, new, W.owners(W.seed_offsets(run)[0], ids))
+    if run.stitching:  # a stitched cell spans many 2D masks: one owner, its first seed's chunk
+        owners = U.read_npz(run.path(W.STITCH_TABLE))["owner"][new]
+    else:
+        owners = W.owners(W.seed_offsets(run)[0], ids)
+    written = _finish_chunk(run, index, core_labels, new, owners)
     return {"cells_in_core": len(core_ids - {0}), "cells_cut_by_block": len(cut & core_ids), **written,
             **chunk_digest(core_labels)}  # what `zseg verify` compares the stored chunk with
 
@@ -308,6 +439,8 @@ def report_reduce(run: RunContext) -> dict:
     }
     if run.params.exclude_on_edges:
         result["removed_on_edges"] = total("sizes", "on_edges")
+    if run.stitching:
+        result["stitch"] = U.read_json(run.path(W.STITCH_RESULT))
     if run.plane is not None:
         result["skipped_cells"] = total("sizes", "skipped")
         result["flow_check"] = {"removed": total("quality", "removed"), "undecided": total("quality", "undecided")}
@@ -316,6 +449,8 @@ def report_reduce(run: RunContext) -> dict:
     result["chunk_exact"] = exact
     if not exact:
         need = [int(m) + 6 for m in max_step]
+        if run.stitching:  # planes are segmented apart: no Z halo is ever needed
+            need[0] = 0
         result["suggested_halo"] = [max(a, b) for a, b in zip(need, g.halo)]
         log.warning(
             "halo %s is too small for this data: %d trajectories longer than the halo allows, %d cells cut "

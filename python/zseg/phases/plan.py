@@ -165,7 +165,7 @@ def plan(params: RunParams, *, check_model: bool = False, plane: dict | None = N
         anisotropy = voxel_size[0] / voxel_size[1]
     else:
         anisotropy = 1.0
-    if shape[0] == 1 and params.flows is None and plane is None:
+    if shape[0] == 1 and params.flows is None and plane is None and not params.stitch_threshold:
         raise UserError(
             f"input {params.input!r} has a single z plane (shape {shape}): 3D Cellpose would run its ZY and ZX "
             "views on images one pixel tall; segment it as a 2D image with Cellpose, or give flows computed "
@@ -177,6 +177,8 @@ def plan(params: RunParams, *, check_model: bool = False, plane: dict | None = N
             "so every task reads the whole volume; is the diameter in voxels?", params.diameter, *shape[1:],
         )
     halo = params.halo or default_halo(params.diameter, anisotropy)
+    if params.stitch_threshold and params.halo is None:  # planes are segmented apart: no Z halo
+        halo = (0, *halo[1:])
     grid = ChunkGrid(shape, params.chunk_shape, halo)
     flows = _check_flows(params, shape, plane=plane is not None)
     network = (predict.check(params, shape, anisotropy, nchannels=volume.nchannels, plane=plane is not None)

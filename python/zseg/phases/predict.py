@@ -73,8 +73,8 @@ def check(params, shape, anisotropy: float, *, nchannels: int | None = None, pla
 
     model = models.inspect_model(params.model)
     try:
-        if plane:  # a slide's compartment: Cellpose's 2D eval, resized in Y and X only
-            N.Geometry.plane(shape[1:], diameter=params.diameter, diam_mean=model.get("diam_mean", 30.0))
+        if plane or params.stitch_threshold > 0:  # Cellpose's 2D eval, resized in Y and X only
+            N.Geometry.planes(shape, diameter=params.diameter, diam_mean=model.get("diam_mean", 30.0))
         else:
             N.scaled_shape(shape, diameter=params.diameter, anisotropy=anisotropy,
                            diam_mean=model.get("diam_mean", 30.0))
@@ -144,9 +144,9 @@ def make_geometry(params, shape, anisotropy: float, plane: bool, sizes: dict):
     m = sizes["model"]
     cp3 = m["family"] == "cp3"
     diam_mean = m["diam_mean"] if cp3 else 30.0
-    if plane:  # a slide's compartment: the 2D network pass of Cellpose's eval
-        geo = N.Geometry.plane(shape[1:], diameter=params.diameter, bsize=m["bsize"], tile_overlap=params.tile_overlap,
-                               augment=params.augment, diam_mean=diam_mean, pad_to_tile=not cp3)
+    if plane or params.stitch_threshold > 0:  # a slide's compartment, or stitch mode: Cellpose's 2D pass per plane
+        geo = N.Geometry.planes(shape, diameter=params.diameter, bsize=m["bsize"], tile_overlap=params.tile_overlap,
+                                augment=params.augment, diam_mean=diam_mean, pad_to_tile=not cp3)
     else:
         geo = N.Geometry.of(shape, diameter=params.diameter, anisotropy=anisotropy, bsize=m["bsize"],
                             tile_overlap=params.tile_overlap, augment=params.augment, diam_mean=diam_mean,
@@ -165,7 +165,7 @@ def plan_units(params, shape, anisotropy: float, *, nchannels: int, plane: bool,
 
     sizes = network_sizes(params, network)
     geo = make_geometry(params, shape, anisotropy, plane, sizes)
-    views = N.PLANE_VIEWS if plane else N.VIEWS
+    views = N.PLANE_VIEWS if plane or params.stitch_threshold > 0 else N.VIEWS
     budget = int(params.predict_memory * 2**30)
     n = UN.tiles_per_unit(geo, budget, views=views, nchannels=nchannels, keep_views=params.keep_views)
     units = UN.Units.of(geo, views, n)
@@ -193,9 +193,8 @@ def units(run: RunContext):
     if not isinstance(rec, dict) or not isinstance(rec.get("sizes"), dict):
         raise UserError(f"{U.join(run.root, 'run.json')!r} records no predict units; plan the run again "
                         "(--overwrite), or it was edited.")
-    plane = run.plane is not None
-    geo = make_geometry(run.params, run.grid.shape, run.anisotropy, plane, rec["sizes"])
-    out = UN.Units.of(geo, N.PLANE_VIEWS if plane else N.VIEWS, int(rec["tiles_per_unit"]))
+    geo = make_geometry(run.params, run.grid.shape, run.anisotropy, run.plane is not None, rec["sizes"])
+    out = UN.Units.of(geo, N.PLANE_VIEWS if run.planar else N.VIEWS, int(rec["tiles_per_unit"]))
     if len(out) != rec["units"]:
         raise UserError(f"run.json records {rec['units']} predict units but its parameters give {len(out)}: "
                         "it was edited; restore it, or start the run again with --overwrite.")

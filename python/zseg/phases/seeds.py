@@ -75,12 +75,17 @@ def follow_chunk(run: RunContext, index: int) -> dict:
     cib = g.core_in_block(index)
     local = np.argwhere(fg[cib])  # (N, ndim) in core coordinates
     starts = local + box_origin(cib)
-    disp, escaped = D.follow_flows(
-        flow, starts, niter=int(run.manifest["niter"]), origin=box_origin(block), volume_shape=g.shape,
-        device=dynamics_device(p.device),
-    )
+    if run.stitching:  # Cellpose's 2D dynamics on each plane (the block has no Z halo to step into)
+        disp, escaped = _follow_planes(run, flow, starts, block)
+    else:
+        disp, escaped = D.follow_flows(
+            flow, starts, niter=int(run.manifest["niter"]), origin=box_origin(block), volume_shape=g.shape,
+            device=dynamics_device(p.device),
+        )
     step = np.floor(disp).astype(np.int64)
-    reach = np.where(np.asarray(g.shape) == 1, np.iinfo(np.int64).max, np.asarray(g.halo) - MARGIN)  # a slide's one plane: no z steps
+    reach = np.asarray(g.halo) - MARGIN
+    if run.planar:  # a slide's one plane, or stitch mode: the flows have no Z component, no Z steps
+        reach[0] = np.iinfo(np.int64).max
     long = escaped | (np.abs(step) > reach).any(axis=1)
     dt = W.ends_dtype(g.shape)
     out = np.full((g.ndim, *box_shape(core)), np.iinfo(dt).min, dtype=dt)
@@ -92,6 +97,19 @@ def follow_chunk(run: RunContext, index: int) -> dict:
         "long": int(long.sum()),
         "max_step": [int(v) for v in (np.abs(step).max(axis=0) if len(step) else np.zeros(g.ndim))],
     }
+
+
+def _follow_planes(run: RunContext, flow: np.ndarray, starts: np.ndarray, block):
+    """Stitch mode: trajectories followed in 2D, plane by plane (Z steps are 0)."""
+    disp = np.zeros((len(starts), 3), np.float32)
+    escaped = np.zeros(len(starts), bool)
+    origin = box_origin(block)
+    for k in np.unique(starts[:, 0]).tolist():
+        sel = starts[:, 0] == k
+        d, e = D.follow_flows(np.ascontiguousarray(flow[1:, k]), starts[sel][:, 1:], niter=int(run.manifest["niter"]),
+                              origin=origin[1:], volume_shape=run.grid.shape[1:], device=dynamics_device(run.params.device))
+        disp[sel, 1:], escaped[sel] = d, e
+    return disp, escaped
 
 
 def block_end_points(run: RunContext, box) -> tuple[np.ndarray, np.ndarray]:
@@ -109,18 +127,31 @@ def find_chunk(run: RunContext, index: int) -> dict:
     core = g.core(index)
     hbox = grow(core, MARGIN, g.shape)
     _, ends = block_end_points(run, g.block(index))
-    lo, hi = box_origin(hbox), np.array([s.stop for s in hbox])
-    inside = np.all((ends >= lo) & (ends < hi), axis=1)
-    h = D.histogram(ends[inside] - lo, box_shape(hbox))
-    seeds, counts = D.find_seeds(h, within=relative(core, hbox))
-    regions = D.grow_seeds(h, seeds)
+    boxes = [hbox]
+    if run.stitching:  # each plane on its own, as Cellpose's 2D masks: a one-plane histogram per plane
+        boxes = [(slice(z, z + 1), *hbox[1:]) for z in range(core[0].start, core[0].stop)]
+    found = [_find(ends, box, core) for box in boxes]
+    seeds = np.concatenate([f[0] for f in found]) if found else np.zeros((0, g.ndim), np.int64)
+    counts = np.concatenate([f[1] for f in found]) if found else np.zeros(0, np.int64)
+    regions = np.concatenate([f[2] for f in found]) if found else np.zeros((0, *(WINDOW,) * g.ndim), bool)
     U.write_npz(
         run.chunk_file(W.SEEDS_DIR, index),
-        seeds=(seeds + lo).astype(np.int64),
+        seeds=seeds.astype(np.int64),
         counts=counts.astype(np.int32),
         regions=np.packbits(regions.reshape(len(seeds), WINDOW**g.ndim), axis=1),
     )
     return {"seeds": int(len(seeds))}
+
+
+def _find(ends: np.ndarray, hbox, core):
+    """Seeds (volume coordinates), counts and regions of the end points inside ``hbox``; seeds only
+    where ``hbox`` meets ``core``."""
+    lo, hi = box_origin(hbox), np.array([s.stop for s in hbox])
+    inside = np.all((ends >= lo) & (ends < hi), axis=1)
+    h = D.histogram(ends[inside] - lo, box_shape(hbox))
+    within = tuple(slice(max(c.start, b.start) - b.start, min(c.stop, b.stop) - b.start) for c, b in zip(core, hbox))
+    seeds, counts = D.find_seeds(h, within=within)
+    return seeds + lo, counts, D.grow_seeds(h, seeds)
 
 
 def load_seeds(run: RunContext, index: int) -> dict[str, np.ndarray]:

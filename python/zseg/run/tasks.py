@@ -33,6 +33,8 @@ FUNCTIONS: dict[str, Callable] = {
     "finalize:sizes": finalize.sizes_chunk,
     "finalize:extent": finalize.extent_reduce,
     "finalize:quality": finalize.quality_chunk,
+    "finalize:overlaps": finalize.overlaps_chunk,
+    "finalize:stitch": finalize.stitch_reduce,
     "finalize:number": finalize.number_reduce,
     "finalize:labels": finalize.labels_chunk,
     "finalize:cells": table.cells_chunk,

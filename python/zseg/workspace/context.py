@@ -130,6 +130,16 @@ class RunContext(WorkLayout):
         ``patches``, ``patch_size``): what makes the one-plane run follow Cellpose's 2D eval."""
         return self.manifest.get("plane")
 
+    @property
+    def stitching(self) -> bool:
+        """Stitch mode (``--stitch-threshold``): 2D masks per plane, stitched across Z."""
+        return float(self.params.stitch_threshold) > 0
+
+    @property
+    def planar(self) -> bool:
+        """Whether every plane is segmented on its own (a slide's one plane, or stitch mode)."""
+        return self.plane is not None or self.stitching
+
 
 def _ints(value, n: int, low: int) -> bool:
     return (isinstance(value, list) and len(value) == n

@@ -40,6 +40,11 @@ def _predicts(run) -> bool:
     return run.params.flows is None
 
 
+def stitching(run) -> bool:
+    """A volume run in stitch mode (``--stitch-threshold``)."""
+    return bool(getattr(run, "stitching", False))
+
+
 def flow_check(run) -> bool:
     """A 2D slide compartment with Cellpose's flow check on."""
     plane = getattr(run, "plane", None)
@@ -58,6 +63,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("finalize:sizes", "finalize", "map", marker_dir=W.SIZES_DIR),
     Stage("finalize:extent", "finalize", "reduce", result=W.EXTENT_RESULT, applies=flow_check),
     Stage("finalize:quality", "finalize", "map", marker_dir=W.QUALITY_DIR, applies=flow_check),
+    Stage("finalize:overlaps", "finalize", "map", marker_dir=W.OVERLAPS_DIR, applies=stitching),
+    Stage("finalize:stitch", "finalize", "reduce", result=W.STITCH_RESULT, applies=stitching),
     Stage("finalize:number", "finalize", "reduce", result=W.FINAL_NUMBER_RESULT),
     Stage("finalize:labels", "finalize", "map", marker_dir=W.LABELS_DIR),
     Stage("finalize:cells", "finalize", "map", marker_dir=W.CELLS_DIR),
