@@ -133,17 +133,21 @@ def stack(tmp_path_factory):
 @pytest.mark.filterwarnings("ignore:Sparse invariant checks")
 def test_stitch_mode_equals_cellposes_and_is_identical_for_any_chunking(stack, tmp_path):
     """Chunkings cut Z and YX (cores of 3 and 5 planes, 17 and 27 pixels): the same labels, and
-    Cellpose's own eval(do_3D=False, stitch_threshold=0.25) on the whole stack (AP@0.5 and @0.9)."""
+    Cellpose's own eval(do_3D=False, stitch_threshold=0.25, flow_threshold=0.65) on the whole stack
+    (AP@0.5 and @0.9). At 0.65 the 2D flow check removes most of the 224 2D masks of this network's
+    flows, so it is exercised per plane."""
     from cellpose.metrics import average_precision
 
     labels = []
     for chunk in ("16,64,64", "5,27,40", "3,64,17"):
         out = tmp_path / chunk.replace(",", "_")
         assert main(["run", stack["uri"], str(out), "--model", stack["net"], "--diameter", "30", "--chunk-shape",
-                     chunk, "--no-use-bfloat16", "--stitch-threshold", "0.25", "--flows-dtype", "float32"]) == 0
+                     chunk, "--no-use-bfloat16", "--stitch-threshold", "0.25", "--flows-dtype", "float32",
+                     "--flow-threshold", "0.65"]) == 0
         labels.append(np.asarray(open_array(str(out / "labels.zarr" / "0"))[...]))
         r = json.loads((out / "run.json").read_text())
         assert r["result"]["chunk_exact"] and r["grid"]["halo"][0] == 0
+        assert r["result"]["flow_check"]["removed"] > 100 and r["result"]["flow_check"]["undecided"] == 0
         assert r["result"]["stitch"]["masks"] > r["result"]["stitch"]["cells"] > 0  # 2D masks were stitched
     for other in labels[1:]:
         np.testing.assert_array_equal(other, labels[0])
@@ -151,10 +155,10 @@ def test_stitch_mode_equals_cellposes_and_is_identical_for_any_chunking(stack, t
     flows = np.asarray(open_array(str(out / "work" / "flows.zarr"))[...])
     masks, ref = cellpose_eval_stitch(load(gradient_cpsam()), stack["img"][None],
                                       np.stack([pr["low"], pr["high"]], 1), diameter=30.0, stitch_threshold=0.25,
-                                      flow_threshold=0.0, min_size=15)
+                                      flow_threshold=0.65, min_size=15)
     assert np.all(flows[0] == 0)  # 2D flows: no Z component
     np.testing.assert_allclose(flows[1:], ref, rtol=1e-4, atol=2e-5)
-    assert masks.max() >= 20
+    assert masks.max() >= 10
     ap, *_ = average_precision([masks], [labels[0]], threshold=[0.5, 0.9])
     assert ap[0][0] >= 0.99 and ap[0][1] >= 0.99, ap
 

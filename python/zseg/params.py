@@ -89,7 +89,7 @@ class RunParams(BaseModel):
     nuclear_model: str | None = None
     """2D slides: the network for the nuclei, given like --model; default --model."""
     flow_threshold: float = Field(0.4, ge=0)
-    """2D slides: masks whose flow error exceeds this are removed, once per whole cell (Cellpose's 2D flow_threshold); 0 switches the check off."""
+    """2D slides and stitch mode: 2D masks whose flow error exceeds this are removed, once per whole mask (Cellpose's 2D flow_threshold); 0 switches the check off."""
     patch_size: int = Field(512, ge=16)
     """2D slides: side in pixels of the fixed grid of QC patches (patches.parquet), independent of the chunking."""
     patch_non_zero_threshold: float = Field(0.05, ge=0, le=1)
@@ -313,7 +313,8 @@ class RunParams(BaseModel):
 
     def slide_options(self) -> list[str]:
         """The 2D-slide options given a value other than their default (what marks a slide run)."""
-        return [name for name in SLIDE_ONLY if getattr(self, name) != RunParams.model_fields[name].default]
+        return [name for name in SLIDE_ONLY if getattr(self, name) != RunParams.model_fields[name].default
+                and not (name in STITCH_TOO and self.stitch_threshold > 0)]
 
     def work_uri(self) -> str:
         return self.work or join(self.output, "work")
@@ -324,6 +325,8 @@ SLIDE_ONLY = ("compartment", "nuclear_channel", "membrane_channels", "membrane_c
               "nuclear_model", "nuclear_flows", "flow_threshold", "patch_size", "patch_non_zero_threshold",
               "patch_mean_threshold", "skip_uninformative", "keep_unmatched_cells", "keep_unmatched_layers",
               "anndata", "geojson")
+#: Options of 2D slides that stitch mode (--stitch-threshold) takes as well (its planes are 2D).
+STITCH_TOO = ("flow_threshold",)
 #: Options of Cellpose's 3D segmentation that stitch mode (--stitch-threshold) refuses.
 STITCH_EXCLUDES = ("model_ortho", "flow3D_smooth", "exclude_on_edges")
 #: Options of 3D volumes only (refused on a 2D slide).

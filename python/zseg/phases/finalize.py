@@ -55,8 +55,8 @@ def sizes_chunk(run: RunContext, index: int) -> dict:
     offsets, _ = W.seed_offsets(run)
     lo, hi = int(offsets[index]), int(offsets[index + 1])
     sizes = np.zeros(hi - lo, np.int64)
-    plane = run.plane is not None
-    if plane:  # a slide compartment: each cell's box in the slide too (for the flow check)
+    plane = run.planar
+    if plane:  # a slide compartment or stitch mode: each 2D mask's box too (for the flow check)
         start = np.full((hi - lo, g.ndim), np.iinfo(np.int64).max, np.int64)
         stop = np.full((hi - lo, g.ndim), -1, np.int64)
     edge = np.zeros(hi - lo, bool)
@@ -107,7 +107,7 @@ def _plane_sizes(run: RunContext, lo: int, present, large, keep, seeds, start, s
     extents = (stop[:, yx] - start[:, yx]).sum(axis=1)
     max_extent = int(extents[~is_large].max()) + 2 if (~is_large).any() else 0
     skip = np.zeros(int(keep.sum()), bool)
-    if run.plane.get("patches"):
+    if run.plane is not None and run.plane.get("patches"):
         skip = ~allowed_at(seeds[keep][:, -2:], run.plane["patch_size"], patch_flags_grid(run))
     out = dict(out, boxed=ids.astype(np.int64), start=start, stop=stop, large=is_large, skip=skip)
     return out, {"max_extent": max_extent, "skipped": int(skip.sum())}
@@ -131,6 +131,13 @@ def extent_reduce(run: RunContext) -> dict:
     ext = max((int(m.get("max_extent", 0)) for m in _markers(run, W.SIZES_DIR)), default=0)
     niter, f32 = FE.diffusion_settings(run.grid.shape[-2:], ext)
     result = {"max_extent": ext, "niter": niter, "float32": bool(f32)}
+    if run.stitching:  # each plane is its own 2D image in Cellpose: its own largest mask sets its niter
+        per = np.zeros(run.grid.shape[0], np.int64)
+        for i in range(run.grid.nchunks):
+            d = U.read_npz(run.chunk_file(W.SIZES_DIR, i))
+            ok = ~d["large"]
+            np.maximum.at(per, d["start"][ok, 0], (d["stop"][ok, 1:] - d["start"][ok, 1:]).sum(axis=1) + 2)
+        result["niter_per_plane"] = [FE.diffusion_settings(run.grid.shape[-2:], int(e))[0] for e in per]
     U.write_json(run.path(W.EXTENT_RESULT), result)
     return result
 
@@ -158,8 +165,23 @@ def quality_chunk(run: RunContext, index: int) -> dict:
     the others are kept and counted as undecided (a larger halo decides them)."""
     g = run.grid
     block = g.block(index)
-    offsets, _ = W.seed_offsets(run)
     settings = U.read_json(run.path(W.EXTENT_RESULT))
+    mine = U.read_npz(run.chunk_file(W.SIZES_DIR, index))["kept"]
+    if not run.stitching:
+        r = _plane_quality(run, index, block, 0, mine, int(settings["niter"]), bool(settings["float32"]))
+    else:  # every plane of the core is its own 2D image; its masks are owned by the chunk holding their seed
+        parts = [_plane_quality(run, index, (slice(z, z + 1), *block[1:]), z, mine,
+                                int(settings["niter_per_plane"][z]), bool(settings["float32"]))
+                 for z in range(g.core(index)[0].start, g.core(index)[0].stop)]
+        r = {k: (np.concatenate([p[k] for p in parts]) if k == "bad" else sum(p[k] for p in parts)) for k in parts[0]}
+    U.write_npz(run.chunk_file(W.QUALITY_DIR, index), bad=r["bad"])
+    return {"checked": r["checked"], "removed": int(len(r["bad"])), "undecided": r["undecided"]}
+
+
+def _plane_quality(run: RunContext, index: int, block, z: int, mine: np.ndarray, niter: int, f32: bool) -> dict:
+    """The flow check of the owned 2D masks of plane ``z`` of ``block``."""
+    g = run.grid
+    offsets, _ = W.seed_offsets(run)
     masks = np.asarray(W.masks(run)[block])[0]
     flows = np.asarray(W.flows(run)[(slice(None), *block)])[1:3, 0]
     ids = B.present_labels(masks).astype(np.int64)
@@ -167,27 +189,29 @@ def quality_chunk(run: RunContext, index: int) -> dict:
     if large.any():  # Cellpose checks the flows after dropping the large masks
         masks = np.where(np.isin(masks, ids[large]), 0, masks)
         boxes = B.Boxes(boxes.ids[~large], boxes.start[~large], boxes.stop[~large])
-    mine = U.read_npz(run.chunk_file(W.SIZES_DIR, index))["kept"]
     origin = [s.start for s in block[-2:]]
     core = g.core_in_block(index)[-2:]
-    r = FE.block_flow_errors(masks, flows, origin=origin, core=core, slide_shape=g.shape[-2:],
-                             niter=int(settings["niter"]), float32=bool(settings["float32"]), boxes=boxes,
-                             owned=np.intersect1d(mine, ids))
+    if run.stitching:  # this plane's owned masks only
+        mine = mine[np.isin(mine, ids)]
+    r = FE.block_flow_errors(masks, flows, origin=origin, core=core, slide_shape=g.shape[-2:], niter=niter,
+                             float32=f32, boxes=boxes, owned=np.intersect1d(mine, ids))
     absent = len(np.setdiff1d(mine, ids))  # owned cells without a pixel in the block cannot be checked
-    bad = r["labels"][r["errors"] > float(run.plane["flow_threshold"])].astype(np.int64)
-    U.write_npz(run.chunk_file(W.QUALITY_DIR, index), bad=bad)
-    return {"checked": int(len(r["labels"])), "removed": int(len(bad)), "undecided": int(r["undecided"] + absent)}
+    threshold = run.params.flow_threshold if run.stitching else run.plane["flow_threshold"]
+    bad = r["labels"][r["errors"] > float(threshold)].astype(np.int64)
+    return {"bad": bad, "checked": int(len(r["labels"])), "undecided": int(r["undecided"] + absent)}
 
 
 def _plane_masks(run: RunContext, ids: np.ndarray) -> np.ndarray:
-    """Which provisional ``ids`` (ascending) the sizes stage kept: in stitch mode, the 2D masks
-    of each plane before stitching."""
+    """Which provisional ``ids`` (ascending) the sizes stage kept and the flow check did not
+    remove: in stitch mode, the 2D masks of each plane before stitching."""
     offsets, _ = W.seed_offsets(run)
     own = W.owners(offsets, ids)
     out = np.zeros(len(ids), bool)
     for c in np.unique(own).tolist():
         sel = own == c
         out[sel] = np.isin(ids[sel], U.read_npz(run.chunk_file(W.SIZES_DIR, int(c)))["kept"])
+        if flow_check(run):
+            out[sel] &= ~np.isin(ids[sel], U.read_npz(run.chunk_file(W.QUALITY_DIR, int(c)))["bad"])
     return out
 
 
@@ -443,6 +467,7 @@ def report_reduce(run: RunContext) -> dict:
         result["stitch"] = U.read_json(run.path(W.STITCH_RESULT))
     if run.plane is not None:
         result["skipped_cells"] = total("sizes", "skipped")
+    if flow_check(run):
         result["flow_check"] = {"removed": total("quality", "removed"), "undecided": total("quality", "undecided")}
     exact = (result["long_trajectories"] == 0 and result["ends_outside_block"] == 0 and result["cells_cut_by_block"] == 0
              and result.get("flow_check", {}).get("undecided", 0) == 0)

@@ -65,7 +65,7 @@ def process_chunk(run: RunContext, index: int) -> dict:
     uniq, cnt = fastremap.unique(labels, return_counts=True)
     keep = uniq != 0
     extra = {}
-    if run.plane is not None:  # a slide's compartment: each cell's box in this core, for the flow check
+    if run.planar:  # a slide's compartment or stitch mode: each 2D mask's box in this core, for the flow check
         boxes = label_boxes(labels, origin=box_origin(core))
         extra = {"start": boxes.start, "stop": boxes.stop}
     if run.params.exclude_on_edges:  # the cells this core shows on a face of the volume

@@ -46,7 +46,9 @@ def stitching(run) -> bool:
 
 
 def flow_check(run) -> bool:
-    """A 2D slide compartment with Cellpose's flow check on."""
+    """Cellpose's 2D flow check is on: a 2D slide compartment, or a volume in stitch mode."""
+    if stitching(run):
+        return float(run.params.flow_threshold) > 0
     plane = getattr(run, "plane", None)
     return plane is not None and float(plane.get("flow_threshold", 0)) > 0
 
