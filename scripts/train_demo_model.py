@@ -37,10 +37,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from zseg.engine.cp3 import CP3Net
 from zseg.engine.synth import flows_from_labels, synth_cells
+from zseg.engine.training import seg_loss
 
 DIAM_MEAN = 16.0
 
@@ -94,8 +94,9 @@ def augment(x: torch.Tensor, t: torch.Tensor, rng: np.random.Generator):
 
 
 def loss_fn(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Cellpose 3's segmentation loss."""
-    return F.mse_loss(y[:, :2], t[:, :2]) / 2 + F.binary_cross_entropy_with_logits(y[:, 2], t[:, 2])
+    """Cellpose's segmentation loss (:func:`zseg.engine.training.seg_loss`) of targets
+    ``t`` = 5 x flow Y, 5 x flow X, foreground."""
+    return seg_loss(y, torch.cat([t[:, 2:3], t[:, :2] / 5], 1))
 
 
 def train(args) -> dict:

@@ -24,6 +24,7 @@ from zseg.errors import UserError
 from zseg.outputs.verify import verify_output
 from zseg.params import RunParams, build_params, channel_list
 from zseg.phases.crops import make_crops
+from zseg.phases.train import train as train_network
 from zseg.phases.plan import plan as do_plan
 from zseg.phases.slide import is_slide, plan_slide
 from zseg.phases.synth import synth as do_synth
@@ -350,6 +351,46 @@ def crops(
                        overwrite=overwrite)
     typer.echo(json.dumps({"outdir": outdir, "crops": len(index["crops"]),
                            "views": {v: sum(c["view"] == v for c in index["crops"]) for v in ("YX", "ZY", "ZX")}}))
+
+
+@app.command()
+def train(
+    folder: str = typer.Argument(..., help="Folder of NAME.tif images and NAME_masks.tif labels (Cellpose's layout; zseg crops writes the images)."),
+    model: str = typer.Option(..., "--model", help="The network to start from, of either family, given like zseg run's --model."),
+    output: str = typer.Option(..., "--output", help="Where to write the trained weights (a .pt state dict; OUTPUT.json records the run)."),
+    mask_filter: str = typer.Option("_masks", "--mask-filter", help="Suffix of the label images (Cellpose's --mask_filter)."),
+    trust_seg_npy: bool = typer.Option(False, "--trust-seg-npy", help="Also read labels from Cellpose GUI NAME_seg.npy files, which are pickles: only files you made."),
+    n_epochs: int = typer.Option(100, "--n-epochs", help="Passes over the images (Cellpose's default 100)."),
+    learning_rate: Optional[float] = typer.Option(None, "--learning-rate", help="Default: Cellpose's, 0.005 (Cellpose 3) or 1e-5 (CPSAM)."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="Default: 1e-5 (Cellpose 3) or 0.1 (CPSAM)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per step; default 8 (Cellpose 3) or 1 (CPSAM)."),
+    bsize: Optional[int] = typer.Option(None, "--bsize", help="Training tile size; default 224 (Cellpose 3; 512 keeps thin protrusions), a CPSAM network's own 256."),
+    no_rescale: bool = typer.Option(False, "--no-rescale", help="Cellpose 3: train without resizing cells to the network's diameter (thin features survive); CPSAM never rescales."),
+    min_train_masks: int = typer.Option(5, "--min-train-masks", help="Images with fewer masks are left out (Cellpose's default 5)."),
+    test_dir: Optional[str] = typer.Option(None, "--test-dir", help="A folder like FOLDER whose loss is reported after every epoch."),
+    device: str = typer.Option("auto", "--device", help="auto (a GPU when there is one), cpu, cuda, cuda:N, mps."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --output."),
+):
+    """Fine-tune a Cellpose 3 or CPSAM network on labelled 2D images with Cellpose's training objective."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[loss]}"),
+                  TimeRemainingColumn(), transient=False) as bar:
+        task = bar.add_task("training", total=n_epochs, loss="")
+
+        def progress(epoch, loss, test_loss):
+            text = f"loss {loss:.4f}" + (f", test {test_loss:.4f}" if test_loss is not None else "")
+            bar.update(task, completed=epoch + 1, loss=text)
+
+        out = train_network(folder, model=model, output=output, mask_filter=mask_filter, trust_seg_npy=trust_seg_npy,
+                            n_epochs=n_epochs, learning_rate=learning_rate, weight_decay=weight_decay,
+                            batch_size=batch_size, bsize=bsize, rescale=False if no_rescale else None,
+                            min_train_masks=min_train_masks, test_dir=test_dir, device=device, overwrite=overwrite,
+                            progress=progress)
+    typer.echo(json.dumps({k: out[k] for k in ("output", "family", "n_epochs", "learning_rate", "batch_size", "bsize",
+                                               "rescale")} | {"images": len(out["images"]),
+                                                              "first_loss": out["train_loss"][0],
+                                                              "last_loss": out["train_loss"][-1]}))
 
 
 def main(argv=None) -> int:

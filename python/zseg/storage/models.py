@@ -241,6 +241,21 @@ def load_network(path: str | Path, device: torch.device, *, use_bfloat16: bool =
     return _NETWORKS[key]
 
 
+def trainable_network(path: str | Path, device: torch.device) -> "CPSAMNet | CP3Net":
+    """A new float32 copy of the network at ``path`` (not the cached one :func:`load_network`
+    keeps), to be trained; it has ``family`` set like a loaded one."""
+    path = Path(path)
+    sd = _state_dict(path, mmap=False)
+    kind = _describe(path, sd)["family"]
+    try:
+        net = cp3_from_state_dict(sd) if kind == "cp3" else cpsam_from_state_dict(sd)
+    except ValueError as e:
+        raise UserError(f"--model {str(path)!r}: {e}; give an unmodified weights file.") from None
+    if kind != "cp3":
+        net.family = "cpsam"
+    return net.to(device=device, dtype=torch.float32)
+
+
 def select_device(spec: str = "auto") -> torch.device:
     """The torch device ``spec`` names: ``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda``,
     ``cuda:N`` or ``mps``; ``UserError`` when it is not available here."""
