@@ -1,6 +1,7 @@
 """Fine-tuning pays: AP of a held-out synthetic volume before and after ``zseg train``.
 
-    python benchmarks/train.py [--noise 0.35] [--epochs 20] [--planes 12] [--bsize 112]
+    python benchmarks/train.py [--noise 0.35] [--epochs 20] [--planes 12] [--bsize 112] [--no-rescale]
+                               [--learning-rate LR]
 
 The demo network (``zseg-demo``, trained on ``zseg synth`` cells with 2-20 % noise) segments a
 held-out volume of noisier cells (``--noise``), then is fine-tuned with ``zseg train`` on YX
@@ -42,6 +43,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--planes", type=int, default=12, help="training planes (from two volumes)")
     ap.add_argument("--bsize", type=int, default=112)
     ap.add_argument("--shape", default="32,128,128")
+    ap.add_argument("--learning-rate", type=float, default=None, help="default: zseg train's (Cellpose's)")
+    ap.add_argument("--no-rescale", action="store_true", help="train without Cellpose 3's rescaling")
     args = ap.parse_args(argv)
     shape = tuple(int(s) for s in args.shape.split(","))
     root = Path(tempfile.mkdtemp(prefix="zseg-train-bench-"))
@@ -59,8 +62,10 @@ def main(argv=None) -> dict:
     before = average_precision([truth], [segment(uri, root / "before", "zseg-demo")], threshold=thresholds)[0][0]
     t0 = time.perf_counter()
     tuned = root / "tuned.pt"
+    extra = (["--learning-rate", str(args.learning_rate)] if args.learning_rate else []) + (
+        ["--no-rescale"] if args.no_rescale else [])
     assert zseg(["train", str(data), "--model", "zseg-demo", "--output", str(tuned), "--n-epochs", str(args.epochs),
-                 "--bsize", str(args.bsize), "--device", "cpu"]) == 0
+                 "--bsize", str(args.bsize), "--device", "cpu", *extra]) == 0
     seconds = time.perf_counter() - t0
     after = average_precision([truth], [segment(uri, root / "after", str(tuned))], threshold=thresholds)[0][0]
     rec = json.loads(Path(f"{tuned}.json").read_text())
@@ -68,6 +73,7 @@ def main(argv=None) -> dict:
           f"| zseg-demo fine-tuned ({args.epochs} epochs, {args.planes} planes, {seconds:.0f} s) | {after[0]:.3f} | "
           f"{after[1]:.3f} |")
     out = {"noise": args.noise, "epochs": args.epochs, "planes": args.planes, "bsize": args.bsize,
+           "learning_rate": rec["learning_rate"], "rescale": rec["rescale"],
            "shape": list(shape), "ap_before": [round(float(x), 4) for x in before],
            "ap_after": [round(float(x), 4) for x in after], "train_seconds": round(seconds, 1),
            "train_loss_first_last": [rec["train_loss"][0], rec["train_loss"][-1]]}

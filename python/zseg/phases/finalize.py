@@ -476,12 +476,15 @@ def report_reduce(run: RunContext) -> dict:
         need = [int(m) + 6 for m in max_step]
         if run.stitching:  # planes are segmented apart: no Z halo is ever needed
             need[0] = 0
+        if result.get("flow_check", {}).get("undecided", 0):  # the flow check needs each mask and its
+            need[-2:] = [max(n, 2 * h) for n, h in zip(need[-2:], g.halo[-2:])]  # neighbours whole: double YX
         result["suggested_halo"] = [max(a, b) for a, b in zip(need, g.halo)]
         log.warning(
             "halo %s is too small for this data: %d trajectories longer than the halo allows, %d cells cut "
-            "by a block face; labels near chunk faces may depend on the chunking. Re-run with --halo %s.",
+            "by a block face, %d masks the flow check could not decide; labels near chunk faces may depend on "
+            "the chunking. Re-run with --halo %s.",
             list(g.halo), result["long_trajectories"], result["cells_cut_by_block"],
-            ",".join(map(str, result["suggested_halo"])),
+            result.get("flow_check", {}).get("undecided", 0), ",".join(map(str, result["suggested_halo"])),
         )
     result.update(_finish_run(run, result))  # coarse pyramid levels, cells.parquet, qc/report.html, usage
     # run.json's complete flag commits the run: written after every output, and before this
