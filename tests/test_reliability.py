@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 import zarr
 
 from tests.volumes import write_volume
@@ -372,12 +373,76 @@ def test_bad_image_dtype(tmp_path, refused, dtype):
     assert not out.exists()
 
 
-def test_bad_flows_dtype(cells, tmp_path, refused):
+@pytest.mark.parametrize("dtype", ["int16", "complex64", "bool"])
+def test_bad_flows_dtype(cells, tmp_path, refused, dtype):
     d = write_volume(str(tmp_path), cells[0])
     flows = str(tmp_path / "iflows.zarr")
-    create_array(flows, shape=(4, *SHAPE), chunks=(4, *CHUNK), dtype="int16")
+    create_array(flows, shape=(4, *SHAPE), chunks=(4, *CHUNK), dtype=dtype)
     out = tmp_path / "o"
-    refused(["run", d["image"], str(out), "--flows", flows], "int16", "floating point")
+    refused(["run", d["image"], str(out), "--flows", flows], dtype, "floating point")
+    assert not out.exists()
+
+
+def test_bad_flows_of_another_shape(cells, tmp_path, refused):
+    d = write_volume(str(tmp_path), cells[0])
+    flows = str(tmp_path / "sflows.zarr")
+    create_array(flows, shape=(4, SHAPE[0], SHAPE[1], SHAPE[2] - 2), chunks=(4, *CHUNK), dtype="float32")
+    out = tmp_path / "o"
+    refused(["run", d["image"], str(out), "--flows", flows], "has shape (4, 16, 48, 46)", "(4, 16, 48, 48)")
+    assert not out.exists()
+
+
+def test_bad_hundreds_of_channels(tmp_path, refused):
+    """A 120-channel stack: one line that names the first and last channels, not all 120."""
+    tifffile.imwrite(tmp_path / "many.tif", np.zeros((120, 4, 16, 16), np.uint16), metadata={"axes": "CZYX"},
+                     photometric="minisblack")
+    out = tmp_path / "o"
+    err = refused(["run", str(tmp_path / "many.tif"), str(out)], "has 120 channels", "..., 118, 119", "--channels")
+    assert len(err[0]) < 300 and not out.exists()
+
+
+def test_bad_tiff_whose_ome_xml_disagrees_with_its_pages(tmp_path, refused):
+    """OME-XML says 12 planes, the file holds 8: tifffile would zero the missing 4; zseg refuses."""
+    xml = ('<?xml version="1.0" encoding="UTF-8"?><OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06">'
+           '<Image ID="Image:0"><Pixels ID="Pixels:0" DimensionOrder="XYZCT" Type="uint16" SizeX="32" SizeY="32" '
+           'SizeZ="12" SizeC="1" SizeT="1"><Channel ID="Channel:0:0" SamplesPerPixel="1"/><TiffData/></Pixels>'
+           '</Image></OME>')
+    tifffile.imwrite(tmp_path / "liar.tif", np.ones((8, 32, 32), np.uint16), description=xml, metadata=None)
+    out = tmp_path / "o"
+    refused(["run", str(tmp_path / "liar.tif"), str(out)], "describes 12 image planes", "holds 8")
+    assert not out.exists()
+
+
+def test_paths_with_spaces_and_non_ascii_letters_work(cells, tmp_path):
+    d = write_volume(str(tmp_path / "a folder é"), *cells)
+    out = tmp_path / "résultats 1"
+    assert main(["run", d["image"], str(out), "--flows", d["flows"], "--chunk-shape", "8,24,24"]) == 0
+    assert verify_output(str(out))["ok"]
+
+
+def test_overwrite_never_deletes_through_a_symlink_in_the_output(data, tmp_path):
+    """An output folder whose work/ was replaced by a link to another folder: --overwrite removes
+    the link, never what it points to."""
+    out = tmp_path / "o"
+    assert main(["run", data["image"], str(out), "--flows", data["flows"], "--chunk-shape", "8,24,24"]) == 0
+    victim = tmp_path / "precious"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("mine")
+    shutil.rmtree(out / "work")
+    (out / "work").symlink_to(victim, target_is_directory=True)
+    assert main(["run", data["image"], str(out), "--flows", data["flows"], "--chunk-shape", "8,24,24",
+                 "--overwrite"]) == 0
+    assert (victim / "keep.txt").read_text() == "mine" and not (out / "work").is_symlink()
+
+
+def test_bad_s3_uri_without_credentials(tmp_path, refused, monkeypatch):
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    out = tmp_path / "o"
+    refused(["run", "s3://zseg-no-such-bucket/image.ome.zarr", str(out)], "no AWS credentials", "AWS_PROFILE")
     assert not out.exists()
 
 

@@ -25,6 +25,8 @@ import fsspec
 import numpy as np
 from fsspec.core import url_to_fs
 
+from zseg.errors import UserError
+
 
 def is_remote(uri: str) -> bool:
     return "://" in str(uri) and not str(uri).startswith("file://")
@@ -61,7 +63,14 @@ def _fresh(fs, path: str, uri: str) -> None:
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
     _fresh(fs, path, uri)
-    return fs.exists(path)
+    try:
+        return fs.exists(path)
+    except Exception as e:  # no credentials at all: the first touch of an object store says so
+        if type(e).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
+            raise UserError(f"{uri} cannot be reached: no AWS credentials were found ({e}); set AWS_PROFILE, or "
+                            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL for a local "
+                            "server).") from None
+        raise
 
 
 def read_bytes(uri: str) -> bytes:

@@ -471,6 +471,11 @@ def _open_tiff(uri: str, level: int) -> dict:
             series = tif.series[0]
         except (tifffile.TiffFileError, IndexError) as e:
             raise UserError(f"input {uri} is not a TIFF file tifffile can read ({e}).") from e
+        missing = sum(p is None for p in series.pages)
+        if missing:  # tifffile would fill them with zeros: planes of nothing segmented as if real
+            raise UserError(f"input {uri}: its OME-XML describes {len(series.pages)} image planes (shape "
+                            f"{tuple(series.shape)}) but the file holds {len(series.pages) - missing}; fix the "
+                            "metadata (or write the TIFF again) before segmenting.")
         nlevels = len(series.levels)
         _check_level(uri, level, nlevels, f"has {nlevels} resolution levels")
         opened["array"] = zarr.open_array(store=series.aszarr(level=level), mode="r")
@@ -683,8 +688,13 @@ def _check_dtype(uri: str, dtype) -> np.dtype:
     return native
 
 
+#: Channels a message lists in full; beyond, the first and the last few (a 120-channel stack).
+LISTED_CHANNELS = 12
+
+
 def _select_channels(uri: str, channels, n: int, names: list) -> tuple[int, ...]:
-    listing = ", ".join(f"{i} ({nm})" if nm else str(i) for i, nm in enumerate(names))
+    shown = [f"{i} ({nm})" if nm else str(i) for i, nm in enumerate(names)]
+    listing = ", ".join(shown if n <= LISTED_CHANNELS else [*shown[:LISTED_CHANNELS - 2], "...", *shown[-2:]])
     if channels is None:
         if n == 1:
             return (0,)
