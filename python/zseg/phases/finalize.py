@@ -244,7 +244,8 @@ def overlaps_chunk(run: RunContext, index: int) -> dict:
         out["area"].append(area.astype(np.int64))
         if k + 1 < len(planes):
             a, b, n = ST.overlaps(planes[k + 1], planes[k])
-            out["up"].append(a), out["low"].append(b), out["count"].append(n)
+            for key, v in (("up", a), ("low", b), ("count", n)):
+                out[key].append(v)
     arrays = {k: (np.concatenate(v) if v else np.zeros(0, np.int64)).astype(np.int64) for k, v in out.items()}
     U.write_npz(run.chunk_file(W.OVERLAPS_DIR, index), **arrays)
     return {"masks": int(len(arrays["ids"])), "pairs": int(len(arrays["up"]))}

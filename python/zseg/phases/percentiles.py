@@ -146,7 +146,9 @@ class _Local:
         for z in planes:
             if self.per_plane:
                 low, high, varies = self._values(slab[f"z{z}"])
-                self.low.append(low), self.high.append(high), self.varies.append(varies)
+                self.low.append(low)
+                self.high.append(high)
+                self.varies.append(varies)
                 continue
             low = np.zeros((self.ny, self.nx, self.nch), np.float32)
             high = np.zeros_like(low)
@@ -155,7 +157,8 @@ class _Local:
                     lo, hi, _ = self._values(slab[f"z{z}_t{j}_{i}"])
                     low[j, i], high[j, i] = lo, hi
             NM.fill_tiles(low, high)
-            self.low.append(low), self.high.append(high)
+            self.low.append(low)
+            self.high.append(high)
 
     def result(self) -> dict:
         if self.per_plane:  # per channel: some plane varies (else the channel carries no signal)

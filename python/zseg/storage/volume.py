@@ -471,7 +471,9 @@ def _open_tiff(uri: str, level: int) -> dict:
             series = tif.series[0]
         except (tifffile.TiffFileError, IndexError) as e:
             raise UserError(f"input {uri} is not a TIFF file tifffile can read ({e}).") from e
-        missing = sum(p is None for p in series.pages)
+        # an OME series lists its planes from the OME-XML (None where the file holds none); other
+        # series would read every page to answer, so they are not asked
+        missing = sum(p is None for p in series.pages) if tif.is_ome else 0
         if missing:  # tifffile would fill them with zeros: planes of nothing segmented as if real
             raise UserError(f"input {uri}: its OME-XML describes {len(series.pages)} image planes (shape "
                             f"{tuple(series.shape)}) but the file holds {len(series.pages) - missing}; fix the "
