@@ -32,6 +32,15 @@ def _channel(c):
     return int(c) if isinstance(c, str) and c.strip().lstrip("-").isdigit() else c
 
 
+#: What --bsize takes (Cellpose 3 checks nothing; a U-Net needs a multiple of 16).
+BSIZE_RULE = "use a multiple of 16 from 64 to 1024 (e.g. 224 or 512)"
+
+
+def bsize_ok(v: int) -> bool:
+    """Whether ``v`` is a tile size zseg runs or trains a Cellpose 3 network on (:data:`BSIZE_RULE`)."""
+    return 64 <= v <= 1024 and v % 16 == 0
+
+
 def channel_list(value):
     """``--channels`` as written (``"1,membrane"``, ``"1 2"`` or a list): indices as int, names as str."""
     value = _split(value)
@@ -248,8 +257,8 @@ class RunParams(BaseModel):
     @field_validator("bsize")
     @classmethod
     def _bsize(cls, v):
-        if v is not None and not (64 <= v <= 1024 and v % 16 == 0):
-            raise ValueError("use a multiple of 16 from 64 to 1024 (e.g. 224 or 512)")
+        if v is not None and not bsize_ok(v):
+            raise ValueError(BSIZE_RULE)
         return v
 
     @field_validator("min_size")

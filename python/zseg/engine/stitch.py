@@ -82,11 +82,9 @@ def replay(ids, plane, rank, area, pairs, threshold: float, nplanes: int) -> np.
     out = np.zeros(len(ids), np.int64)
     order = np.lexsort((rank, plane))  # by plane, then Cellpose's mask order
     bounds = np.searchsorted(plane[order], np.arange(nplanes + 1))
-    row_of = {int(i): k for k, i in enumerate(ids)}
     up, low, cnt = (np.asarray(x, np.int64) for x in pairs)
     if len(up):
-        up_row = np.array([row_of[int(i)] for i in up], np.int64)
-        low_row = np.array([row_of[int(i)] for i in low], np.int64)
+        up_row, low_row = _rows(ids, up), _rows(ids, low)
         if np.any(plane[up_row] != plane[low_row] + 1):
             raise ValueError("every pair must join a mask to one of the plane below")
         by_plane = np.argsort(plane[up_row], kind="stable")
@@ -108,35 +106,35 @@ def replay(ids, plane, rank, area, pairs, threshold: float, nplanes: int) -> np.
     return out
 
 
+def _rows(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """The positions in ``ids`` of the IDs ``wanted``; ``ValueError`` for one not in ``ids``."""
+    srt = np.argsort(ids, kind="stable")
+    pos = np.minimum(np.searchsorted(ids[srt], wanted), max(len(ids) - 1, 0))
+    if len(wanted) and (not len(ids) or np.any(ids[srt][pos] != wanted)):
+        raise ValueError("a pair names a mask that is not among the IDs")
+    return srt[pos]
+
+
 def _match(rows, r_up, lab_low, cnt, area, out, lower_rows, threshold) -> np.ndarray:
     """Give ``rows`` (one plane's masks, in mask order) the labels of the plane below by
     Cellpose's rule; returns which rows are left unmatched (they get new labels)."""
-    col_area = {}
-    for r in lower_rows:  # a label of the plane below may cover several masks (a tie merged them)
-        col_area[int(out[r])] = col_area.get(int(out[r]), 0) + int(area[r])
+    labs, inv = np.unique(out[lower_rows], return_inverse=True)
+    col_area = np.bincount(inv, weights=area[lower_rows]).astype(np.int64)  # a label may cover several masks
     srt = np.lexsort((lab_low, r_up))  # sum the counts of each (row, label) pair
     rs, ls = r_up[srt], lab_low[srt]
     start = np.flatnonzero(np.r_[True, (rs[1:] != rs[:-1]) | (ls[1:] != ls[:-1])])
     o = np.add.reduceat(cnt[srt], start)
     r, lab = rs[start], ls[start]
-    a = area[r]
-    b = np.array([col_area[int(x)] for x in lab], np.int64)
-    iou = o / (a + b - o).astype(np.float64)
+    iou = o / (area[r] + col_area[np.searchsorted(labs, lab)] - o).astype(np.float64)
     keep = ~(iou < threshold)
     r, lab, iou = r[keep], lab[keep], iou[keep]
-    if len(iou):  # per column, only its largest IoU (all on a tie)
-        colmax = {}
-        for x, v in zip(lab.tolist(), iou.tolist()):
-            colmax[x] = max(colmax.get(x, 0.0), v)
-        keep = iou >= np.array([colmax[x] for x in lab.tolist()])
-        r, lab, iou = r[keep], lab[keep], iou[keep]
-    best = {}
-    for rr, x, v in zip(r.tolist(), lab.tolist(), iou.tolist()):  # per row: largest IoU, lowest label on a tie
-        if v > 0 and (rr not in best or v > best[rr][0] or (v == best[rr][0] and x < best[rr][1])):
-            best[rr] = (v, x)
-    new = np.ones(len(rows), bool)
-    for k, rr in enumerate(rows.tolist()):
-        if rr in best:
-            out[rr] = best[rr][1]
-            new[k] = False
-    return new
+    cols, col = np.unique(lab, return_inverse=True)  # per column, only its largest IoU (all on a tie)
+    colmax = np.full(len(cols), -np.inf)
+    np.maximum.at(colmax, col, iou)
+    keep = (iou >= colmax[col]) & (iou > 0)
+    r, lab, iou = r[keep], lab[keep], iou[keep]
+    srt = np.lexsort((lab, -iou, r))  # per row: its largest IoU, the lowest label on a tie
+    r, lab = r[srt], lab[srt]
+    first = np.r_[True, r[1:] != r[:-1]] if len(r) else np.zeros(0, bool)
+    out[r[first]] = lab[first]
+    return ~np.isin(rows, r[first])

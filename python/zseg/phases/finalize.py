@@ -142,16 +142,22 @@ def extent_reduce(run: RunContext) -> dict:
     return result
 
 
-def _boxes_of(run: RunContext, ids: np.ndarray, offsets) -> tuple[B.Boxes, np.ndarray]:
+def _by_owner(run: RunContext, ids: np.ndarray, directory: str):
+    """For provisional ``ids`` (ascending), each chunk owning some of them (the chunk of their
+    seed): the rows of ``ids`` it owns and its ``directory`` result (``work/<directory>/c*.npz``)."""
+    offsets, _ = W.seed_offsets(run)
+    own = W.owners(offsets, ids)
+    for c in np.unique(own).tolist():
+        yield np.flatnonzero(own == c), U.read_npz(run.chunk_file(directory, int(c)))
+
+
+def _boxes_of(run: RunContext, ids: np.ndarray) -> tuple[B.Boxes, np.ndarray]:
     """The slide boxes (Y, X) of provisional ``ids`` (ascending) and which are too large, from
     the ``sizes`` results of the chunks owning them."""
-    own = W.owners(offsets, ids)
     start = np.zeros((len(ids), 2), np.int64)
     stop = np.zeros((len(ids), 2), np.int64)
     large = np.zeros(len(ids), bool)
-    for c in np.unique(own).tolist():
-        sel = np.flatnonzero(own == c)
-        d = U.read_npz(run.chunk_file(W.SIZES_DIR, c))
+    for sel, d in _by_owner(run, ids, W.SIZES_DIR):
         rows = np.searchsorted(d["boxed"], ids[sel])
         start[sel], stop[sel], large[sel] = d["start"][rows, -2:], d["stop"][rows, -2:], d["large"][rows]
     return B.Boxes(ids.astype(np.uint64), start, stop), large
@@ -167,51 +173,41 @@ def quality_chunk(run: RunContext, index: int) -> dict:
     block = g.block(index)
     settings = U.read_json(run.path(W.EXTENT_RESULT))
     mine = U.read_npz(run.chunk_file(W.SIZES_DIR, index))["kept"]
-    if not run.stitching:
-        r = _plane_quality(run, index, block, 0, mine, int(settings["niter"]), bool(settings["float32"]))
-    else:  # every plane of the core is its own 2D image; its masks are owned by the chunk holding their seed
-        parts = [_plane_quality(run, index, (slice(z, z + 1), *block[1:]), z, mine,
-                                int(settings["niter_per_plane"][z]), bool(settings["float32"]))
-                 for z in range(g.core(index)[0].start, g.core(index)[0].stop)]
-        r = {k: (np.concatenate([p[k] for p in parts]) if k == "bad" else sum(p[k] for p in parts)) for k in parts[0]}
-    U.write_npz(run.chunk_file(W.QUALITY_DIR, index), bad=r["bad"])
-    return {"checked": r["checked"], "removed": int(len(r["bad"])), "undecided": r["undecided"]}
-
-
-def _plane_quality(run: RunContext, index: int, block, z: int, mine: np.ndarray, niter: int, f32: bool) -> dict:
-    """The flow check of the owned 2D masks of plane ``z`` of ``block``."""
-    g = run.grid
-    offsets, _ = W.seed_offsets(run)
-    masks = np.asarray(W.masks(run)[block])[0]
-    flows = np.asarray(W.flows(run)[(slice(None), *block)])[1:3, 0]
+    masks = np.asarray(W.masks(run)[block])
+    flows = np.asarray(W.flows(run)[(slice(None), *block)])[1:3]
     ids = B.present_labels(masks).astype(np.int64)
-    boxes, large = _boxes_of(run, ids, offsets)
+    boxes, large = _boxes_of(run, ids)
     if large.any():  # Cellpose checks the flows after dropping the large masks
         masks = np.where(np.isin(masks, ids[large]), 0, masks)
-        boxes = B.Boxes(boxes.ids[~large], boxes.start[~large], boxes.stop[~large])
     origin = [s.start for s in block[-2:]]
-    core = g.core_in_block(index)[-2:]
-    if run.stitching:  # this plane's owned masks only
-        mine = mine[np.isin(mine, ids)]
-    r = FE.block_flow_errors(masks, flows, origin=origin, core=core, slide_shape=g.shape[-2:], niter=niter,
-                             float32=f32, boxes=boxes, owned=np.intersect1d(mine, ids))
-    absent = len(np.setdiff1d(mine, ids))  # owned cells without a pixel in the block cannot be checked
-    threshold = run.params.flow_threshold if run.stitching else run.plane["flow_threshold"]
-    bad = r["labels"][r["errors"] > float(threshold)].astype(np.int64)
-    return {"bad": bad, "checked": int(len(r["labels"])), "undecided": int(r["undecided"] + absent)}
+    core = g.core_in_block(index)
+    threshold = float(run.params.flow_threshold if run.stitching else run.plane["flow_threshold"])
+    bad, checked = [], 0
+    undecided = len(np.setdiff1d(mine, ids))  # owned cells without a pixel in the block cannot be checked
+    for k in range(core[0].start, core[0].stop):  # each plane is its own 2D image (a slide has one)
+        here = np.isin(ids, B.present_labels(masks[k]))  # a 2D mask lies in one plane
+        niter = settings["niter_per_plane"][block[0].start + k] if run.stitching else settings["niter"]
+        r = FE.block_flow_errors(masks[k], flows[:, k], origin=origin, core=core[-2:], slide_shape=g.shape[-2:],
+                                 niter=int(niter), float32=bool(settings["float32"]),
+                                 boxes=B.Boxes(boxes.ids[here], boxes.start[here], boxes.stop[here]),
+                                 owned=np.intersect1d(mine, ids[here]))
+        bad.append(r["labels"][r["errors"] > threshold].astype(np.int64))
+        checked += len(r["labels"])
+        undecided += r["undecided"]
+    bad = np.concatenate(bad) if bad else np.zeros(0, np.int64)
+    U.write_npz(run.chunk_file(W.QUALITY_DIR, index), bad=bad)
+    return {"checked": int(checked), "removed": int(len(bad)), "undecided": int(undecided)}
 
 
 def _plane_masks(run: RunContext, ids: np.ndarray) -> np.ndarray:
     """Which provisional ``ids`` (ascending) the sizes stage kept and the flow check did not
     remove: in stitch mode, the 2D masks of each plane before stitching."""
-    offsets, _ = W.seed_offsets(run)
-    own = W.owners(offsets, ids)
     out = np.zeros(len(ids), bool)
-    for c in np.unique(own).tolist():
-        sel = own == c
-        out[sel] = np.isin(ids[sel], U.read_npz(run.chunk_file(W.SIZES_DIR, int(c)))["kept"])
-        if flow_check(run):
-            out[sel] &= ~np.isin(ids[sel], U.read_npz(run.chunk_file(W.QUALITY_DIR, int(c)))["bad"])
+    for sel, d in _by_owner(run, ids, W.SIZES_DIR):
+        out[sel] = np.isin(ids[sel], d["kept"])
+    if flow_check(run):
+        for sel, d in _by_owner(run, ids, W.QUALITY_DIR):
+            out[sel] &= ~np.isin(ids[sel], d["bad"])
     return out
 
 
@@ -291,12 +287,8 @@ def stitch_reduce(run: RunContext) -> dict:
 
 def _seed_linear(run: RunContext, ids: np.ndarray) -> np.ndarray:
     """The C-order position of the seed of each provisional ID (ascending ``ids``)."""
-    offsets, _ = W.seed_offsets(run)
-    own = W.owners(offsets, ids)
     out = np.zeros(len(ids), np.int64)
-    for c in np.unique(own).tolist():
-        sel = np.flatnonzero(own == c)
-        d = U.read_npz(run.chunk_file(W.SIZES_DIR, int(c)))
+    for sel, d in _by_owner(run, ids, W.SIZES_DIR):
         out[sel] = d["linear"][np.searchsorted(d["kept"], ids[sel])]
     return out
 
@@ -362,13 +354,9 @@ def _numbered(run: RunContext, chunk: int) -> dict:
 
 def _final_ids(run: RunContext, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Final ID of each provisional ID (0 for cells removed), and which are skipped cells."""
-    offsets, _ = W.seed_offsets(run)
     out = np.zeros(len(ids), np.int64)
     skipped = np.zeros(len(ids), bool)
-    own = W.owners(offsets, ids)
-    for c in np.unique(own):
-        sel = own == c
-        d = U.read_npz(run.chunk_file(W.FINAL_DIR, int(c)))
+    for sel, d in _by_owner(run, ids, W.FINAL_DIR):
         kept, final = d["kept"], d["final"]
         skipped[sel] = np.isin(ids[sel], d["skipped"])
         if not len(kept):

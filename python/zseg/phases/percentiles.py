@@ -18,7 +18,6 @@ import logging
 
 import numpy as np
 
-
 from zseg.engine import normalize as NM
 from zseg.engine import percentiles as P
 from zseg.errors import UserError

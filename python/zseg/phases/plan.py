@@ -181,7 +181,8 @@ def plan(params: RunParams, *, check_model: bool = False, plane: dict | None = N
         halo = (0, *halo[1:])
     grid = ChunkGrid(shape, params.chunk_shape, halo)
     flows = _check_flows(params, shape, plane=plane is not None)
-    network = (predict.check(params, shape, anisotropy, nchannels=volume.nchannels, plane=plane is not None)
+    planar = plane is not None or params.stitch_threshold > 0  # every plane segmented in 2D
+    network = (predict.check(params, shape, anisotropy, nchannels=volume.nchannels, plane=planar)
                if check_model and params.flows is None else None)
 
     resumed = _existing_output(params)
@@ -220,7 +221,7 @@ def plan(params: RunParams, *, check_model: bool = False, plane: dict | None = N
         },
         "flows": flows,
         "network": network,
-        "predict": (predict.plan_units(params, shape, anisotropy, nchannels=volume.nchannels, plane=plane is not None,
+        "predict": (predict.plan_units(params, shape, anisotropy, nchannels=volume.nchannels, plane=planar,
                                        network=network) if params.flows is None else None),
         "plane": plane,
         "versions": versions(),

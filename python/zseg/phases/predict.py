@@ -73,7 +73,7 @@ def check(params, shape, anisotropy: float, *, nchannels: int | None = None, pla
 
     model = models.inspect_model(params.model)
     try:
-        if plane or params.stitch_threshold > 0:  # Cellpose's 2D eval, resized in Y and X only
+        if plane:  # every plane in 2D (a slide's compartment, stitch mode): resized in Y and X only
             N.Geometry.planes(shape, diameter=params.diameter, diam_mean=model.get("diam_mean", 30.0))
         else:
             N.scaled_shape(shape, diameter=params.diameter, anisotropy=anisotropy,
@@ -138,13 +138,14 @@ def network_sizes(params, network: dict | None) -> dict:
 
 def make_geometry(params, shape, anisotropy: float, plane: bool, sizes: dict):
     """The whole volume's network geometry (:class:`zseg.engine.views.Geometry`) for the
-    networks of ``sizes`` (:func:`network_sizes`)."""
+    networks of ``sizes`` (:func:`network_sizes`); ``plane``: every plane is segmented in 2D
+    (a slide's compartment, stitch mode)."""
     from zseg.engine import views as N
 
     m = sizes["model"]
     cp3 = m["family"] == "cp3"
     diam_mean = m["diam_mean"] if cp3 else 30.0
-    if plane or params.stitch_threshold > 0:  # a slide's compartment, or stitch mode: Cellpose's 2D pass per plane
+    if plane:  # a slide's compartment, or stitch mode: Cellpose's 2D pass per plane
         geo = N.Geometry.planes(shape, diameter=params.diameter, bsize=m["bsize"], tile_overlap=params.tile_overlap,
                                 augment=params.augment, diam_mean=diam_mean, pad_to_tile=not cp3)
     else:
@@ -165,7 +166,7 @@ def plan_units(params, shape, anisotropy: float, *, nchannels: int, plane: bool,
 
     sizes = network_sizes(params, network)
     geo = make_geometry(params, shape, anisotropy, plane, sizes)
-    views = N.PLANE_VIEWS if plane or params.stitch_threshold > 0 else N.VIEWS
+    views = N.PLANE_VIEWS if plane else N.VIEWS
     budget = int(params.predict_memory * 2**30)
     n = UN.tiles_per_unit(geo, budget, views=views, nchannels=nchannels, keep_views=params.keep_views)
     units = UN.Units.of(geo, views, n)
@@ -193,7 +194,7 @@ def units(run: RunContext):
     if not isinstance(rec, dict) or not isinstance(rec.get("sizes"), dict):
         raise UserError(f"{U.join(run.root, 'run.json')!r} records no predict units; plan the run again "
                         "(--overwrite), or it was edited.")
-    geo = make_geometry(run.params, run.grid.shape, run.anisotropy, run.plane is not None, rec["sizes"])
+    geo = make_geometry(run.params, run.grid.shape, run.anisotropy, run.planar, rec["sizes"])
     out = UN.Units.of(geo, N.PLANE_VIEWS if run.planar else N.VIEWS, int(rec["tiles_per_unit"]))
     if len(out) != rec["units"]:
         raise UserError(f"run.json records {rec['units']} predict units but its parameters give {len(out)}: "

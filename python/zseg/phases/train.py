@@ -13,7 +13,6 @@ writes (its tensor names), so they load with ``--model`` and in Cellpose of the 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -23,6 +22,8 @@ import numpy as np
 import tifffile
 
 from zseg.errors import UserError
+from zseg.params import BSIZE_RULE, bsize_ok
+from zseg.storage import uri as U
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".tif", ".tiff")
@@ -142,8 +143,8 @@ def train(folder: str, *, model: str, output: str, mask_filter: str = "_masks", 
     if bsize is not None and family == "cpsam" and bsize != info["bsize"]:
         raise UserError(f"--bsize {bsize}: {model!r} is a CPSAM network, which trains on tiles of its own size only "
                         f"({info['bsize']}), as Cellpose refuses others; leave --bsize out.")
-    if bsize is not None and not (64 <= bsize <= 1024 and bsize % 16 == 0):
-        raise UserError(f"--bsize {bsize}: use a multiple of 16 from 64 to 1024 (e.g. 224 or 512).")
+    if bsize is not None and not bsize_ok(bsize):
+        raise UserError(f"--bsize {bsize}: {BSIZE_RULE}.")
     settings = {
         "learning_rate": d["learning_rate"] if learning_rate is None else float(learning_rate),
         "weight_decay": d["weight_decay"] if weight_decay is None else float(weight_decay),
@@ -152,32 +153,27 @@ def train(folder: str, *, model: str, output: str, mask_filter: str = "_masks", 
         "rescale": (d["rescale"] if rescale is None else bool(rescale)) and family == "cp3",
     }
     nch = CHANNELS[family]
+    dev = models.select_device(device)
     images, labels, names, dropped = load_folder(folder, mask_filter, trust_seg_npy, nch, min_train_masks)
     if not images:
         raise UserError(f"no image in {folder!r} has --min-train-masks {min_train_masks} masks; label more cells "
                         "or lower --min-train-masks.")
     test = None
-    if test_dir is not None:
-        timgs, tlabs, tnames, _ = load_folder(test_dir, mask_filter, trust_seg_npy, nch, 0)
-        if not timgs:
-            raise UserError(f"--test-dir {test_dir!r} has no labelled image.")
-    dev = models.select_device(device)
+    if test_dir is not None:  # every labelled image counts (find_pairs refuses a folder without one)
+        timgs, tlabs, _, _ = load_folder(test_dir, mask_filter, trust_seg_npy, nch, 0)
+        test = (timgs, TR.targets(tlabs, device=dev), TR.diameters(tlabs))
     net = models.trainable_network(info["path"], dev)
     lbls = TR.targets(labels, device=dev)
     diams = TR.diameters(labels)
-    if test_dir is not None:
-        test = (timgs, TR.targets(tlabs, device=dev), TR.diameters(tlabs))
     t0 = time.perf_counter()
     before = TR.evaluate(net, *test, batch_size=settings["batch_size"], bsize=settings["bsize"],
                          rescale=settings["rescale"], device=dev) if test is not None else None
     losses = TR.fine_tune(net, images, lbls, diams, n_epochs=n_epochs, device=dev, test=test, progress=progress,
                           **settings)
-    tmp = f"{output}.partial"
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, tmp)
-    os.replace(tmp, output)  # never a half-written weights file at --output
+    with U.atomic_local_file(output) as f:  # never a half-written weights file at --output
+        torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, f)
     record = {"model": model, "family": family, "output": output, "images": names, "left_out": dropped,
               "n_epochs": n_epochs, **settings, "diam_labels": float(np.mean(diams)),
               "seconds": round(time.perf_counter() - t0, 2), "test_loss_before": before, **losses}
-    Path(f"{output}.json").write_text(json.dumps(record, indent=1) + "\n")
+    U.write_json(f"{output}.json", record)
     return record

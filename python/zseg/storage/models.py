@@ -207,6 +207,21 @@ def inspect_model(model: str, *, download: bool = True) -> dict:
     }
 
 
+def _build(path: Path) -> "CPSAMNet | CP3Net":
+    """A new network (float32, on the CPU) with the weights at ``path``, of the family they show;
+    it has ``family`` set."""
+    sd = _state_dict(path, mmap=False)
+    kind = _describe(path, sd)["family"]
+    name = "Cellpose 3" if kind == "cp3" else "cpsam/cpsam_v2"
+    try:
+        net = cp3_from_state_dict(sd) if kind == "cp3" else cpsam_from_state_dict(sd)
+    except ValueError as e:
+        raise UserError(f"--model {str(path)!r}: {e}; give an unmodified {name} weights file.") from None
+    if kind != "cp3":
+        net.family = "cpsam"
+    return net
+
+
 def load_network(path: str | Path, device: torch.device, *, use_bfloat16: bool = True,
                  keep: int = 1) -> "CPSAMNet | CP3Net":
     """The network of the weights at ``path`` on ``device``, of the family the weights show
@@ -219,20 +234,12 @@ def load_network(path: str | Path, device: torch.device, *, use_bfloat16: bool =
     path = Path(path)
     key = (str(path.resolve()), str(device), use_bfloat16)
     if key not in _NETWORKS:
-        sd = _state_dict(path, mmap=False)
-        kind = _describe(path, sd)["family"]
-        name = "Cellpose 3" if kind == "cp3" else "cpsam/cpsam_v2"
-        try:
-            net = cp3_from_state_dict(sd) if kind == "cp3" else cpsam_from_state_dict(sd)
-        except ValueError as e:
-            raise UserError(f"--model {str(path)!r}: {e}; give an unmodified {name} weights file.") from None
-        del sd
-        if kind == "cp3":
+        net = _build(path)
+        if net.family == "cp3":
             net = net.to(device=device, dtype=torch.float32).eval()
             log.info("loaded %s (Cellpose 3, nbase %s, diam_mean %g) on %s", path, net.nbase,
                      float(net.diam_mean), device)
         else:
-            net.family = "cpsam"
             net = net.to(device=device, dtype=torch.bfloat16 if use_bfloat16 else torch.float32).eval()
             log.info("loaded %s (%d blocks) on %s in %s", path, net.depth, device, net.dtype)
         while len(_NETWORKS) >= max(1, keep):  # a new one replaces the oldest
@@ -243,17 +250,8 @@ def load_network(path: str | Path, device: torch.device, *, use_bfloat16: bool =
 
 def trainable_network(path: str | Path, device: torch.device) -> "CPSAMNet | CP3Net":
     """A new float32 copy of the network at ``path`` (not the cached one :func:`load_network`
-    keeps), to be trained; it has ``family`` set like a loaded one."""
-    path = Path(path)
-    sd = _state_dict(path, mmap=False)
-    kind = _describe(path, sd)["family"]
-    try:
-        net = cp3_from_state_dict(sd) if kind == "cp3" else cpsam_from_state_dict(sd)
-    except ValueError as e:
-        raise UserError(f"--model {str(path)!r}: {e}; give an unmodified weights file.") from None
-    if kind != "cp3":
-        net.family = "cpsam"
-    return net.to(device=device, dtype=torch.float32)
+    keeps), to be trained."""
+    return _build(Path(path)).to(device=device, dtype=torch.float32)
 
 
 def select_device(spec: str = "auto") -> torch.device:
