@@ -112,20 +112,41 @@ def test_s3_run_equals_the_same_run_on_local_files(s3_server, cells, tmp_path):
 
 # -- resume after SIGKILL --------------------------------------------------------------------------
 SLOW = textwrap.dedent('''
-    # Test-only: slow the stages named in ZSEG_TEST_SLOW down (seconds per chunk, after the
-    # chunk's data is written and before its marker), so a SIGKILL lands inside the stage.
+    # Test-only (sitecustomize): ZSEG_TEST_SLOW="STAGE=SECONDS[=FILE]" slows stage STAGE so that a
+    # SIGKILL lands inside it. A map stage sleeps after each chunk's data and before its marker; a
+    # reduce sleeps just before it writes FILE (its result by default), after touching
+    # ZSEG_TEST_FLAG, so the test knows the reduce has written everything else.
     import os, time
     _slow = os.environ.get("ZSEG_TEST_SLOW")
     if _slow:
-        import zseg.workspace.stages as _stages
-        _names, _delay = _slow.rsplit("=", 1)
-        for _name in _names.split(","):
-            _stage = _stages.STAGES[_name]
-            def _slowly(run, index, _fn=_stage.fn):
+        import zseg.run.tasks as _tasks
+        from zseg.storage import uri as _U
+        from zseg.workspace.stages import STAGES as _STAGES
+        _name, _delay, *_file = _slow.split("=")
+        _stage, _delay = _STAGES[_name], float(_delay)
+        if _stage.kind == "map" and _name in _tasks.BATCHES:
+            def _batch(run, indices, _fn=_tasks.BATCHES[_name]):
+                for item in _fn(run, indices):
+                    time.sleep(_delay)
+                    yield item
+            _tasks.BATCHES[_name] = _batch
+        elif _stage.kind == "map":
+            def _slowly(run, index, _fn=_tasks.FUNCTIONS[_name]):
                 out = _fn(run, index)
-                time.sleep(float(_delay))
+                time.sleep(_delay)
                 return out
-            object.__setattr__(_stage, "fn", _slowly)
+            _tasks.FUNCTIONS[_name] = _slowly
+        else:
+            _target, _inside = (_file[0] if _file else _stage.result), []
+            def _reduce(run, _fn=_tasks.FUNCTIONS[_name]):
+                _inside.append(True)
+                return _fn(run)
+            def _write(uri, data, _fn=_U.write_bytes):
+                if _inside and str(uri).endswith("/" + _target):
+                    open(os.environ["ZSEG_TEST_FLAG"], "w").close()
+                    time.sleep(_delay)
+                return _fn(uri, data)
+            _tasks.FUNCTIONS[_name], _U.write_bytes = _reduce, _write
 ''')
 
 
@@ -134,42 +155,104 @@ def _markers(out: Path, stage_dir: str) -> list[int]:
     return sorted(int(m.group(1)) for m in map(MARKER.match, os.listdir(d)) if m) if d.exists() else []
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("stage, stage_dir", [("seeds:follow", "follow"), ("seeds:find", "seeds"), ("masks", "masks")])
-def test_killed_run_resumes_to_identical_labels(data, reference, tmp_path, stage, stage_dir):
-    """`zseg run` killed by SIGKILL inside a stage, then the same command again: same labels,
-    and the summary lists the chunks it skipped."""
+def kill_inside(cmd: list[str], tmp_path: Path, stage: str, ready, *, file: str | None = None, delay: float = 0.25,
+                timeout: float = 180) -> None:
+    """Start ``cmd`` with ``stage`` slowed down (``SLOW``), SIGKILL it once ``ready()`` holds."""
+    from zseg.workspace.stages import STAGES
+
     hook = tmp_path / "hook"
-    hook.mkdir()
+    hook.mkdir(exist_ok=True)
     (hook / "sitecustomize.py").write_text(SLOW)
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "zseg", *argv(data, out)]
+    flag = tmp_path / "flag"
+    flag.unlink(missing_ok=True)
+    if STAGES[stage].kind == "reduce":
+        delay, ready = 60.0, flag.exists
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p),
-           "ZSEG_TEST_SLOW": f"{stage}=0.25"}
+           "ZSEG_TEST_SLOW": "=".join([stage, str(delay), *([file] if file else [])]), "ZSEG_TEST_FLAG": str(flag)}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + timeout
     try:
-        while not 2 <= len(_markers(out, stage_dir)) <= NCHUNKS - 4:
+        while not ready():
             assert proc.poll() is None, f"the run ended before it could be killed: {proc.communicate()}"
-            assert time.monotonic() < deadline, "the stage never started"
+            assert time.monotonic() < deadline, f"{stage} never started"
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    done = _markers(out, stage_dir)
-    assert 2 <= len(done) < NCHUNKS
+
+
+#: Every stage of a volume run segmented from given flows (predict and the stitch-mode stages
+#: have their own tests), with the file its reduce is killed before (its result by default; the
+#: report stage's commit is run.json's complete flag, written before its result).
+KILLED = [("percentiles", None), ("percentiles:reduce", None), ("seeds:follow", None), ("seeds:find", None),
+          ("number", None), ("masks", None), ("finalize:sizes", None), ("finalize:number", None),
+          ("finalize:labels", None), ("finalize:cells", None), ("finalize:report", "run.json")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, file", KILLED)
+def test_killed_run_resumes_to_identical_labels(data, reference, tmp_path, stage, file):
+    """`zseg run` killed by SIGKILL inside a stage, then the same command again: the same labels
+    and table, byte for byte, and the summary lists what it skipped."""
+    kill_and_resume(data, reference, tmp_path, stage, file)
+
+
+STITCH = ("--stitch-threshold", "0.25", "--halo", "0,32,32")
+
+
+@pytest.fixture(scope="module")
+def stitch_reference(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stitch") / "out"
+    assert main(argv(data, out, *STITCH)) == 0
+    return out, labels_of(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["finalize:extent", "finalize:quality", "finalize:overlaps", "finalize:stitch"])
+def test_killed_stitch_mode_run_resumes_to_identical_labels(data, stitch_reference, tmp_path, stage):
+    """The stages of stitch mode (and of its 2D flow check) killed and resumed."""
+    kill_and_resume(data, stitch_reference, tmp_path, stage, None, STITCH)
+
+
+def kill_and_resume(data, reference, tmp_path: Path, stage: str, file, extra=()) -> None:
+    from zseg.workspace.stages import STAGES
+
+    st = STAGES[stage]
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "zseg", *argv(data, out, *extra)]
+    kill_inside(cmd, tmp_path, stage, lambda: 2 <= len(_markers(out, st.marker_dir)) <= NCHUNKS - 4, file=file)
+    if st.kind == "map":
+        done = _markers(out, st.marker_dir)
+        assert 2 <= len(done) < NCHUNKS
+    else:
+        assert not (out / "work" / st.result).exists()
     assert not json.loads((out / "run.json").read_text())["complete"]
     assert verify_fails(out, "not finished")
 
-    again = subprocess.run([sys.executable, "-m", "zseg", *argv(data, out)], capture_output=True, text=True)
+    again = subprocess.run(cmd, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
     report = json.loads(again.stdout)
-    assert report["skipped"][stage] == chunk_ranges(done)
-    assert report["skipped"]["percentiles"] == f"0-{NCHUNKS - 1}"
-    assert "resumed" in again.stderr and f"{stage} {chunk_ranges(done)}" in again.stderr
+    if st.kind == "map":
+        assert report["skipped"][stage] == chunk_ranges(done)
+        assert f"{stage} {chunk_ranges(done)}" in again.stderr
+    else:
+        assert stage not in report["skipped"]
+    if stage != "percentiles":
+        assert report["skipped"]["percentiles"] == f"0-{NCHUNKS - 1}"
+    assert "resumed" in again.stderr
     np.testing.assert_array_equal(labels_of(out), reference[1])
+    assert same_table(out, reference[0])
     assert verify_output(str(out))["ok"]
+
+
+def same_table(out: Path, ref: Path) -> bool:
+    """The cell tables of two runs are the same: every value, and the metadata but the folder it names."""
+    import pyarrow.parquet as pq
+
+    a, b = pq.read_table(out / "cells.parquet"), pq.read_table(ref / "cells.parquet")
+    meta = {k: v.replace(str(out).encode(), str(ref).encode()) for k, v in a.schema.metadata.items()}
+    return a.equals(b) and meta == b.schema.metadata
 
 
 def verify_fails(out, *expect) -> list[str]:
@@ -743,3 +826,77 @@ def test_the_quote_checker_sees_what_the_shell_sees(template, expect):
 def test_the_quote_checker_refuses_unsafe_scripts(template, defs):
     with pytest.raises((AssertionError, pytest.fail.Exception)):
         _check_quoting("t", template, defs)
+
+
+# -- a killed predict resumes to the same flows ------------------------------------------------------
+@pytest.fixture(scope="module")
+def network_run(tmp_path_factory):
+    """A run with a (random, narrow) network on 60 predict units: its input, model and outputs."""
+    import torch
+
+    from tests.predict_support import random_cpsam
+
+    root = tmp_path_factory.mktemp("network")
+    img = np.random.default_rng(7).gamma(2.0, 300.0, size=(20, 100, 90)).astype(np.uint16)
+    write_ome_zarr(str(root / "img.ome.zarr"), img, axes="zyx", voxel_size=(1.0, 1.0, 1.0), chunks=(10, 50, 45))
+    torch.save(random_cpsam(bsize=32), root / "net.pt")
+    args = ["run", str(root / "img.ome.zarr"), None, "--model", str(root / "net.pt"), "--diameter", "24",
+            "--chunk-shape", "10,50,45", "--predict-memory", "0.0002"]
+    out = root / "ref"
+    assert main([a if a is not None else str(out) for a in args]) == 0
+    return args, out
+
+
+def _store_files(store: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(store)): p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, marker_dir", [("predict", "predict"), ("predict:combine", "combine")])
+def test_killed_predict_resumes_to_the_same_flows(network_run, tmp_path, stage, marker_dir):
+    args, ref = network_run
+    out = tmp_path / "out"
+    argv_ = [a if a is not None else str(out) for a in args]
+    manifest = json.loads((ref / "run.json").read_text())
+    total = manifest["predict"]["units"] if stage == "predict" else manifest["grid"]["nchunks"]
+    kill_inside([sys.executable, "-m", "zseg", *argv_], tmp_path, stage,
+                lambda: 2 <= len(_markers(out, marker_dir)) <= total - 2, delay=0.5)
+    done = _markers(out, marker_dir)
+    assert 2 <= len(done) < total
+    again = subprocess.run([sys.executable, "-m", "zseg", *argv_], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["skipped"][stage] == chunk_ranges(done)
+    assert _store_files(out / "work" / "flows.zarr") == _store_files(ref / "work" / "flows.zarr")
+    np.testing.assert_array_equal(labels_of(out), labels_of(ref))
+    assert same_table(out, ref)
+
+
+# -- soak: many kills at random times ----------------------------------------------------------------
+@pytest.mark.slow
+def test_soak_twenty_kills_at_random_times_each_resume_to_identical_labels_and_table(data, reference, tmp_path):
+    """20 cycles: `zseg run` SIGKILLed at a random moment (anywhere from start-up to the last
+    stage), then the same command again; every cycle ends with the reference's labels and table."""
+    rng = np.random.default_rng(20261206)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "zseg", *argv(data, out)]
+    t0 = time.monotonic()
+    subprocess.run(cmd, capture_output=True, check=True)
+    whole = time.monotonic() - t0  # an uninterrupted run, start-up included
+    killed = 0
+    for cycle in range(20):
+        shutil.rmtree(out)
+        at = float(rng.uniform(0.1, whole))
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            proc.wait(timeout=at)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            killed += 1
+            again = subprocess.run(cmd, capture_output=True, text=True)
+            assert again.returncode == 0, (cycle, at, again.stderr)
+        assert proc.returncode in (0, -signal.SIGKILL), (cycle, at)
+        np.testing.assert_array_equal(labels_of(out), reference[1], err_msg=f"cycle {cycle}, killed at {at:.2f} s")
+        assert same_table(out, reference[0]), (cycle, at)
+        assert verify_output(str(out))["ok"]
+    assert killed >= 15  # the kills did land inside runs
