@@ -900,3 +900,63 @@ def test_soak_twenty_kills_at_random_times_each_resume_to_identical_labels_and_t
         assert same_table(out, reference[0]), (cycle, at)
         assert verify_output(str(out))["ok"]
     assert killed >= 15  # the kills did land inside runs
+
+
+# -- one dynamics device per run ---------------------------------------------------------------------
+def test_the_first_follow_task_records_the_dynamics_device_and_the_report_keeps_it(reference):
+    rec = json.loads((reference[0] / "work" / "dynamics.json").read_text())
+    assert rec["device"] == "cpu" and rec["host"] and rec["pid"] > 0
+    assert json.loads((reference[0] / "run.json").read_text())["result"]["dynamics_device"] == "cpu"
+
+
+def _unfinished_copy(reference, tmp_path) -> Path:
+    """The reference run as if killed in its report stage, its trajectories followed on a GPU."""
+    out = fresh_copy(reference, tmp_path)
+    manifest = json.loads((out / "run.json").read_text())
+    manifest["complete"] = False
+    (out / "run.json").write_text(json.dumps(manifest))
+    (out / "work" / "report.json").unlink()
+    rec = json.loads((out / "work" / "dynamics.json").read_text())
+    (out / "work" / "dynamics.json").write_text(json.dumps({**rec, "device": "cuda", "host": "gpu-node-7"}))
+    return out
+
+
+def test_a_follow_task_on_another_device_than_the_runs_is_refused(reference, tmp_path, refused):
+    out = _unfinished_copy(reference, tmp_path)
+    (out / "work" / "follow" / "c0000003.json").unlink()
+    refused(["seeds", "--run", str(out), "--stage", "follow", "--chunks", "3"],
+            "followed on cuda", "this task would follow them on cpu", "--device cuda")
+    assert not (out / "work" / "follow" / "c0000003.json").exists()
+
+
+def test_resuming_on_another_dynamics_device_redoes_the_seeds_and_says_so(data, reference, tmp_path):
+    out = _unfinished_copy(reference, tmp_path)
+    stale = out / "work" / "partials" / "o0000017" / "c0000099.npz"  # a partial a new pass would not write
+    shutil.copy(next((out / "work" / "partials").glob("o*/c*.npz")), stale)
+    before = (out / "work" / "follow" / "c0000000.json").stat().st_mtime_ns
+    again = subprocess.run([sys.executable, "-m", "zseg", *argv(data, out)], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert "followed on cuda (on gpu-node-7), this machine follows them on cpu: redoing seeds:follow" in again.stderr
+    report = json.loads(again.stdout)
+    assert "seeds:follow" not in report["skipped"] and report["skipped"]["percentiles"] == f"0-{NCHUNKS - 1}"
+    assert (out / "work" / "follow" / "c0000000.json").stat().st_mtime_ns != before
+    assert json.loads((out / "work" / "dynamics.json").read_text())["device"] == "cpu"
+    assert not stale.exists()
+    np.testing.assert_array_equal(labels_of(out), reference[1])
+    assert same_table(out, reference[0])
+    assert verify_output(str(out))["ok"]
+
+
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.s3)])
+def test_an_exclusive_create_lets_exactly_one_of_two_writers_win(where, tmp_path, request):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from zseg.storage import uri as U
+
+    root = request.getfixturevalue("s3_server") + f"/excl-{tmp_path.name}" if where == "s3" else str(tmp_path)
+    target = f"{root}/lock.json"
+    with ThreadPoolExecutor(8) as pool:
+        won = list(pool.map(lambda i: U.create_exclusive(target, f"writer {i}".encode()), range(8)))
+    assert sum(won) == 1
+    assert U.read_bytes(target) == f"writer {won.index(True)}".encode()
+    assert not U.create_exclusive(target, b"late")

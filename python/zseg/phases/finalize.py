@@ -36,7 +36,7 @@ from zseg.outputs import labels as L
 from zseg.outputs import report as R
 from zseg.outputs import table as T
 from zseg.outputs.verify import DIGESTS, chunk_digest, gather_digests
-from zseg.phases.seeds import load_seeds
+from zseg.phases.seeds import load_seeds, recorded_device
 from zseg.storage import uri as U
 from zseg.workspace import usage
 from zseg.workspace import work as W
@@ -449,6 +449,7 @@ def report_reduce(run: RunContext) -> dict:
         "max_trajectory": [int(v) for v in max_step],
         "seconds": {ph: round(sum(m.get("seconds", 0) for m in ms), 3) for ph, ms in markers.items() if ms},
         "labels": L.labels_uri(run),
+        "dynamics_device": (recorded_device(run) or {}).get("device"),
     }
     if run.params.exclude_on_edges:
         result["removed_on_edges"] = total("sizes", "on_edges")

@@ -15,7 +15,9 @@ long as no trajectory is longer than ``halo - MARGIN`` (counted and reported oth
 
 from __future__ import annotations
 
+import datetime as dt
 import os
+import socket
 
 import numpy as np
 
@@ -25,6 +27,7 @@ from zseg.storage import uri as U
 from zseg.storage.grid import box_origin, box_shape, grow, relative
 from zseg.workspace import work as W
 from zseg.workspace.context import RunContext
+from zseg.workspace.progress import redo_from
 
 #: Half-width of Cellpose's seed region window (:data:`zseg.engine.dynamics.REGION_WINDOW` wide):
 #: how far around its core a chunk histograms end points.
@@ -54,6 +57,57 @@ def dynamics_device(spec: str):
     return dev if dev.type == "cuda" else None  # MPS has no float64 for the sample positions
 
 
+def _kind(device) -> str:
+    return "cpu" if device is None else "cuda"
+
+
+def _record(device) -> dict:
+    return {"device": _kind(device), "host": socket.gethostname(), "pid": os.getpid(),
+            "decided": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def recorded_device(run: RunContext) -> dict | None:
+    """The record of where this run's trajectories are followed (``work/dynamics.json``), if made."""
+    uri = run.path(W.DYNAMICS_RESULT)
+    return U.read_json(uri) if U.exists(uri) else None
+
+
+def run_device(run: RunContext):
+    """The device this task follows trajectories on: the run's, decided once.
+
+    The first ``seeds:follow`` task resolves ``--device`` where it runs (never the plan task:
+    under Nextflow it runs on a CPU node) and records the result; every later task uses the same
+    kind of device, since a CPU and a GPU give trajectories different last bits and a run must
+    not mix them. A task on a machine that would decide otherwise is refused.
+    """
+    here = dynamics_device(run.params.device)
+    uri = run.path(W.DYNAMICS_RESULT)
+    if U.create_json(uri, _record(here)):
+        return here
+    was = U.read_json(uri)["device"]
+    if was != _kind(here):
+        raise UserError(
+            f"this run's trajectories are followed on {was} (decided by its first seeds:follow task: {uri}), but "
+            f"this task would follow them on {_kind(here)}, which gives other bits; run seeds:follow with "
+            f"--device {was} (on a {'GPU' if was == 'cuda' else 'CPU'} node), or resume with `zseg run` here, which "
+            "redoes the seeds.")
+    return here
+
+
+def adopt_device(run: RunContext) -> str | None:
+    """``zseg run`` resuming on a machine that follows trajectories on another device than the
+    run's first pass: forget the seeds and everything after them, which this run redoes. Returns
+    what it did, for the log, or None when nothing changed."""
+    rec = recorded_device(run)
+    here = _kind(dynamics_device(run.params.device))
+    if rec is None or rec["device"] == here:
+        return None
+    forgotten = redo_from(run, "seeds:follow")
+    U.remove(run.path(W.DYNAMICS_RESULT))
+    return (f"the trajectories of this run were followed on {rec['device']} (on {rec['host']}), this machine follows "
+            f"them on {here}: redoing {', '.join(forgotten)}")
+
+
 def follow_chunk(run: RunContext, index: int) -> dict:
     """Reads the block's flows (plus the smoothing radius); writes the core of ``work/ends.zarr``.
     The marker counts foreground, escaped and too-long trajectories."""
@@ -76,11 +130,11 @@ def follow_chunk(run: RunContext, index: int) -> dict:
     local = np.argwhere(fg[cib])  # (N, ndim) in core coordinates
     starts = local + box_origin(cib)
     if run.stitching:  # Cellpose's 2D dynamics on each plane (the block has no Z halo to step into)
-        disp, escaped = _follow_planes(run, flow, starts, block)
+        disp, escaped = _follow_planes(run, flow, starts, block, run_device(run))
     else:
         disp, escaped = D.follow_flows(
             flow, starts, niter=int(run.manifest["niter"]), origin=box_origin(block), volume_shape=g.shape,
-            device=dynamics_device(p.device),
+            device=run_device(run),
         )
     step = np.floor(disp).astype(np.int64)
     reach = np.asarray(g.halo) - MARGIN
@@ -99,7 +153,7 @@ def follow_chunk(run: RunContext, index: int) -> dict:
     }
 
 
-def _follow_planes(run: RunContext, flow: np.ndarray, starts: np.ndarray, block):
+def _follow_planes(run: RunContext, flow: np.ndarray, starts: np.ndarray, block, device):
     """Stitch mode: trajectories followed in 2D, plane by plane (Z steps are 0)."""
     disp = np.zeros((len(starts), 3), np.float32)
     escaped = np.zeros(len(starts), bool)
@@ -107,7 +161,7 @@ def _follow_planes(run: RunContext, flow: np.ndarray, starts: np.ndarray, block)
     for k in np.unique(starts[:, 0]).tolist():
         sel = starts[:, 0] == k
         d, e = D.follow_flows(np.ascontiguousarray(flow[1:, k]), starts[sel][:, 1:], niter=int(run.manifest["niter"]),
-                              origin=origin[1:], volume_shape=run.grid.shape[1:], device=dynamics_device(run.params.device))
+                              origin=origin[1:], volume_shape=run.grid.shape[1:], device=device)
         disp[sel, 1:], escaped[sel] = d, e
     return disp, escaped
 

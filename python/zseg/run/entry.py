@@ -8,6 +8,7 @@ import time
 
 from zseg.errors import UserError
 from zseg.params import RunParams
+from zseg.phases import seeds
 from zseg.phases import slide as SL
 from zseg.phases.plan import plan
 from zseg.run.pool import run_all, run_map, run_reduce
@@ -32,6 +33,16 @@ def finished(output: str) -> bool:
     return bool(RunContext.open(output).manifest.get("complete"))
 
 
+def resume(run: RunContext) -> dict:
+    """Before running the stages of ``run`` here: the work already done, which this run skips
+    (after forgetting the seeds and what follows them when this machine follows trajectories on
+    another device than the run's first pass did)."""
+    redo = seeds.adopt_device(run)
+    if redo:
+        log.warning("%s", redo)
+    return done_work(run)
+
+
 def run_slide(params: RunParams) -> dict:
     """A 2D slide: plan (or resume) it, its inputs, each compartment's one-plane run, then the
     matching, layers and outputs; returns the run report."""
@@ -45,6 +56,7 @@ def run_slide(params: RunParams) -> dict:
         if sub.manifest.get("complete"):
             skipped[c["name"]] = "done"
             continue
+        resume(sub)
         timings.update({f"{c['name']}/{k}": v for k, v in run_all(sub, workers=params.workers).items()})
     timings.update(run_all(run, workers=params.workers, stages=[s for s in SLIDE_STAGES if s not in first]))
     report = U.read_json(run.path(W.REPORT_RESULT))
@@ -60,7 +72,7 @@ def run_local(params: RunParams) -> dict:
         return run_slide(params)
     t0 = time.perf_counter()
     run = plan(params, check_model=True)
-    skipped = done_work(run)  # a resumed run: what it will not redo (the scheduler skips exactly this)
+    skipped = resume(run)  # a resumed run: what it will not redo (the scheduler skips exactly this)
     if skipped:
         log.info("resuming: already done %s", skipped)
     timings = run_all(run, workers=params.workers)

@@ -116,6 +116,39 @@ def write_bytes(uri: str, data: bytes) -> None:
         f.write(data)
 
 
+def create_exclusive(uri: str, data: bytes) -> bool:
+    """Write ``data`` to ``uri`` only if nothing is there yet; False when something is.
+
+    The check and the write are one step, so of two writers racing for the same name exactly
+    one wins: a local file is written under a temporary name and hard-linked into place (the
+    link fails if the name exists); on S3 the upload is conditional (``If-None-Match: *``).
+    """
+    fs, path = filesystem(uri)
+    if is_remote(str(uri)):
+        try:
+            fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            return False
+        return True
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    tmp = f"{path}.{uuid.uuid4().hex}.partial"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        os.remove(tmp)
+
+
+def create_json(uri: str, obj) -> bool:
+    """:func:`create_exclusive` of ``obj`` as JSON."""
+    return create_exclusive(uri, (json.dumps(obj, indent=2) + "\n").encode())
+
+
 def read_json(uri: str):
     return json.loads(read_bytes(uri))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from zseg.errors import UserError
 from zseg.storage import uri as U
 from zseg.workspace.chunks import chunk_ranges, short_ranges
+from zseg.workspace import work as W
 from zseg.workspace.context import RunContext
 from zseg.workspace.stages import applicable, noun, size
 
@@ -77,3 +78,17 @@ def require_complete(run: RunContext, stage) -> None:
             f"(it skips the {noun(first)}s that are done)."
         )
     raise UserError(f"{stage.name} cannot start: {first.name} is not done; run `{command_for(run, first)}` first.")
+
+
+def redo_from(run: RunContext, first: str) -> list[str]:
+    """Forget the work of stage ``first`` and of every stage after it, so that they run again:
+    their markers and results, and the table partials filed by owner chunk (a new pass may file
+    them under other owners). Data files a stage rewrites whole (its arrays' cores, its chunk
+    files) stay until it does. Returns the stages forgotten."""
+    stages = applicable(run)
+    names = [s.name for s in stages]
+    forgotten = stages[names.index(first):]
+    for s in forgotten:
+        U.remove(run.path(s.marker_dir) if s.kind == "map" else run.path(s.result))
+    U.remove(run.path(W.PARTIALS_DIR))
+    return [s.name for s in forgotten]

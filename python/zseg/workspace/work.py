@@ -54,6 +54,8 @@ STITCH_RESULT = "stitch.json"
 STITCH_TABLE = "stitch.npz"
 FINAL_NUMBER_RESULT = "final_number.json"
 REPORT_RESULT = "report.json"
+#: the device the run's trajectories are followed on, decided once by its first seeds:follow task
+DYNAMICS_RESULT = "dynamics.json"
 VIEWS_STORE = "views.zarr"
 #: the predict units' fixed-point partial sums, one array per unit (``work/units/uNNNNNNN.zarr``)
 UNITS_DIR = "units"
