@@ -82,9 +82,12 @@ workflow {
 }
 
 // The meta of one run: its name (the output folder's; for a samplesheet row, its sample), its
-// output folder, and the container options that mount the local paths it reads and writes.
+// output folder, the container options that mount the local paths it reads and writes, and this
+// Nextflow session (-resume keeps it): the plan task claims the folder for it and every task
+// refuses a folder of another session (zseg/workspace/lock.py).
 def runMeta(String run, List mounts) {
-    return [id: run.tokenize('/')[-1], run: run, container_options: mountOptions(mounts)]
+    return [id: run.tokenize('/')[-1], run: run, container_options: mountOptions(mounts),
+            session: workflow.sessionId.toString()]
 }
 
 // Cellpose's model folder as the tasks see it (the rule of env.CELLPOSE_LOCAL_MODELS_PATH in

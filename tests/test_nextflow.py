@@ -69,6 +69,7 @@ def _values(tmp: Path | str = "/tmp/zseg-run") -> dict[str, str]:
     return {
         "meta.id": "run",
         "meta.run": str(tmp),
+        "meta.session": "0f4c5a4e-7b1e-4a53-9d3a-2f6b1c1d9e00",
         "meta.container_options": "",
         "index": "1",
         "count": "3",

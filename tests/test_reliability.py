@@ -725,6 +725,8 @@ NUMBERS = {"task.cpus", "index", "count"}
 SINGLE_QUOTED = {"meta.run": "outdir", "input": "input", "flows": "flows", "shape": "synth"}
 HEREDOC = {"json": "ZSEG_PARAMS"}
 CONFIG_WORDS = {"args"}
+#: Values no user types: Nextflow's session id (a UUID: hex digits and dashes).
+NEXTFLOWS_OWN = {"meta.session"}
 
 
 def shell_interpolations(template: str) -> list[tuple[str, str]]:
@@ -767,7 +769,7 @@ def _check_quoting(where_from: str, template: str, defs: dict[str, str]) -> int:
                 f"{where_from}: ${{{expr}}} must be the one line of a <<'{tag}' here-document"
             continue
         if where == "single":
-            assert expr in SINGLE_QUOTED, f"{where_from}: '${{{expr}}}' comes from an unchecked value"
+            assert expr in SINGLE_QUOTED or expr in NEXTFLOWS_OWN, f"{where_from}: '${{{expr}}}' comes from an unchecked value"
         elif where == "none":
             if expr in defs and expr not in CONFIG_WORDS:
                 literals = re.findall(r'"((?:[^"\\]|\\.)*)"', defs[expr])
@@ -894,7 +896,10 @@ def test_soak_twenty_kills_at_random_times_each_resume_to_identical_labels_and_t
             proc.wait()
             killed += 1
             again = subprocess.run(cmd, capture_output=True, text=True)
-            assert again.returncode == 0, (cycle, at, again.stderr)
+            finished_before = json.loads((out / "run.json").read_text())["complete"] if again.returncode else False
+            # killed after its run was complete (while it let go of the folder): the run is finished
+            assert again.returncode == 0 or (finished_before and "already holds a finished run" in again.stderr), \
+                (cycle, at, again.stderr)
         assert proc.returncode in (0, -signal.SIGKILL), (cycle, at)
         np.testing.assert_array_equal(labels_of(out), reference[1], err_msg=f"cycle {cycle}, killed at {at:.2f} s")
         assert same_table(out, reference[0]), (cycle, at)
@@ -960,3 +965,100 @@ def test_an_exclusive_create_lets_exactly_one_of_two_writers_win(where, tmp_path
     assert sum(won) == 1
     assert U.read_bytes(target) == f"writer {won.index(True)}".encode()
     assert not U.create_exclusive(target, b"late")
+
+
+# -- one run per folder ------------------------------------------------------------------------------
+def test_a_finished_zseg_run_leaves_no_lock(reference):
+    assert not (reference[0] / "zseg.lock").exists()
+
+
+@pytest.mark.slow
+def test_a_second_run_on_a_folder_in_use_is_refused_and_a_dead_runs_lock_is_taken_over(data, reference, tmp_path,
+                                                                                       refused):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "zseg", *argv(data, out)]
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SLOW)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p),
+           "ZSEG_TEST_SLOW": "seeds:follow=0.5"}
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(_markers(out, "follow")) < 2:
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.02)
+        refused(argv(data, out), "is in use by a zseg run", f"pid {first.pid} on host", "wait for it to finish")
+        refused(argv(data, out, "--overwrite"), "is in use by a zseg run")  # --overwrite deletes nothing in use
+        refused(["masks", "--run", str(out), "--chunks", "0"], "is in use by a zseg run")  # nor does a stage by hand
+        assert (out / "run.json").exists() and first.poll() is None
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert json.loads((out / "zseg.lock").read_text())["pid"] == first.pid  # a killed run cannot remove it
+    again = subprocess.run(cmd, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert f"taking over the lock of a zseg run (pid {first.pid}" in again.stderr
+    np.testing.assert_array_equal(labels_of(out), reference[1])
+    assert not (out / "zseg.lock").exists()
+
+
+def _foreign_lock(out: Path, minutes_old: float) -> None:
+    import datetime as dt
+
+    beat = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=minutes_old)).isoformat(timespec="seconds")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "zseg.lock").write_text(json.dumps({"holder": "zseg run", "session": None, "host": "node-17", "pid": 4242,
+                                               "started": beat, "heartbeat": beat, "token": "x"}))
+
+
+def test_a_lock_held_on_another_host_is_refused_and_a_stale_one_says_how_to_clear_it(data, tmp_path, refused):
+    out = tmp_path / "out"
+    _foreign_lock(out, 1)
+    refused(argv(data, out), "is in use by a zseg run (pid 4242 on host node-17")
+    _foreign_lock(out, 45)
+    refused(argv(data, out), "last heartbeat is 45 minutes old", f"delete {out}/zseg.lock and start again")
+    assert sorted(os.listdir(out)) == ["zseg.lock"]  # nothing planned
+    (out / "zseg.lock").unlink()
+    assert main(argv(data, out)) == 0
+
+
+def test_a_folder_belongs_to_its_nextflow_session(data, reference, tmp_path, refused, capsys):
+    """The plan task claims the folder for its session (again under -resume); tasks and runs of
+    anyone else are refused; the last stage of a complete run frees it."""
+    out = str(tmp_path / "out")
+    plan_args = ["plan", data["image"], out, "--flows", data["flows"], "--diameter", str(DIAMETER),
+                 "--chunk-shape", ",".join(map(str, CHUNK))]
+    assert main([*plan_args, "--session", "session-a"]) == 0
+    assert main([*plan_args, "--session", "session-a"]) == 0  # -resume: the same session plans again
+    assert json.loads((Path(out) / "zseg.lock").read_text())["session"] == "session-a"
+    refused([*plan_args, "--session", "session-b"], "belongs to Nextflow session session-a", "-resume session-a")
+    refused(["percentiles", "--run", out, "--session", "session-b"], "this task is of Nextflow session session-b",
+            "belongs to Nextflow session session-a")
+    refused(argv(data, out), "belongs to Nextflow session session-a")
+    capsys.readouterr()
+    from zseg.workspace.stages import STAGES
+
+    for st in STAGES.values():
+        phase, _, sub = st.name.partition(":")
+        stage = ["--reduce"] if sub == "reduce" else [] if not sub else ["--stage", sub]
+        assert main([phase, "--run", out, *stage, "--session", "session-a"]) == 0, (st.name, capsys.readouterr().err)
+        if st.name != "finalize:report":
+            assert (Path(out) / "zseg.lock").exists()
+    assert not (Path(out) / "zseg.lock").exists()  # complete: free again
+    np.testing.assert_array_equal(labels_of(out), reference[1])
+
+
+@pytest.mark.s3
+def test_the_lock_on_s3_is_a_conditional_create(s3_server, tmp_path, refused):
+    from zseg.workspace.lock import RunLock
+
+    out = f"{s3_server}/locked-{tmp_path.name}"
+    with RunLock(out) as held:
+        with pytest.raises(UserError) as e:
+            with RunLock(out):
+                pass
+        assert "is in use by a zseg run" in e.value.problems[0] and str(held.record["pid"]) in e.value.problems[0]
+    from zseg.storage import uri as U
+
+    assert not U.exists(f"{out}/zseg.lock")  # released at the end

@@ -9,6 +9,7 @@ Exit codes: 0 success, 2 bad input or parameters (one line per problem), 1 anyth
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -32,6 +33,7 @@ from zseg.phases.synth import synth_slide as do_synth_slide
 from zseg.run.entry import finished, run_local, run_phase
 from zseg.samplesheet import is_samplesheet, sample_runs
 from zseg.schema import params_from_nextflow
+from zseg.workspace.lock import check_task, session_claim
 
 app = typer.Typer(
     name="zseg",
@@ -47,6 +49,8 @@ RunOpt = typer.Option(..., "--run", help="Run folder written by `zseg plan` (hol
 ChunksOpt = typer.Option(None, "--chunks", help="Chunk indices and inclusive ranges, e.g. 0-99,105 (default: all).")
 ShardOpt = typer.Option(None, "--shard", help="i/N: the i-th (0-based) of N equal shares of the chunks.")
 EmitOpt = typer.Option(None, "--emit", help="Also write a small JSON summary of this task to this local file.")
+SessionOpt = typer.Option(None, "--session", help="The Nextflow session (workflow.sessionId) this task belongs to: "
+                          "the pipeline passes it, and a folder of another session is refused.")
 
 
 def _option_type(annotation):
@@ -144,6 +148,7 @@ def plan(
     emit: Optional[str] = EmitOpt,
     check_model: bool = typer.Option(False, "--check-model/--no-check-model",
                                      help="Also find and check the network now (download a missing built-in one)."),
+    session: Optional[str] = SessionOpt,
     *,
     flags: dict,
 ):
@@ -162,6 +167,15 @@ def plan(
     if is_samplesheet(params.input):
         raise UserError(f"INPUT {params.input} is a samplesheet; zseg plan plans one image: "
                         "`zseg run SHEET OUTDIR` or `nextflow run main.nf --input SHEET` runs every row.")
+    if session is None:
+        check_task(params.output, None)
+    with session_claim(params.output, session) if session is not None else contextlib.nullcontext():
+        summary = _plan(params, check_model)
+    _emit(emit, summary)
+    typer.echo(json.dumps(summary))
+
+
+def _plan(params: RunParams, check_model: bool) -> dict:
     if is_slide(params):  # its compartments' networks are checked when they are planned (zseg slide --stage compartments)
         run = plan_slide(params)
         summary = {"run": run.root, "nchunks": run.grid.nchunks, "grid": run.manifest["grid"], "kind": "slide",
@@ -170,8 +184,7 @@ def plan(
         run = do_plan(params, check_model=check_model)
         summary = {"run": run.root, "nchunks": run.grid.nchunks, "npredict": run.npredict,
                    "grid": run.manifest["grid"], "kind": "volume"}
-    _emit(emit, summary)
-    typer.echo(json.dumps(summary))
+    return summary
 
 
 @app.command()
@@ -228,8 +241,8 @@ def samplesheet(
     typer.echo(json.dumps({"samples": samples}))
 
 
-def _map_or_reduce(phase: str, run: str, chunks, shard, stage: Optional[str], reduce: bool, emit):
-    summary = run_phase(run, phase, stage=stage, chunks=chunks, shard=shard, reduce=reduce)
+def _map_or_reduce(phase: str, run: str, chunks, shard, stage: Optional[str], reduce: bool, emit, session=None):
+    summary = run_phase(run, phase, stage=stage, chunks=chunks, shard=shard, reduce=reduce, session=session)
     _emit(emit, summary)
     typer.echo(json.dumps(summary))
 
@@ -237,9 +250,9 @@ def _map_or_reduce(phase: str, run: str, chunks, shard, stage: Optional[str], re
 @app.command()
 def percentiles(run: str = RunOpt, chunks: Optional[str] = ChunksOpt, shard: Optional[str] = ShardOpt,
                 reduce: bool = typer.Option(False, "--reduce", help="Merge all chunk histograms (after the map)."),
-                emit: Optional[str] = EmitOpt):
+                emit: Optional[str] = EmitOpt, session: Optional[str] = SessionOpt):
     """Exact global intensity percentiles: per-chunk histograms (map), then --reduce."""
-    _map_or_reduce("percentiles", run, chunks, shard, None, reduce, emit)
+    _map_or_reduce("percentiles", run, chunks, shard, None, reduce, emit, session)
 
 
 @app.command()
@@ -247,55 +260,55 @@ def predict(run: str = RunOpt, chunks: Optional[str] = ChunksOpt, shard: Optiona
             stage: Optional[str] = typer.Option(
                 None, "--stage", help="combine: sum the units' results into each chunk's flows (after every unit "
                 "ran). Without it: run the predict units; --chunks and --shard then select units, not chunks."),
-            emit: Optional[str] = EmitOpt):
+            emit: Optional[str] = EmitOpt, session: Optional[str] = SessionOpt):
     """The network's flows (dZ, dY, dX, cellprob), as Cellpose's whole-volume run gives them: each tile
     runs once, in predict units fixed by the volume and the network; then --stage combine writes each chunk."""
-    _map_or_reduce("predict", run, chunks, shard, stage, False, emit)
+    _map_or_reduce("predict", run, chunks, shard, stage, False, emit, session)
 
 
 @app.command()
 def seeds(run: str = RunOpt, chunks: Optional[str] = ChunksOpt, shard: Optional[str] = ShardOpt,
           stage: str = typer.Option(..., "--stage", help="follow (flows -> end points), then find (histogram -> seeds)."),
-          emit: Optional[str] = EmitOpt):
+          emit: Optional[str] = EmitOpt, session: Optional[str] = SessionOpt):
     """Follow the flows of every foreground voxel once, then find the seeds each core owns."""
-    _map_or_reduce("seeds", run, chunks, shard, stage, False, emit)
+    _map_or_reduce("seeds", run, chunks, shard, stage, False, emit, session)
 
 
 @app.command()
-def number(run: str = RunOpt, emit: Optional[str] = EmitOpt):
+def number(run: str = RunOpt, emit: Optional[str] = EmitOpt, session: Optional[str] = SessionOpt):
     """Global seed IDs from per-chunk seed counts (a reduce)."""
-    _map_or_reduce("number", run, None, None, None, True, emit)
+    _map_or_reduce("number", run, None, None, None, True, emit, session)
 
 
 @app.command()
 def masks(run: str = RunOpt, chunks: Optional[str] = ChunksOpt, shard: Optional[str] = ShardOpt,
-          emit: Optional[str] = EmitOpt):
+          emit: Optional[str] = EmitOpt, session: Optional[str] = SessionOpt):
     """Label each core voxel by the seed region its trajectory ends in."""
-    _map_or_reduce("masks", run, chunks, shard, None, False, emit)
+    _map_or_reduce("masks", run, chunks, shard, None, False, emit, session)
 
 
 @app.command()
 def finalize(run: str = RunOpt, chunks: Optional[str] = ChunksOpt, shard: Optional[str] = ShardOpt,
              stage: str = typer.Option(..., "--stage", help="sizes (map), [extent (reduce), quality (map): 2D flow check], [overlaps (map), stitch (reduce): --stitch-threshold], number (reduce), labels (map), cells (map), report (reduce)."),
-             emit: Optional[str] = EmitOpt):
+             emit: Optional[str] = EmitOpt, session: Optional[str] = SessionOpt):
     """Per-cell size decisions, consecutive IDs, labels.zarr and its pyramid, cells.parquet, the QC report."""
-    _map_or_reduce("finalize", run, chunks, shard, stage, stage in ("number", "report"), emit)
+    _map_or_reduce("finalize", run, chunks, shard, stage, stage in ("number", "report"), emit, session)
 
 
 @app.command()
 def slide(run: str = RunOpt, chunks: Optional[str] = ChunksOpt, shard: Optional[str] = ShardOpt,
           stage: str = typer.Option(..., "--stage", help="inputs (map), compartments (reduce), layers (map), report (reduce)."),
-          emit: Optional[str] = EmitOpt):
+          emit: Optional[str] = EmitOpt, session: Optional[str] = SessionOpt):
     """A 2D slide run's own stages: network inputs, planning its compartments, the output layers, the report."""
-    _map_or_reduce("slide", run, chunks, shard, stage, stage in ("compartments", "report"), emit)
+    _map_or_reduce("slide", run, chunks, shard, stage, stage in ("compartments", "report"), emit, session)
 
 
 @app.command()
 def match(run: str = RunOpt, chunks: Optional[str] = ChunksOpt, shard: Optional[str] = ShardOpt,
           stage: str = typer.Option(..., "--stage", help="decide (map), number (reduce)."),
-          emit: Optional[str] = EmitOpt):
+          emit: Optional[str] = EmitOpt, session: Optional[str] = SessionOpt):
     """A 2D slide run's cell-nucleus matching: each chunk decides the components it owns, then one numbering."""
-    _map_or_reduce("match", run, chunks, shard, stage, stage == "number", emit)
+    _map_or_reduce("match", run, chunks, shard, stage, stage == "number", emit, session)
 
 
 @app.command()

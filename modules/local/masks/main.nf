@@ -17,7 +17,7 @@ process ZSEG_MASKS {
     def args = task.ext.args ?: ''
     """
     export OMP_NUM_THREADS=${task.cpus} NUMBA_NUM_THREADS=${task.cpus}
-    zseg-masks --run '${meta.run}' --shard ${index}/${count} --emit masks.${index}.json ${args}
+    zseg-masks --run '${meta.run}' --session '${meta.session}' --shard ${index}/${count} --emit masks.${index}.json ${args}
     """
 
     stub:

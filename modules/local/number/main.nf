@@ -15,7 +15,7 @@ process ZSEG_NUMBER {
     def args = task.ext.args ?: ''
     """
     export OMP_NUM_THREADS=${task.cpus} NUMBA_NUM_THREADS=${task.cpus}
-    zseg-number --run '${meta.run}' --emit number.json ${args}
+    zseg-number --run '${meta.run}' --session '${meta.session}' --emit number.json ${args}
     """
 
     stub:

@@ -28,7 +28,7 @@ process ZSEG_PLAN {
     cat > nextflow_params.json <<'ZSEG_PARAMS'
     ${json}
     ZSEG_PARAMS
-    zseg-plan --nextflow-params nextflow_params.json --check-model --emit plan.json ${args}
+    zseg-plan --nextflow-params nextflow_params.json --session '${meta.session}' --check-model --emit plan.json ${args}
     """
 
     stub:

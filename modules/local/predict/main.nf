@@ -21,7 +21,7 @@ process ZSEG_PREDICT {
     def args = task.ext.args ?: ''
     """
     export OMP_NUM_THREADS=${task.cpus}
-    zseg-predict --run '${meta.run}' --shard ${index}/${count} --emit predict.${index}.json ${args}
+    zseg-predict --run '${meta.run}' --session '${meta.session}' --shard ${index}/${count} --emit predict.${index}.json ${args}
     """
 
     stub:

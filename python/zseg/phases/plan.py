@@ -17,6 +17,7 @@ from zseg.storage.arrays import open_array
 from zseg.storage.grid import ChunkGrid
 from zseg.storage.volume import open_volume
 from zseg.workspace.context import RunContext, read_manifest, versions, write_manifest
+from zseg.workspace.lock import LOCK
 from zseg.workspace.work import create_ends
 
 log = logging.getLogger(__name__)
@@ -74,11 +75,11 @@ def existing_manifest(params: RunParams) -> dict | None:
     """The ``run.json`` of the output folder, or None when there is a folder to create (missing,
     empty, or deleted for ``--overwrite``); a folder with other contents is refused."""
     out = params.output
-    if not U.exists(out) or not U.listdir(out):
+    if not U.exists(out) or not [e for e in U.listdir(out) if e != LOCK]:  # the lock of the run planning it
         return None
     if params.overwrite:
         log.info("--overwrite: deleting the existing output folder %s", out)
-        U.remove(out)
+        U.remove_entries(out, keep=(LOCK,))
         return None
     manifest = read_manifest(out)
     if manifest is None:

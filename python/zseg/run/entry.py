@@ -17,8 +17,9 @@ from zseg.storage import uri as U
 from zseg.workspace import work as W
 from zseg.workspace.chunks import chunk_ranges, select_chunks
 from zseg.workspace.context import RunContext, read_manifest
+from zseg.workspace.lock import RunLock, check_task, release
 from zseg.workspace.progress import done_work
-from zseg.workspace.stages import SLIDE_STAGES, size, stage_table
+from zseg.workspace.stages import SLIDE_STAGES, applicable, size, stage_table
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +68,12 @@ def run_slide(params: RunParams) -> dict:
 
 
 def run_local(params: RunParams) -> dict:
-    """Plan (or resume) and run every stage; returns the run report."""
-    if SL.is_slide(params):
-        return run_slide(params)
+    """Plan (or resume) and run every stage, holding the output folder's lock; returns the run report."""
+    with RunLock(params.output):
+        return run_slide(params) if SL.is_slide(params) else _run_volume(params)
+
+
+def _run_volume(params: RunParams) -> dict:
     t0 = time.perf_counter()
     run = plan(params, check_model=True)
     skipped = resume(run)  # a resumed run: what it will not redo (the scheduler skips exactly this)
@@ -98,10 +102,20 @@ def _stage(table: dict, phase: str, stage: str | None, reduce: bool, root: str):
     return kinds[0]
 
 
-def run_phase(root: str, phase: str, *, stage=None, chunks=None, shard=None, reduce=False) -> dict:
-    """One stage of ``phase`` on the selected chunks (map) or once (reduce), skipping done work."""
+def run_phase(root: str, phase: str, *, stage=None, chunks=None, shard=None, reduce=False,
+              session: str | None = None) -> dict:
+    """One stage of ``phase`` on the selected chunks (map) or once (reduce), skipping done work.
+    ``session``: the Nextflow session this task belongs to (:mod:`zseg.workspace.lock`)."""
+    check_task(root, session)
     run = open_run(root)
     st = _stage(stage_table(run), phase, stage, reduce, root)
+    summary = _run_stage(run, st, root, chunks, shard)
+    if session is not None and st.name == applicable(run)[-1].name and finished(root):
+        release(root, session)  # the session's run is complete: the folder is free again
+    return summary
+
+
+def _run_stage(run, st, root: str, chunks, shard) -> dict:
     if not st.applies(run):  # e.g. predict in a run given precomputed --flows
         log.info("%s does not apply to this run: nothing to do", st.name)
         return {"run": root, "stage": st.name, "applies": False, "ran": []}

@@ -180,6 +180,20 @@ def remove(uri: str, recursive: bool = True) -> None:
         fs.rm(path, recursive=recursive)
 
 
+def remove_entries(uri: str, keep=()) -> None:
+    """Remove everything directly under folder ``uri`` but the names in ``keep``. A link is
+    removed, never what it points to."""
+    fs, path = filesystem(uri)
+    for name in listdir(uri):
+        if name in keep:
+            continue
+        entry = posixpath.join(path, name)
+        if not is_remote(str(uri)) and (os.path.islink(entry) or not os.path.isdir(entry)):
+            os.unlink(entry)
+        else:
+            fs.rm(entry, recursive=True)
+
+
 def listdir(uri: str) -> list[str]:
     """Names (not paths) of the entries directly under ``uri``; empty when it does not exist."""
     fs, path = filesystem(uri)

@@ -18,7 +18,7 @@ process ZSEG_FINALIZE_CELLS {
     def args = task.ext.args ?: ''
     """
     export OMP_NUM_THREADS=${task.cpus} NUMBA_NUM_THREADS=${task.cpus}
-    zseg-finalize --run '${meta.run}' --stage cells --shard ${index}/${count} --emit finalize_cells.${index}.json ${args}
+    zseg-finalize --run '${meta.run}' --session '${meta.session}' --stage cells --shard ${index}/${count} --emit finalize_cells.${index}.json ${args}
     """
 
     stub:

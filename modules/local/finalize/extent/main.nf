@@ -15,7 +15,7 @@ process ZSEG_FINALIZE_EXTENT {
     def args = task.ext.args ?: ''
     """
     export OMP_NUM_THREADS=${task.cpus} NUMBA_NUM_THREADS=${task.cpus}
-    zseg-finalize --run '${meta.run}' --stage extent --emit finalize_extent.json ${args}
+    zseg-finalize --run '${meta.run}' --session '${meta.session}' --stage extent --emit finalize_extent.json ${args}
     """
 
     stub:

@@ -17,7 +17,7 @@ process ZSEG_FINALIZE_LABELS {
     def args = task.ext.args ?: ''
     """
     export OMP_NUM_THREADS=${task.cpus} NUMBA_NUM_THREADS=${task.cpus}
-    zseg-finalize --run '${meta.run}' --stage labels --shard ${index}/${count} --emit finalize_labels.${index}.json ${args}
+    zseg-finalize --run '${meta.run}' --session '${meta.session}' --stage labels --shard ${index}/${count} --emit finalize_labels.${index}.json ${args}
     """
 
     stub:

@@ -15,7 +15,7 @@ process ZSEG_FINALIZE_NUMBER {
     def args = task.ext.args ?: ''
     """
     export OMP_NUM_THREADS=${task.cpus} NUMBA_NUM_THREADS=${task.cpus}
-    zseg-finalize --run '${meta.run}' --stage number --emit finalize_number.json ${args}
+    zseg-finalize --run '${meta.run}' --session '${meta.session}' --stage number --emit finalize_number.json ${args}
     """
 
     stub:

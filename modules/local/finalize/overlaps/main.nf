@@ -17,7 +17,7 @@ process ZSEG_FINALIZE_OVERLAPS {
     def args = task.ext.args ?: ''
     """
     export OMP_NUM_THREADS=${task.cpus} NUMBA_NUM_THREADS=${task.cpus}
-    zseg-finalize --run '${meta.run}' --stage overlaps --shard ${index}/${count} --emit finalize_overlaps.${index}.json ${args}
+    zseg-finalize --run '${meta.run}' --session '${meta.session}' --stage overlaps --shard ${index}/${count} --emit finalize_overlaps.${index}.json ${args}
     """
 
     stub:

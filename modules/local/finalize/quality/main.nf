@@ -17,7 +17,7 @@ process ZSEG_FINALIZE_QUALITY {
     def args = task.ext.args ?: ''
     """
     export OMP_NUM_THREADS=${task.cpus} NUMBA_NUM_THREADS=${task.cpus}
-    zseg-finalize --run '${meta.run}' --stage quality --shard ${index}/${count} --emit finalize_quality.${index}.json ${args}
+    zseg-finalize --run '${meta.run}' --session '${meta.session}' --stage quality --shard ${index}/${count} --emit finalize_quality.${index}.json ${args}
     """
 
     stub:

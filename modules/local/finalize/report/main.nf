@@ -15,7 +15,7 @@ process ZSEG_FINALIZE_REPORT {
     def args = task.ext.args ?: ''
     """
     export OMP_NUM_THREADS=${task.cpus} NUMBA_NUM_THREADS=${task.cpus}
-    zseg-finalize --run '${meta.run}' --stage report --emit finalize_report.json ${args}
+    zseg-finalize --run '${meta.run}' --session '${meta.session}' --stage report --emit finalize_report.json ${args}
     """
 
     stub:

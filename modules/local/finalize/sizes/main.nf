@@ -17,7 +17,7 @@ process ZSEG_FINALIZE_SIZES {
     def args = task.ext.args ?: ''
     """
     export OMP_NUM_THREADS=${task.cpus} NUMBA_NUM_THREADS=${task.cpus}
-    zseg-finalize --run '${meta.run}' --stage sizes --shard ${index}/${count} --emit finalize_sizes.${index}.json ${args}
+    zseg-finalize --run '${meta.run}' --session '${meta.session}' --stage sizes --shard ${index}/${count} --emit finalize_sizes.${index}.json ${args}
     """
 
     stub:

@@ -15,7 +15,7 @@ process ZSEG_FINALIZE_STITCH {
     def args = task.ext.args ?: ''
     """
     export OMP_NUM_THREADS=${task.cpus} NUMBA_NUM_THREADS=${task.cpus}
-    zseg-finalize --run '${meta.run}' --stage stitch --emit finalize_stitch.json ${args}
+    zseg-finalize --run '${meta.run}' --session '${meta.session}' --stage stitch --emit finalize_stitch.json ${args}
     """
 
     stub:

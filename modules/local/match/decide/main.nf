@@ -17,7 +17,7 @@ process ZSEG_MATCH_DECIDE {
     def args = task.ext.args ?: ''
     """
     export OMP_NUM_THREADS=${task.cpus} NUMBA_NUM_THREADS=${task.cpus}
-    zseg-match --run '${meta.run}' --stage decide --shard ${index}/${count} --emit match_decide.${index}.json ${args}
+    zseg-match --run '${meta.run}' --session '${meta.session}' --stage decide --shard ${index}/${count} --emit match_decide.${index}.json ${args}
     """
 
     stub:

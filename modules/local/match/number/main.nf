@@ -15,7 +15,7 @@ process ZSEG_MATCH_NUMBER {
     def args = task.ext.args ?: ''
     """
     export OMP_NUM_THREADS=${task.cpus} NUMBA_NUM_THREADS=${task.cpus}
-    zseg-match --run '${meta.run}' --stage number --emit match_number.json ${args}
+    zseg-match --run '${meta.run}' --session '${meta.session}' --stage number --emit match_number.json ${args}
     """
 
     stub:

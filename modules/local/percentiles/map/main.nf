@@ -17,7 +17,7 @@ process ZSEG_PERCENTILES_MAP {
     def args = task.ext.args ?: ''
     """
     export OMP_NUM_THREADS=${task.cpus} NUMBA_NUM_THREADS=${task.cpus}
-    zseg-percentiles --run '${meta.run}' --shard ${index}/${count} --emit percentiles.${index}.json ${args}
+    zseg-percentiles --run '${meta.run}' --session '${meta.session}' --shard ${index}/${count} --emit percentiles.${index}.json ${args}
     """
 
     stub:

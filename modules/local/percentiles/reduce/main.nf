@@ -15,7 +15,7 @@ process ZSEG_PERCENTILES_REDUCE {
     def args = task.ext.args ?: ''
     """
     export OMP_NUM_THREADS=${task.cpus} NUMBA_NUM_THREADS=${task.cpus}
-    zseg-percentiles --run '${meta.run}' --reduce --emit percentiles_reduce.json ${args}
+    zseg-percentiles --run '${meta.run}' --session '${meta.session}' --reduce --emit percentiles_reduce.json ${args}
     """
 
     stub:

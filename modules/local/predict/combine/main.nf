@@ -18,7 +18,7 @@ process ZSEG_PREDICT_COMBINE {
     def args = task.ext.args ?: ''
     """
     export OMP_NUM_THREADS=${task.cpus}
-    zseg-predict --run '${meta.run}' --stage combine --shard ${index}/${count} --emit predict_combine.${index}.json ${args}
+    zseg-predict --run '${meta.run}' --session '${meta.session}' --stage combine --shard ${index}/${count} --emit predict_combine.${index}.json ${args}
     """
 
     stub:

@@ -17,7 +17,7 @@ process ZSEG_SEEDS_FIND {
     def args = task.ext.args ?: ''
     """
     export OMP_NUM_THREADS=${task.cpus} NUMBA_NUM_THREADS=${task.cpus}
-    zseg-seeds --run '${meta.run}' --stage find --shard ${index}/${count} --emit seeds_find.${index}.json ${args}
+    zseg-seeds --run '${meta.run}' --session '${meta.session}' --stage find --shard ${index}/${count} --emit seeds_find.${index}.json ${args}
     """
 
     stub:

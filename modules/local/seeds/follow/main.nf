@@ -17,7 +17,7 @@ process ZSEG_SEEDS_FOLLOW {
     def args = task.ext.args ?: ''
     """
     export OMP_NUM_THREADS=${task.cpus} NUMBA_NUM_THREADS=${task.cpus}
-    zseg-seeds --run '${meta.run}' --stage follow --shard ${index}/${count} --emit seeds_follow.${index}.json ${args}
+    zseg-seeds --run '${meta.run}' --session '${meta.session}' --stage follow --shard ${index}/${count} --emit seeds_follow.${index}.json ${args}
     """
 
     stub:

@@ -15,7 +15,7 @@ process ZSEG_SLIDE_COMPARTMENTS {
     def args = task.ext.args ?: ''
     """
     export OMP_NUM_THREADS=${task.cpus} NUMBA_NUM_THREADS=${task.cpus}
-    zseg-slide --run '${meta.run}' --stage compartments --emit slide_compartments.json ${args}
+    zseg-slide --run '${meta.run}' --session '${meta.session}' --stage compartments --emit slide_compartments.json ${args}
     """
 
     stub:

@@ -17,7 +17,7 @@ process ZSEG_SLIDE_INPUTS {
     def args = task.ext.args ?: ''
     """
     export OMP_NUM_THREADS=${task.cpus} NUMBA_NUM_THREADS=${task.cpus}
-    zseg-slide --run '${meta.run}' --stage inputs --shard ${index}/${count} --emit slide_inputs.${index}.json ${args}
+    zseg-slide --run '${meta.run}' --session '${meta.session}' --stage inputs --shard ${index}/${count} --emit slide_inputs.${index}.json ${args}
     """
 
     stub:

@@ -17,7 +17,7 @@ process ZSEG_SLIDE_LAYERS {
     def args = task.ext.args ?: ''
     """
     export OMP_NUM_THREADS=${task.cpus} NUMBA_NUM_THREADS=${task.cpus}
-    zseg-slide --run '${meta.run}' --stage layers --shard ${index}/${count} --emit slide_layers.${index}.json ${args}
+    zseg-slide --run '${meta.run}' --session '${meta.session}' --stage layers --shard ${index}/${count} --emit slide_layers.${index}.json ${args}
     """
 
     stub:

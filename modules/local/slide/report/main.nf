@@ -15,7 +15,7 @@ process ZSEG_SLIDE_REPORT {
     def args = task.ext.args ?: ''
     """
     export OMP_NUM_THREADS=${task.cpus} NUMBA_NUM_THREADS=${task.cpus}
-    zseg-slide --run '${meta.run}' --stage report --emit slide_report.json ${args}
+    zseg-slide --run '${meta.run}' --session '${meta.session}' --stage report --emit slide_report.json ${args}
     """
 
     stub:
