@@ -50,7 +50,8 @@ GPU_PHASES: set[str] = {"ZSEG_PREDICT"}
 RESOURCE_LABELS = {"process_low", "process_medium", "process_high", "process_gpu"}
 
 #: Processes that are not a stage of STAGES, and what they are.
-NOT_STAGES = {"ZSEG_PLAN": "plan", "ZSEG_SYNTH": "the synthetic test volume of -profile test",
+NOT_STAGES = {"ZSEG_PLAN": "plan", "ZSEG_FINGERPRINT": "hashes the input for the plan task's -resume",
+              "ZSEG_SYNTH": "the synthetic test volume of -profile test",
               "ZSEG_SYNTH_SLIDE": "the synthetic test slide of -profile test_multiplex",
               "ZSEG_SAMPLESHEET": "checks a samplesheet before its rows are planned"}
 #: Stage processes whose upstream manifests may share a name (a slide's compartments each end with
@@ -208,8 +209,8 @@ def test_processes_cover_every_stage_once_in_order(procs):
     # ZSEG plans, then runs volumes and a slide's compartments through ZSEG_STAGES, and a slide's
     # own stages before and after them.
     body = NT.workflow_body(ROOT / "workflows/zseg.nf", "ZSEG")
-    assert [n for n, _ in NT.process_calls(body)] == ["ZSEG_PLAN", "ZSEG_SLIDE_PREPARE", "ZSEG_STAGES",
-                                                       "ZSEG_SLIDE_FINISH"]
+    assert [n for n, _ in NT.process_calls(body)] == ["ZSEG_FINGERPRINT", "ZSEG_PLAN", "ZSEG_SLIDE_PREPARE",
+                                                       "ZSEG_STAGES", "ZSEG_SLIDE_FINISH"]
     # Each workflow calls its stages in order, each on the manifests of the one before (a barrier).
     slide_order = list(SLIDE_STAGES)
     for path, name, names, first in (
@@ -301,7 +302,7 @@ def test_plan_maps_nextflow_names_and_resolves_paths_against_the_launch_folder()
 def test_bin_has_one_entrypoint_per_phase_that_is_the_cli():
     """bin/ (on every task's PATH) holds an executable `zseg-<phase>` per phase, each only handing
     its arguments to the CLI's command of that phase."""
-    phases = {name.split(":")[0] for name in [*STAGES, *SLIDE_STAGES]} | {"plan", "synth", "samplesheet"}
+    phases = {name.split(":")[0] for name in [*STAGES, *SLIDE_STAGES]} | {"plan", "synth", "samplesheet", "fingerprint"}
     scripts = {p.name: p for p in (ROOT / "bin").iterdir()}
     assert set(scripts) == {f"zseg-{ph}" for ph in phases}, sorted(scripts)
     for name, path in scripts.items():
@@ -672,7 +673,9 @@ def test_nextflow_resume_of_a_finished_run_runs_nothing_again(test_profile_run):
     assert again.returncode == 0, again.stdout + again.stderr
     rows = trace(tmp)
     assert len(rows) == len(test_profile_run["trace"])
-    assert {row["status"] for row in rows} == {"CACHED"}, [(r["name"], r["status"]) for r in rows]
+    # every task but the input's fingerprint, which runs on every launch (its hash is plan's input)
+    status = {row["status"] for row in rows if "ZSEG_FINGERPRINT" not in row["name"]}
+    assert status == {"CACHED"}, [(r["name"], r["status"]) for r in rows]
     np.testing.assert_array_equal(labels(tmp / "results"), test_profile_run["reference"])
 
 
@@ -733,6 +736,27 @@ def test_nextflow_with_given_flows_equals_zseg_run(nextflow, test_profile_run, t
     assert run.returncode == 0, run.stdout + run.stderr
     assert {r["status"] for r in trace(tmp_path)} == {"COMPLETED"}
     np.testing.assert_array_equal(labels(tmp_path / "out"), test_profile_run["reference"])
+
+
+@pytest.mark.slow
+def test_nextflow_resume_plans_again_when_the_input_changed_at_the_same_uri(nextflow, tmp_path):
+    """-resume with the input rewritten in place: the plan task is not CACHED (the input's
+    fingerprint is among its inputs) and refuses the run folder planned from the old input."""
+    from zseg.cli import main
+
+    data = tmp_path / "data"
+    assert main(["synth", str(data), *TEST_SYNTH]) == 0
+    args = ("--input", str(data / "image.ome.zarr"), "--flows", str(data / "flows.zarr"), "--diameter", "12",
+            "--chunk_shape", "8,24,24", "--shard_size", "4", "--outdir", str(tmp_path / "out"))
+    first = nextflow_run(tmp_path, *args)
+    assert first.returncode == 0, first.stdout + first.stderr
+    arr = zarr.open_array(str(data / "image.ome.zarr" / "0"), mode="r+")
+    arr[:4, :8, :8] = np.asarray(arr[:4, :8, :8])[:, ::-1]
+    again = nextflow_run(tmp_path, *args, "-resume")
+    assert again.returncode != 0
+    plan_rows = [r for r in trace(tmp_path) if "ZSEG_PLAN" in r["name"]]
+    assert [r["status"] for r in plan_rows] == ["FAILED"], plan_rows
+    assert "changed since this run was planned" in again.stdout + again.stderr
 
 
 @pytest.mark.slow

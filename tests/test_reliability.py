@@ -1062,3 +1062,85 @@ def test_the_lock_on_s3_is_a_conditional_create(s3_server, tmp_path, refused):
     from zseg.storage import uri as U
 
     assert not U.exists(f"{out}/zseg.lock")  # released at the end
+
+
+# -- a changed input is noticed ----------------------------------------------------------------------
+@pytest.fixture
+def own_data(cells, tmp_path):
+    """The test volume and flows in this test's own folder (the tests change them)."""
+    return write_volume(str(tmp_path / "data"), *cells)
+
+
+def _rewrite_chunk(array_dir: Path, index: int = 4) -> str:
+    """Rewrite one stored chunk of a zarr array with other values of the same array: returns its key."""
+    arr = zarr.open_array(str(array_dir), mode="r+")
+    chunk = arr.chunks
+    pos = np.unravel_index(index, [-(-n // c) for n, c in zip(arr.shape, chunk)])
+    box = tuple(slice(p * c, min((p + 1) * c, n)) for p, c, n in zip(pos, chunk, arr.shape))
+    arr[box] = np.asarray(arr[box])[..., ::-1]  # the same values, mirrored: another content
+    return arr.metadata.encode_chunk_key(tuple(int(p) for p in pos))
+
+
+def _planned_to_seeds(data, out: Path) -> None:
+    """A run planned and taken up to the seeds: what a killed run leaves."""
+    plan(build_params(input=data["image"], output=str(out), flows=data["flows"], diameter=DIAMETER,
+                      chunk_shape=CHUNK))
+    for phase, stage, reduce in (("percentiles", None, False), ("percentiles", None, True), ("seeds", "follow", False)):
+        run_phase(str(out), phase, stage=stage, reduce=reduce)
+
+
+def test_plan_records_the_fingerprint_of_what_the_run_reads(own_data, tmp_path):
+    out = tmp_path / "out"
+    _planned_to_seeds(own_data, out)
+    fp = json.loads((out / "run.json").read_text())["fingerprint"]
+    assert set(fp) == {"input", "flows"}
+    assert fp["input"]["kind"] == "zarr" and fp["input"]["objects"] == NCHUNKS and "zarr.json" in fp["input"]["metadata"]
+    assert fp["flows"]["grid"] == [1, 2, 3, 3]
+    table = np.asarray(open_array(str(out / "work" / "fingerprint" / "input.zarr"))[...])
+    assert table.shape == (2, 2, 3, 3) and (table[0] > 0).all()
+
+
+def test_resuming_after_an_input_chunk_changed_is_refused(own_data, tmp_path, refused):
+    out = tmp_path / "out"
+    _planned_to_seeds(own_data, out)
+    key = _rewrite_chunk(Path(own_data["image"]) / "0")
+    err = refused(argv(own_data, out), f"input {str(Path(own_data['image']) / '0')!r}: 1 stored object(s) changed: "
+                  f"{key} (rewritten) since this run was planned", "pass --overwrite")
+    assert "a run must read one input throughout" in err[0]
+    verify_fails(out, f"{key} (rewritten)")
+    assert main(argv(own_data, out, "--overwrite")) == 0  # starting again reads the new input
+
+
+def test_a_task_reading_a_changed_chunk_is_refused_and_others_are_not(own_data, tmp_path, refused):
+    out = tmp_path / "out"
+    _planned_to_seeds(own_data, out)
+    shutil.rmtree(out / "work" / "percentiles")  # the percentiles tasks read the input again
+    key = _rewrite_chunk(Path(own_data["image"]) / "0", index=4)
+    assert main(["percentiles", "--run", str(out), "--chunks", "0"]) == 0  # chunk 0 reads unchanged objects
+    refused(["percentiles", "--run", str(out), "--chunks", "4"], f"stored object {key} changed since this run was planned")
+
+
+def test_changed_flows_and_changed_metadata_are_refused(own_data, tmp_path, refused):
+    out = tmp_path / "out"
+    _planned_to_seeds(own_data, out)
+    key = _rewrite_chunk(Path(own_data["flows"]), index=0)
+    shutil.rmtree(out / "work" / "follow")
+    refused(["seeds", "--run", str(out), "--stage", "follow", "--chunks", "0"],
+            f"flows {own_data['flows']!r}: stored object {key} changed")
+    meta = Path(own_data["image"]) / "0" / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc.setdefault("attributes", {})["edited"] = True
+    meta.write_text(json.dumps(doc))
+    refused(argv(own_data, out), "its metadata (zarr.json) changed")
+
+
+def test_a_replaced_tiff_input_is_refused(cells, tmp_path, refused):
+    image, flows = cells
+    d = write_volume(str(tmp_path / "d"), image, flows)
+    tif = tmp_path / "image.tif"
+    tifffile.imwrite(tif, image)
+    out = tmp_path / "out"
+    plan(build_params(input=str(tif), output=str(out), flows=d["flows"], diameter=DIAMETER, chunk_shape=CHUNK))
+    tifffile.imwrite(tif, image[:, ::-1])
+    refused(["run", str(tif), str(out), "--flows", d["flows"], "--diameter", str(DIAMETER),
+             "--chunk-shape", ",".join(map(str, CHUNK))], f"input {str(tif)!r} was replaced")

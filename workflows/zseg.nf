@@ -8,6 +8,7 @@
  * that -resume tracks which stages did their work.
  */
 
+include { ZSEG_FINGERPRINT        } from '../modules/local/fingerprint'
 include { ZSEG_PLAN               } from '../modules/local/plan'
 include { ZSEG_SLIDE_PREPARE      } from './slide'
 include { ZSEG_SLIDE_FINISH       } from './slide'
@@ -36,7 +37,11 @@ workflow ZSEG {
     shard_size  // integer: chunks per map task
 
     main:
-    ZSEG_PLAN(ch_data, run_params)
+    // the hash of what is stored at the input URIs joins the plan task's inputs: an input replaced
+    // at the same URI is planned again (and refused there), never taken for the cached one
+    ZSEG_FINGERPRINT(ch_data)
+    ch_fingerprinted = ZSEG_FINGERPRINT.out.data.map { meta, input, flows, fp -> [meta, input, flows, readJson(fp).digest] }
+    ZSEG_PLAN(ch_fingerprinted, run_params)
     // a 2D slide (plan.json kind "slide") runs its own stages around its compartments, which are
     // one-plane runs of the volume stages: they join the volume runs in ZSEG_STAGES
     ch_kind = ZSEG_PLAN.out.manifest.branch { _meta, plan ->

@@ -33,6 +33,7 @@ from zseg.phases.synth import synth_slide as do_synth_slide
 from zseg.run.entry import finished, run_local, run_phase
 from zseg.samplesheet import is_samplesheet, sample_runs
 from zseg.schema import params_from_nextflow
+from zseg.storage import fingerprint as FP
 from zseg.workspace.lock import check_task, session_claim
 
 app = typer.Typer(
@@ -309,6 +310,20 @@ def match(run: str = RunOpt, chunks: Optional[str] = ChunksOpt, shard: Optional[
           emit: Optional[str] = EmitOpt, session: Optional[str] = SessionOpt):
     """A 2D slide run's cell-nucleus matching: each chunk decides the components it owns, then one numbering."""
     _map_or_reduce("match", run, chunks, shard, stage, stage == "number", emit, session)
+
+
+@app.command()
+def fingerprint(
+    stores: list[str] = typer.Argument(None, help="The stores a run reads (input, flows, mask, model: paths or "
+                                       "URIs; empty ones are skipped)."),
+    emit: Optional[str] = EmitOpt,
+):
+    """One hash of everything stored at each URI (one listing each): the Nextflow pipeline gives it to
+    its plan task, so that an input replaced at the same URI is planned again, never CACHED."""
+    found = {uri: FP.digest(uri) for uri in stores or [] if uri}
+    summary = {"digest": FP.digest_of(found), "stores": found}
+    _emit(emit, summary)
+    typer.echo(json.dumps(summary))
 
 
 @app.command()

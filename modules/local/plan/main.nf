@@ -8,8 +8,9 @@ process ZSEG_PLAN {
     containerOptions "${meta.container_options}"
 
     input:
-    // flows: a precomputed flow store, or '' when the predict stage computes them
-    tuple val(meta), val(input), val(flows)
+    // flows: a precomputed flow store, or '' when the predict stage computes them; fingerprint:
+    // the hash of what is stored at input and flows (ZSEG_FINGERPRINT), here for -resume only
+    tuple val(meta), val(input), val(flows), val(fingerprint)
     val run_params
 
     output:

@@ -103,9 +103,9 @@ def verify_output(root: str) -> dict:
     if not U.exists(U.join(root, MANIFEST)):
         raise UserError(f"{root!r} holds no {MANIFEST}: it is not a zseg output folder (or the run never started).")
     run = RunContext.open(root)  # a damaged manifest: one line per problem
-    problems: list[str] = []
+    problems: list[str] = [f"{p} since the run was planned." for p in run.input_changes()]
     if not run.manifest.get("complete"):
-        lines = [f"{root}: the run is not finished (run.json says complete: false)."]
+        lines = [f"{root}: the run is not finished (run.json says complete: false).", *problems]
         if U.exists(run.work):
             for stage in applicable(run):
                 missing = stage_missing(run, stage)

@@ -12,13 +12,14 @@ import math
 from zseg.errors import UserError
 from zseg.params import RunParams
 from zseg.phases import predict
+from zseg.storage import fingerprint as FP
 from zseg.storage import uri as U
 from zseg.storage.arrays import open_array
 from zseg.storage.grid import ChunkGrid
 from zseg.storage.volume import open_volume
 from zseg.workspace.context import RunContext, read_manifest, versions, write_manifest
 from zseg.workspace.lock import LOCK
-from zseg.workspace.work import create_ends
+from zseg.workspace.work import FINGERPRINT_DIR, create_ends
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,31 @@ def existing_manifest(params: RunParams) -> dict | None:
             f"output {out!r} exists and is not a zseg run folder; choose a new folder or pass --overwrite to replace it."
         )
     return manifest
+
+
+def take_fingerprints(params: RunParams, volume) -> dict:
+    """The fingerprint (:mod:`zseg.storage.fingerprint`) of every store the run will read: the
+    input's array, --flows, --mask, and the model files given as paths."""
+    stores = {"input": volume.describe()["array"]}
+    if params.flows is not None:
+        stores["flows"] = params.flows
+    if getattr(params, "mask", None) is not None:
+        stores["mask"] = open_volume(params.mask).describe()["array"]
+    for key in ("model", "model_ortho"):
+        path = getattr(params, key, None)
+        if path and params.flows is None and U.exists(path) and FP.is_file(path):  # not a built-in's name
+            stores[key] = path
+    return {name: FP.take(uri) for name, uri in stores.items()}
+
+
+def write_fingerprint_tables(run: RunContext, fingerprints: dict) -> None:
+    for name, (_, table) in fingerprints.items():
+        if table is not None:
+            FP.write_table(run.path(FINGERPRINT_DIR, f"{name}.zarr"), table)
+
+
+def refuse_changed_inputs(run: RunContext, described: dict | None, advice: str) -> None:
+    FP.refuse_changes(run.input_changes(described), f"a run must read one input throughout: restore it, or {advice}")
 
 
 def refuse_unless_resumable(params: RunParams, before: RunParams, complete: bool) -> None:
@@ -188,6 +214,7 @@ def plan(params: RunParams, *, check_model: bool = False, plane: dict | None = N
 
     resumed = _existing_output(params)
     if resumed is not None:
+        refuse_changed_inputs(resumed, volume.describe(), "pass --overwrite to start again with them.")
         if params.flows is None and not resumed.manifest.get("complete") and not resumed.manifest.get("predict"):
             raise UserError(f"output {params.output!r} holds an unfinished run planned by an earlier zseg, whose "
                             "predict ran per chunk (no predict units in run.json); pass --overwrite to start again.")
@@ -205,6 +232,7 @@ def plan(params: RunParams, *, check_model: bool = False, plane: dict | None = N
             resumed = RunContext(params.output, resumed.manifest)
         return resumed
 
+    fingerprints = take_fingerprints(params, volume)
     manifest = {
         "zseg_version": versions()["zseg"],
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -225,11 +253,13 @@ def plan(params: RunParams, *, check_model: bool = False, plane: dict | None = N
         "predict": (predict.plan_units(params, shape, anisotropy, nchannels=volume.nchannels, plane=planar,
                                        network=network) if params.flows is None else None),
         "plane": plane,
+        "fingerprint": {name: summary for name, (summary, _) in fingerprints.items()},
         "versions": versions(),
         "complete": False,
     }
     write_manifest(params.output, manifest)
     run = RunContext(params.output, manifest)
+    write_fingerprint_tables(run, fingerprints)
     create_ends(run)
     predict.ensure_stores(run)
     log.info(

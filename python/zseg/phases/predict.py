@@ -264,6 +264,10 @@ def _task(run: RunContext) -> _Task:
     from zseg.storage import models
 
     p = run.params
+    for key in ("model", "model_ortho"):  # the weights are the ones planned with
+        reads = run.reads(key)
+        if reads is not None:
+            reads.check(())
     device = models.select_device(p.device)
     keep = 2 if p.model_ortho else 1
     net = models.load_network(_model_path(run, "model", p.model), device, use_bfloat16=p.use_bfloat16, keep=keep)
@@ -279,6 +283,8 @@ def _task(run: RunContext) -> _Task:
                             f"{n.bsize} pixels, a {sizes[key]['family']} one with {sizes[key]['bsize']} when the run "
                             "was planned: the weights changed; plan again with --overwrite.")
     mask = _open_mask(p.mask) if p.mask else None
+    if mask is not None:
+        mask.reads = run.reads("mask")
     return _Task(net, device, units(run), W.normalization(run), mask, ortho)
 
 

@@ -122,6 +122,9 @@ class Volume(_Lazy):
     chunks: tuple[int, int, int] | None
     _source: _Source = field(repr=False)
     _open: dict = field(default_factory=dict, repr=False, compare=False)
+    #: A :class:`zseg.storage.fingerprint.Reads` that checks every box read against the run's
+    #: fingerprint of the store (set by the run that reads it; None: unchecked).
+    reads: object = field(default=None, repr=False, compare=False)
 
     @property
     def nchannels(self) -> int:
@@ -144,9 +147,27 @@ class Volume(_Lazy):
         """
         box = _check_box(box, self.shape)
         src = self._source
+        if self.reads is not None:
+            self.reads.check(self.array_ranges(box))
         data = read_selection(self._array(), src.axes, src.shape, src.channels, dict(zip("zyx", box)),
                               timepoint=src.timepoint)
         return np.ascontiguousarray(data, dtype=self.dtype)
+
+    def array_ranges(self, box) -> list[tuple[int, int]]:
+        """The ``[start, stop)`` range of each axis of the stored array that reading ``box``
+        (Z, Y, X slices within :attr:`shape`) touches."""
+        src = self._source
+        boxes = dict(zip("zyx", box))
+        out = []
+        for ax in src.axes:
+            if ax == "c":
+                out.append((min(src.channels), max(src.channels) + 1))
+            elif ax in boxes:
+                out.append((boxes[ax].start, boxes[ax].stop))
+            else:
+                t = src.timepoint if ax == "t" else 0
+                out.append((t, t + 1))
+        return out
 
     def describe(self) -> dict:
         """A JSON-serialisable summary of the input, for the run manifest."""

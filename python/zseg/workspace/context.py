@@ -20,7 +20,9 @@ from zseg.errors import UserError
 from zseg.params import RunParams
 from zseg.storage import uri as U
 from zseg.storage.grid import ChunkGrid
+from zseg.storage import fingerprint as FP
 from zseg.storage.volume import open_volume
+from zseg.workspace.work import FINGERPRINT_DIR
 
 MANIFEST = "run.json"
 
@@ -109,11 +111,41 @@ class RunContext(WorkLayout):
     # -- inputs ------------------------------------------------------------------------------
     @functools.cached_property
     def volume(self):
+        """The input, each box read checked against the run's fingerprint of it."""
         p = self.params
-        return open_volume(
+        vol = open_volume(
             p.input, axes=p.axes, level=p.level, channels=p.channels, timepoint=p.timepoint,
             channel_axis=p.channel_axis, z_axis=p.z_axis,
         )
+        was, now = self.manifest.get("input") or {}, vol.describe()
+        changed = sorted(k for k in now if k in was and was[k] != now[k])
+        if changed:
+            raise UserError(f"input {p.input!r} changed since this run was planned ({', '.join(changed)}: "
+                            f"{', '.join(f'{was[k]} -> {now[k]}' for k in changed[:2])}); {FP.Reads.ADVICE}")
+        vol.reads = self.reads("input")
+        return vol
+
+    def input_changes(self, described: dict | None = None) -> list[str]:
+        """What changed in the stores this run reads since it was planned (each listed again);
+        ``described``: the input as opened now (:meth:`Volume.describe`), to compare too."""
+        problems = []
+        if described is not None:
+            was = self.manifest.get("input") or {}
+            changed = sorted(k for k in described if k in was and was[k] != described[k])
+            if changed:
+                problems.append(f"input {self.params.input!r} changed ({', '.join(changed)})")
+        for name, rec in (self.manifest.get("fingerprint") or {}).items():
+            table = self.path(FINGERPRINT_DIR, f"{name}.zarr") if rec["kind"] == "zarr" else None
+            problems += FP.changes(name, rec, table)
+        return problems
+
+    def reads(self, name: str):
+        """The check of store ``name`` (input, flows, mask, model) against its fingerprint, or
+        None for a run planned without one."""
+        rec = (self.manifest.get("fingerprint") or {}).get(name)
+        if rec is None:
+            return None
+        return FP.Reads(name, rec, self.path(FINGERPRINT_DIR, f"{name}.zarr") if rec["kind"] == "zarr" else None)
 
     @property
     def anisotropy(self) -> float:

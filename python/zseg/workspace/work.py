@@ -54,6 +54,8 @@ STITCH_RESULT = "stitch.json"
 STITCH_TABLE = "stitch.npz"
 FINAL_NUMBER_RESULT = "final_number.json"
 REPORT_RESULT = "report.json"
+#: the fingerprints' object tables of the zarr stores a run reads (``fingerprint/<name>.zarr``)
+FINGERPRINT_DIR = "fingerprint"
 #: the device the run's trajectories are followed on, decided once by its first seeds:follow task
 DYNAMICS_RESULT = "dynamics.json"
 VIEWS_STORE = "views.zarr"
@@ -96,8 +98,26 @@ class PlaneFlows:
         return out
 
 
+class ReadChecked:
+    """A given store read through the run's fingerprint of it (every box read is checked)."""
+
+    def __init__(self, array, reads):
+        self.array, self.reads = array, reads
+        self.shape, self.dtype = array.shape, array.dtype
+
+    def __getitem__(self, selection):
+        sel = selection if isinstance(selection, tuple) else (selection,)
+        sel = sel + (slice(None),) * (len(self.shape) - len(sel))
+        self.reads.check([s.indices(n)[:2] if isinstance(s, slice) else (int(s), int(s) + 1)
+                          for s, n in zip(sel, self.shape)])
+        return self.array[selection]
+
+
 def flows(run):
     array = open_array(flows_uri(run))
+    reads = run.reads("flows") if run.params.flows else None
+    if reads is not None:
+        array = ReadChecked(array, reads)
     if len(array.shape) == 3 and run.grid.ndim == 3 and run.grid.shape[0] == 1:  # a slide's given flows
         return PlaneFlows(array)
     return array
