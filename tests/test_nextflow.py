@@ -24,6 +24,7 @@ import pytest
 import tomllib
 import typer
 import yaml
+import zarr
 
 from tests import nextflow_text as NT
 from tests.nextflow_run import TEST_SYNTH, labels, nextflow_env, nextflow_run, trace, zseg_run_with_flows
