@@ -1144,3 +1144,40 @@ def test_a_replaced_tiff_input_is_refused(cells, tmp_path, refused):
     tifffile.imwrite(tif, image[:, ::-1])
     refused(["run", str(tif), str(out), "--flows", d["flows"], "--diameter", str(DIAMETER),
              "--chunk-shape", ",".join(map(str, CHUNK))], f"input {str(tif)!r} was replaced")
+
+
+# -- a full or read-only disk ------------------------------------------------------------------------
+@pytest.mark.parametrize("errno_, store, words", [
+    (28, "masks.zarr", "the disk is full"),  # ENOSPC in a zarr chunk of the masks stage
+    (30, "work/seeds/c0000005.npz", "the file system is read-only"),  # EROFS writing a chunk file
+])
+def test_a_full_or_read_only_disk_stops_the_task_with_one_line_and_the_run_resumes(data, reference, tmp_path,
+                                                                                    monkeypatch, refused, errno_,
+                                                                                    store, words):
+    import zarr.storage._local as local
+
+    from zseg.storage import uri as U
+
+    out = tmp_path / "out"
+    put, atomic = local._put, U.atomic_local_file
+
+    def full_put(path, value, exclusive=False):
+        if store in str(path) and "zarr.json" not in str(path):
+            raise OSError(errno_, os.strerror(errno_), str(path))
+        return put(path, value, exclusive=exclusive)
+
+    def full_file(path):
+        if str(path).endswith(store):
+            raise OSError(errno_, os.strerror(errno_), str(path))
+        return atomic(path)
+
+    monkeypatch.setattr(local, "_put", full_put)
+    monkeypatch.setattr(U, "atomic_local_file", full_file)
+    err = refused(argv(data, out), words, "run the same command again")
+    stage = "masks" if store == "masks.zarr" else "seeds:find, chunk 5"
+    assert err[0].startswith(f"zseg: error: {stage}") and "cannot write " in err[0]
+    assert store.split("/")[-1] in err[0]
+    monkeypatch.undo()  # room again
+    assert main(argv(data, out)) == 0
+    np.testing.assert_array_equal(labels_of(out), reference[1])
+    assert same_table(out, reference[0])

@@ -21,7 +21,7 @@ from typing import Optional
 import typer
 
 from zseg import __version__
-from zseg.errors import UserError
+from zseg.errors import UserError, write_failure
 from zseg.outputs.verify import verify_output
 from zseg.params import RunParams, build_params, channel_list
 from zseg.phases.crops import make_crops
@@ -440,10 +440,20 @@ def main(argv=None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         return 130
+    except OSError as e:
+        failure = write_failure(e)  # a full or read-only disk outside a task (plan, ...): one line
+        if failure is None:
+            return _failed(e)
+        typer.echo(f"zseg: error: {failure.problems[0]}", err=True)
+        return 2
     except Exception as e:  # a bug or an environment failure: one line, the traceback at -vv
-        log.debug("traceback", exc_info=True)
-        typer.echo(f"zseg: failed: {type(e).__name__}: {e} (run with -vv for the traceback)", err=True)
-        return 1
+        return _failed(e)
+
+
+def _failed(e: BaseException) -> int:
+    log.debug("traceback", exc_info=e)
+    typer.echo(f"zseg: failed: {type(e).__name__}: {e} (run with -vv for the traceback)", err=True)
+    return 1
 
 
 def entry() -> None:

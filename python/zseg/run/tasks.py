@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from zseg.errors import UserError
+from zseg.errors import UserError, write_failure
 from zseg.outputs import table
 from zseg.phases import finalize, masks, number, percentiles, predict, seeds, slide
 from zseg.storage import uri as U
@@ -69,6 +69,13 @@ def _where(run, stage: Stage, index: int) -> str:
     return f"chunk {index} ({where})"
 
 
+def _no_room(e: OSError, where: str) -> BaseException:
+    """A full or read-only disk as one line naming the task and what it was writing; any other
+    OS error unchanged."""
+    failure = write_failure(e)
+    return e if failure is None else UserError(f"{where}: {failure.problems[0]}")
+
+
 def run_chunk(run: RunContext, stage: Stage, index: int) -> dict:
     """Run map stage ``stage`` on chunk ``index``; write its marker; return the marker's stats."""
     try:
@@ -76,6 +83,8 @@ def run_chunk(run: RunContext, stage: Stage, index: int) -> dict:
             stats = dict(FUNCTIONS[stage.name](run, index) or {})
     except UserError as e:  # say which task met the problem
         raise UserError(*(f"{stage.name}, {_where(run, stage, index)}: {p}" for p in e.problems)) from None
+    except OSError as e:  # a full or read-only disk: one line naming the task and the file
+        raise _no_room(e, f"{stage.name}, {_where(run, stage, index)}") from None
     stats.update(used)
     U.write_json(run.chunk_file(stage.marker_dir, index, "json"), stats)
     return stats
@@ -96,6 +105,8 @@ def run_chunks(run: RunContext, stage: Stage, indices):
                 i, stats = next(chunks)
             except StopIteration:
                 return
+            except OSError as e:
+                raise _no_room(e, stage.name) from None
         stats = {**stats, **used}
         U.write_json(run.chunk_file(stage.marker_dir, i, "json"), stats)
         yield i, stats
@@ -105,6 +116,9 @@ def run_reduce(run: RunContext, stage: Stage):
     """Run reduce stage ``stage`` once every stage before it is complete; record its usage."""
     require_complete(run, stage)
     with usage.measure() as used:
-        out = FUNCTIONS[stage.name](run)
+        try:
+            out = FUNCTIONS[stage.name](run)
+        except OSError as e:
+            raise _no_room(e, stage.name) from None
     usage.write_reduce(run, stage.name, used)
     return out
