@@ -1181,3 +1181,121 @@ def test_a_full_or_read_only_disk_stops_the_task_with_one_line_and_the_run_resum
     assert main(argv(data, out)) == 0
     np.testing.assert_array_equal(labels_of(out), reference[1])
     assert same_table(out, reference[0])
+
+
+# -- flaky storage -----------------------------------------------------------------------------------
+class FlakyProxy:
+    """An HTTP proxy in front of the moto server that answers ``503 SlowDown`` to ``burst``
+    consecutive requests from each request number in ``episodes`` on (a throttling episode), and
+    drops the connection (no answer: a reset) of every ``drop``-th request; everything else goes
+    through unchanged."""
+
+    def __init__(self, target: str, *, episodes=(60,), burst: int = 6, drop: int = 37):
+        import http.client
+        import http.server
+        import threading
+        from urllib.parse import urlparse
+
+        t = urlparse(target)
+        proxy = self
+        self.count, self.failed, self.dropped = 0, 0, 0
+        self.lock = threading.Lock()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    out = b""
+                    while True:
+                        n = int(self.rfile.readline().split(b";")[0], 16)
+                        if n == 0:
+                            self.rfile.readline()
+                            return out
+                        out += self.rfile.read(n)
+                        self.rfile.readline()
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _any(self):
+                body = self._body()
+                with proxy.lock:
+                    proxy.count += 1
+                    n = proxy.count
+                if n % drop == 0:
+                    proxy.dropped += 1
+                    self.close_connection = True
+                    self.connection.shutdown(2)  # a reset: no answer at all
+                    return
+                if any(e <= n < e + burst for e in episodes):
+                    proxy.failed += 1
+                    msg = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(msg)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(msg)
+                    return
+                conn = http.client.HTTPConnection(t.hostname, t.port, timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding", "connection")}
+                headers["Content-Length"] = str(len(body))
+                conn.request(self.command, self.path, body=body, headers=headers)
+                r = conn.getresponse()
+                data = r.read()
+                self.send_response(r.status)
+                for k, v in r.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                length = r.getheader("Content-Length") if self.command == "HEAD" else None  # the object's
+                self.send_header("Content-Length", length or str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _any
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_throttling_and_resets_on_s3_are_retried_and_the_labels_are_the_same(s3_server, cells, data, reference,
+                                                                             tmp_path, monkeypatch):
+    """A throttling episode of 6 requests in a row answered 503 SlowDown (longer than botocore's
+    default 5 attempts ride out), and every 37th request dropped without an answer: the run on S3
+    through them ends with the labels of the local run, and verifies."""
+    import s3fs
+
+    remote = write_volume(f"{s3_server}/flaky", *cells)
+    proxy = FlakyProxy(os.environ["AWS_ENDPOINT_URL"])
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        out = f"{s3_server}/flaky/out"
+        assert main(argv(remote, out)) == 0
+        np.testing.assert_array_equal(labels_of(out), reference[1])
+        assert verify_output(out)["ok"]
+    finally:
+        proxy.close()
+        s3fs.S3FileSystem.clear_instance_cache()
+    assert proxy.failed == 6 and proxy.dropped > 10, (proxy.count, proxy.failed, proxy.dropped)
+
+
+def test_the_same_command_after_the_input_changed_says_the_finished_run_is_of_the_old_input(own_data, tmp_path,
+                                                                                           refused):
+    out = tmp_path / "out"
+    assert main(argv(own_data, out)) == 0
+    key = _rewrite_chunk(Path(own_data["image"]) / "0")
+    refused(argv(own_data, out), "holds a finished run of the input as it was", f"{key} (rewritten)",
+            "pass --overwrite to segment it as it is now")
+    verify_fails(out, f"{key} (rewritten) since the run was planned")

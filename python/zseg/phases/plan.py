@@ -132,12 +132,19 @@ def refuse_unless_resumable(params: RunParams, before: RunParams, complete: bool
         )
 
 
-def _existing_output(params: RunParams) -> RunContext | None:
+def _existing_output(params: RunParams, described: dict) -> RunContext | None:
     """Decide what to do with an existing output folder; return the run to resume, if any."""
     if existing_manifest(params) is None:
         return None
     old = RunContext.open(params.output)
+    if old.manifest.get("complete"):  # the same command after the input changed: say so
+        changes = old.input_changes(described)
+        if changes:
+            raise UserError(f"output {params.output!r} holds a finished run of the input as it was: "
+                            f"{'; '.join(changes)} since; pass --overwrite to segment it as it is now, or choose "
+                            "a new folder.")
     refuse_unless_resumable(params, old.params, bool(old.manifest.get("complete")))
+    refuse_changed_inputs(old, described, "pass --overwrite to start again with them.")
     return old
 
 
@@ -212,9 +219,8 @@ def plan(params: RunParams, *, check_model: bool = False, plane: dict | None = N
     network = (predict.check(params, shape, anisotropy, nchannels=volume.nchannels, plane=planar)
                if check_model and params.flows is None else None)
 
-    resumed = _existing_output(params)
+    resumed = _existing_output(params, volume.describe())
     if resumed is not None:
-        refuse_changed_inputs(resumed, volume.describe(), "pass --overwrite to start again with them.")
         if params.flows is None and not resumed.manifest.get("complete") and not resumed.manifest.get("predict"):
             raise UserError(f"output {params.output!r} holds an unfinished run planned by an earlier zseg, whose "
                             "predict ran per chunk (no predict units in run.json); pass --overwrite to start again.")

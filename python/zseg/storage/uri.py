@@ -32,12 +32,25 @@ def is_remote(uri: str) -> bool:
     return "://" in str(uri) and not str(uri).startswith("file://")
 
 
+#: Attempts per S3 request (botocore's "standard" retries: exponential backoff with jitter, up to
+#: 20 s between attempts). A long run's thousands of tasks meet 503 SlowDown, connection resets and
+#: timeouts; botocore's default of 5 attempts gives up after about a second of backoff, this rides
+#: out throttling episodes of many seconds. ("adaptive" retries would also slow every later request
+#: of the process down to a crawl after a few throttled ones.)
+S3_ATTEMPTS = 12
+
+
 def storage_options(uri: str) -> dict:
-    """fsspec options for ``uri``: the S3 endpoint from ``AWS_ENDPOINT_URL`` when set."""
+    """fsspec options for ``uri``: for S3 the endpoint from ``AWS_ENDPOINT_URL`` when set, and
+    retries of transient errors (:data:`S3_ATTEMPTS`). A retried PUT cannot leave half an object:
+    an S3 object appears whole or not at all."""
     if str(uri).startswith("s3://"):
+        options = {"config_kwargs": {"retries": {"max_attempts": S3_ATTEMPTS, "mode": "standard"},
+                                     "connect_timeout": 10, "read_timeout": 60}}
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if endpoint:
-            return {"client_kwargs": {"endpoint_url": endpoint}}
+            options["client_kwargs"] = {"endpoint_url": endpoint}
+        return options
     return {}
 
 
