@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fastremap
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
@@ -681,3 +682,39 @@ def test_compute_masks_is_reproducible_from_its_steps(cells3d):
     _, renum = np.unique(labels, return_inverse=True)
     np.testing.assert_array_equal(D.compute_masks(dP, cellprob, min_size=0),
                                   renum.reshape(lab.shape).astype(np.uint32))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), ndim=st.sampled_from([2, 3]))
+def test_filling_holes_over_enclosed_cells_is_cellposes_fill(seed, ndim):
+    """``fill_holes(absorb=True)`` is Cellpose's ``fill_holes_and_remove_small_masks`` (its fill
+    loop: each label in turn fills its holes over whatever they hold) on nested shells, cells
+    in holes, voids and cells touching each other."""
+    from cellpose.utils import fill_holes_and_remove_small_masks
+
+    rng = np.random.default_rng(seed)
+    shape = (9,) * ndim if ndim == 3 else (24, 24)
+    lab = np.zeros(shape, np.uint32)
+    grid = np.indices(shape)
+    for _ in range(int(rng.integers(1, 6))):
+        centre = rng.integers(0, shape[0], size=ndim)
+        r = np.sqrt(((grid - centre.reshape((-1,) + (1,) * ndim)) ** 2).sum(axis=0))
+        outer, width = rng.uniform(1.5, shape[0] / 2), rng.uniform(0.8, 2.5)
+        lab[(r <= outer) & (r > outer - width)] = lab.max() + 1  # a shell (a ring in 2D)
+        if rng.random() < 0.6:
+            lab[r <= rng.uniform(0.5, max(0.6, outer - width - 1))] = lab.max() + 1  # something inside it
+    lab = fastremap.renumber(lab, preserve_zero=True)[0].astype(np.uint32)  # Cellpose's labels are 1..K
+    want = fill_holes_and_remove_small_masks(lab.copy(), min_size=-1)
+    np.testing.assert_array_equal(D.fill_holes(lab, absorb=True), want)
+
+
+def test_the_cells_a_hole_fills_over_are_counted_per_enclosing_cell():
+    lab = np.zeros((12, 12, 12), np.uint32)
+    lab[1:11, 1:11, 1:11] = 4  # a hollow cube ...
+    lab[3:9, 3:9, 3:9] = 0
+    lab[4:7, 4:7, 4:7] = 9  # ... holding another cell, and an empty void around it
+    lab[0, 0, 0] = 2  # a cell outside it
+    over, by, count = D.filled_over(lab, [4, 2])
+    assert over.tolist() == [9] and by.tolist() == [4] and count.tolist() == [27]
+    filled = D.fill_holes(lab, absorb=True)
+    assert (filled[3:9, 3:9, 3:9] == 4).all() and filled[0, 0, 0] == 2

@@ -408,3 +408,33 @@ def test_cli_run_with_two_workers_and_a_cold_numba_cache(volume, reference, tmp_
     assert proc.returncode == 0, proc.stderr[-2000:]
     labels = np.asarray(open_array(os.path.join(out, "labels.zarr", "0"))[...])
     np.testing.assert_array_equal(labels, reference[0])
+
+
+def test_a_cell_enclosed_by_another_is_filled_over_as_cellpose_does_whatever_the_chunking(tmp_path):
+    """A hollow sphere holding a ball: Cellpose fills the sphere's hole over the ball, which
+    disappears. zseg decides it once for the enclosing cell (finalize:holes), so the labels are
+    Cellpose's own (resize_and_compute_masks on the same flows) for every chunking, IDs 1..N."""
+    import torch
+    from cellpose import dynamics as CD
+
+    shape = (24, 48, 48)
+    zz, yy, xx = np.mgrid[:24, :48, :48]
+    truth = np.zeros(shape, np.uint32)
+    r = np.sqrt((zz - 12) ** 2 + (yy - 24) ** 2 + (xx - 24) ** 2)
+    truth[(r <= 10) & (r > 6)] = 1
+    truth[r <= 3] = 2  # inside the shell, with a gap around it
+    for i, (cz, cy, cx) in enumerate([(5, 6, 6), (18, 40, 8), (6, 40, 40)]):
+        truth[np.sqrt((zz - cz) ** 2 + (yy - cy) ** 2 + (xx - cx) ** 2) <= 4] = 3 + i
+    dP = flows_from_labels(truth)
+    write_ome_zarr(str(tmp_path / "image.ome.zarr"), (truth > 0).astype(np.uint16) * 1000, axes="zyx",
+                   voxel_size=(1.0, 1.0, 1.0))
+    arr = create_array(str(tmp_path / "flows.zarr"), shape=dP.shape, chunks=dP.shape, dtype="float32")
+    arr[...] = dP
+    cellpose = CD.resize_and_compute_masks(dP[:3], dP[3], niter=200, do_3D=True, min_size=15,
+                                           device=torch.device("cpu"))
+    assert cellpose.max() == 4 and cellpose[12, 24, 24] == cellpose[12, 24, 16] != 0  # the ball went
+    volume = {"image": str(tmp_path / "image.ome.zarr"), "flows": str(tmp_path / "flows.zarr")}
+    for i, chunk in enumerate([shape, (8, 16, 16), (11, 20, 13)]):
+        labels, report = _segment(volume, tmp_path / f"out{i}", chunk_shape=chunk, niter=200, halo=(24, 28, 28))
+        assert report["chunk_exact"], report
+        np.testing.assert_array_equal(labels, cellpose)

@@ -186,7 +186,7 @@ def kill_inside(cmd: list[str], tmp_path: Path, stage: str, ready, *, file: str 
 #: have their own tests), with the file its reduce is killed before (its result by default; the
 #: report stage's commit is run.json's complete flag, written before its result).
 KILLED = [("percentiles", None), ("percentiles:reduce", None), ("seeds:follow", None), ("seeds:find", None),
-          ("number", None), ("masks", None), ("finalize:sizes", None), ("finalize:number", None),
+          ("number", None), ("masks", None), ("finalize:sizes", None), ("finalize:holes", None), ("finalize:number", None),
           ("finalize:labels", None), ("finalize:cells", None), ("finalize:report", "run.json")]
 
 

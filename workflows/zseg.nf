@@ -21,6 +21,7 @@ include { ZSEG_SEEDS_FIND         } from '../modules/local/seeds/find'
 include { ZSEG_NUMBER             } from '../modules/local/number'
 include { ZSEG_MASKS              } from '../modules/local/masks'
 include { ZSEG_FINALIZE_SIZES     } from '../modules/local/finalize/sizes'
+include { ZSEG_FINALIZE_HOLES     } from '../modules/local/finalize/holes'
 include { ZSEG_FINALIZE_EXTENT    } from '../modules/local/finalize/extent'
 include { ZSEG_FINALIZE_QUALITY   } from '../modules/local/finalize/quality'
 include { ZSEG_FINALIZE_OVERLAPS  } from '../modules/local/finalize/overlaps'
@@ -84,7 +85,8 @@ workflow ZSEG_STAGES {
     ZSEG_MASKS(ch_shards.combine(ZSEG_NUMBER.out.manifest, by: 0))
 
     ZSEG_FINALIZE_SIZES(ch_shards.combine(gather(ZSEG_MASKS.out.manifest), by: 0))
-    ZSEG_FINALIZE_EXTENT(gather(ZSEG_FINALIZE_SIZES.out.manifest))
+    ZSEG_FINALIZE_HOLES(ch_shards.combine(gather(ZSEG_FINALIZE_SIZES.out.manifest), by: 0))
+    ZSEG_FINALIZE_EXTENT(gather(ZSEG_FINALIZE_HOLES.out.manifest))
     ZSEG_FINALIZE_QUALITY(ch_shards.combine(ZSEG_FINALIZE_EXTENT.out.manifest, by: 0))
     ZSEG_FINALIZE_OVERLAPS(ch_shards.combine(gather(ZSEG_FINALIZE_QUALITY.out.manifest), by: 0))
     ZSEG_FINALIZE_STITCH(gather(ZSEG_FINALIZE_OVERLAPS.out.manifest))

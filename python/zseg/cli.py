@@ -290,7 +290,7 @@ def masks(run: str = RunOpt, chunks: Optional[str] = ChunksOpt, shard: Optional[
 
 @app.command()
 def finalize(run: str = RunOpt, chunks: Optional[str] = ChunksOpt, shard: Optional[str] = ShardOpt,
-             stage: str = typer.Option(..., "--stage", help="sizes (map), [extent (reduce), quality (map): 2D flow check], [overlaps (map), stitch (reduce): --stitch-threshold], number (reduce), labels (map), cells (map), report (reduce)."),
+             stage: str = typer.Option(..., "--stage", help="sizes (map), [holes (map): 3D runs], [extent (reduce), quality (map): 2D flow check], [overlaps (map), stitch (reduce): --stitch-threshold], number (reduce), labels (map), cells (map), report (reduce)."),
              emit: Optional[str] = EmitOpt, session: Optional[str] = SessionOpt):
     """Per-cell size decisions, consecutive IDs, labels.zarr and its pyramid, cells.parquet, the QC report."""
     _map_or_reduce("finalize", run, chunks, shard, stage, stage in ("number", "report"), emit, session)

@@ -41,7 +41,7 @@ from zseg.storage import uri as U
 from zseg.workspace import usage
 from zseg.workspace import work as W
 from zseg.workspace.context import RunContext, write_manifest
-from zseg.workspace.stages import flow_check
+from zseg.workspace.stages import STAGES, flow_check
 
 log = logging.getLogger(__name__)
 #: Cellpose's ``max_size_fraction``: a 2D mask covering more of its plane is removed (stitch mode).
@@ -140,6 +140,40 @@ def extent_reduce(run: RunContext) -> dict:
         result["niter_per_plane"] = [FE.diffusion_settings(run.grid.shape[-2:], int(e))[0] for e in per]
     U.write_json(run.path(W.EXTENT_RESULT), result)
     return result
+
+
+def holes_chunk(run: RunContext, index: int) -> dict:
+    """Cellpose fills each cell's holes over whatever lies in them (a 3D volume run): for each
+    kept cell the chunk owns, the cells its holes take voxels from, decided once for the whole
+    cell over the owner's block (which holds the cell and all it encloses). Writes
+    ``work/holes/cNNNNNNN.npz`` (``over`` loses ``count`` voxels to ``by``); ``finalize:number``
+    drops the cells left empty, or below ``min_size`` (Cellpose's second pass)."""
+    g = run.grid
+    mine = U.read_npz(run.chunk_file(W.SIZES_DIR, index))["kept"]
+    over = by = count = np.zeros(0, np.int64)
+    if len(mine):
+        prov = np.asarray(W.masks(run)[g.block(index)])
+        ids = fastremap.unique(prov)
+        ids = ids[ids != 0].astype(np.int64)
+        kept = np.zeros(len(ids), bool)
+        for sel, d in _by_owner(run, ids, W.SIZES_DIR):
+            kept[sel] = np.isin(ids[sel], d["kept"])
+        labels = fastremap.mask_except(prov, ids[kept].tolist()) if kept.any() else np.zeros_like(prov)
+        over, by, count = D.filled_over(labels, mine)
+    U.write_npz(run.chunk_file(W.HOLES_DIR, index), over=over, by=by, count=count)
+    return {"cells_filled_over": int(len(np.unique(over))), "voxels_filled_over": int(count.sum())}
+
+
+def _filled_over(run: RunContext) -> dict[int, int]:
+    """Voxels each cell loses to the hole filling of the cells enclosing it (every chunk's)."""
+    if not STAGES["finalize:holes"].applies(run):
+        return {}
+    lost: dict[int, int] = {}
+    for c in range(run.grid.nchunks):
+        d = U.read_npz(run.chunk_file(W.HOLES_DIR, c))
+        for k, n in zip(d["over"].tolist(), d["count"].tolist()):
+            lost[k] = lost.get(k, 0) + n
+    return lost
 
 
 def _by_owner(run: RunContext, ids: np.ndarray, directory: str):
@@ -305,9 +339,10 @@ def number_reduce(run: RunContext) -> dict:
         return _number_stitched(run)
     per_slab = int(np.prod(g.grid_shape[1:]))
     base = 0
+    lost = _filled_over(run)
     for k in range(g.grid_shape[0]):
         chunks = range(k * per_slab, (k + 1) * per_slab)
-        parts = [_numbered(run, c) for c in chunks]
+        parts = [_numbered(run, c, lost) for c in chunks]
         linear = np.concatenate([p["linear"] for p in parts])
         rank = np.empty(len(linear), np.int64)
         rank[np.argsort(linear, kind="stable")] = np.arange(len(linear))
@@ -340,10 +375,16 @@ def _number_stitched(run: RunContext) -> dict:
     return result
 
 
-def _numbered(run: RunContext, chunk: int) -> dict:
-    """The cells of ``chunk`` that get a final ID: those kept by size, less (on a slide) the ones
-    the flow check removed and the ones skipped (listed apart: they stay through hole filling)."""
+def _numbered(run: RunContext, chunk: int, lost: dict[int, int]) -> dict:
+    """The cells of ``chunk`` that get a final ID: those kept by size, less the ones the holes of
+    cells enclosing them leave empty or below ``min_size``, and (on a slide) the ones the flow
+    check removed and the ones skipped (listed apart: they stay through hole filling)."""
     p = U.read_npz(run.chunk_file(W.SIZES_DIR, chunk))
+    if lost:
+        left = p["sizes"] - np.asarray([lost.get(int(k), 0) for k in p["kept"]], np.int64)
+        floor = max(int(run.params.min_size), 1)
+        ok = left >= floor
+        p = {**p, "kept": p["kept"][ok], "sizes": p["sizes"][ok], "linear": p["linear"][ok]}
     if run.plane is None:
         return {**p, "skipped": np.zeros(0, np.int64)}
     bad = U.read_npz(run.chunk_file(W.QUALITY_DIR, chunk))["bad"] if flow_check(run) else np.zeros(0, np.int64)
@@ -371,7 +412,7 @@ def _fill(labels: np.ndarray, plane: bool) -> np.ndarray:
     (in 3D, every void of a single plane touches the volume's faces and none would be filled)."""
     if plane:
         return D.fill_holes(labels[0])[None]
-    return D.fill_holes(labels)
+    return D.fill_holes(labels, absorb=True)  # Cellpose's 3D filling: over what the holes hold
 
 
 def labels_chunk(run: RunContext, index: int) -> dict:

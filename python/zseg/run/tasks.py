@@ -31,6 +31,7 @@ FUNCTIONS: dict[str, Callable] = {
     "number": number.reduce,
     "masks": masks.process_chunk,
     "finalize:sizes": finalize.sizes_chunk,
+    "finalize:holes": finalize.holes_chunk,
     "finalize:extent": finalize.extent_reduce,
     "finalize:quality": finalize.quality_chunk,
     "finalize:overlaps": finalize.overlaps_chunk,

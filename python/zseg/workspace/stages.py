@@ -45,6 +45,12 @@ def stitching(run) -> bool:
     return bool(getattr(run, "stitching", False))
 
 
+def fills_over(run) -> bool:
+    """A 3D volume run: Cellpose fills each cell's holes over the cells they enclose (decided per
+    whole cell by ``finalize:holes``). Every plane in 2D (a slide, stitch mode) keeps them."""
+    return not getattr(run, "planar", False)
+
+
 def flow_check(run) -> bool:
     """Cellpose's 2D flow check is on: a 2D slide compartment, or a volume in stitch mode."""
     if stitching(run):
@@ -63,6 +69,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("number", "number", "reduce", result=W.NUMBER_RESULT),
     Stage("masks", "masks", "map", marker_dir=W.MASKS_DIR),
     Stage("finalize:sizes", "finalize", "map", marker_dir=W.SIZES_DIR),
+    Stage("finalize:holes", "finalize", "map", marker_dir=W.HOLES_DIR, applies=fills_over),
     Stage("finalize:extent", "finalize", "reduce", result=W.EXTENT_RESULT, applies=flow_check),
     Stage("finalize:quality", "finalize", "map", marker_dir=W.QUALITY_DIR, applies=flow_check),
     Stage("finalize:overlaps", "finalize", "map", marker_dir=W.OVERLAPS_DIR, applies=stitching),
