@@ -20,6 +20,7 @@ box; it never lists the store.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import posixpath
@@ -195,43 +196,37 @@ class Reads:
     def __init__(self, name: str, recorded: dict, table_uri: str | None):
         self.name, self.recorded, self.table_uri = name, recorded, table_uri
         self._seen: set = set()
-        self._meta_checked = False
+        self._array = None  # the store's zarr array, opened on the first check of objects
 
-    def __getstate__(self):
-        return {**self.__dict__, "_seen": set(), "_meta_checked": False}
+    def __getstate__(self):  # a worker starts afresh: its own checks, its own handle
+        return {**self.__dict__, "_seen": set(), "_array": None}
 
     def check(self, ranges) -> None:
         rec = self.recorded
-        what = _what(self.name, rec["uri"])
-        if rec["kind"] == "file":
-            if not self._meta_checked:
+        if rec["kind"] == "file":  # one stat per process
+            if not self._seen:
                 refuse_changes(changes(self.name, rec, None), self.ADVICE)
-                self._meta_checked = True
+                self._seen.add(())
             return
-        if not self._meta_checked:
-            meta = _metadata(rec["uri"])
-            if meta != rec["metadata"]:
+        what = _what(self.name, rec["uri"])
+        if self._array is None:
+            if _metadata(rec["uri"]) != rec["metadata"]:
                 raise UserError(f"{what}: its metadata changed since this run was planned; {self.ADVICE}")
-            self._meta_checked = True
-        obj = rec["object_shape"]
-        spans = [(a // c, max(a // c, -(-b // c))) for (a, b), c in zip(ranges, obj)]
-        todo = [p for p in np.ndindex(*(b - a for a, b in spans))]
-        todo = [tuple(a + i for (a, _), i in zip(spans, p)) for p in todo]
-        todo = [p for p in todo if p not in self._seen]
+            self._array = _array(rec["uri"])
+        spans = [(a // c, max(a // c, -(-b // c))) for (a, b), c in zip(ranges, rec["object_shape"])]
+        todo = [p for p in itertools.product(*(range(a, b) for a, b in spans)) if p not in self._seen]
         if not todo:
             return
-        box = tuple(slice(a, b) for a, b in spans)
-        table = np.asarray(open_array(self.table_uri)[(slice(None), *box)])
+        table = np.asarray(open_array(self.table_uri)[(slice(None), *(slice(a, b) for a, b in spans))])
         fs, path = U.filesystem(rec["uri"])
-        array = _array(rec["uri"])
         for pos in todo:
-            key = array.metadata.encode_chunk_key(pos)
-            size, tag = table[(slice(None), *(p - a for p, (a, _) in zip(pos, spans)))]
+            key = self._array.metadata.encode_chunk_key(pos)
+            want = tuple(int(v) for v in table[(slice(None), *(p - a for p, (a, _) in zip(pos, spans)))])
             try:
                 info = fs.info(posixpath.join(path, key))
                 now = (int(info["size"]), _hash(_tag(info)))
             except FileNotFoundError:
                 now = (-1, 0)
-            if now != (int(size), int(tag)):
+            if now != want:
                 raise UserError(f"{what}: stored object {key} changed since this run was planned; {self.ADVICE}")
             self._seen.add(pos)
