@@ -453,3 +453,25 @@ def test_a_finished_or_different_slide_run_is_not_resumed(slide, tmp_path, refus
     assert (out / "run.json").read_text() == before
     run_local(build_params(**_args(slide, str(out), chunk_shape=(64, 64))))
     refused(argv, "already holds a finished run")
+
+
+def test_a_slide_whose_nuclear_flows_changed_is_not_resumed(slide, tmp_path, refused):
+    """A slide run records the fingerprint of its slide and flow stores; the same command after
+    the nuclear flows were rewritten in place is refused, naming the store and the chunk."""
+    import shutil
+
+    import zarr
+
+    from zseg.phases.slide import plan_slide
+
+    data = tmp_path / "data"
+    shutil.copytree(slide["root"], data)
+    mine = {**slide, "root": data}
+    out = tmp_path / "out"
+    run = plan_slide(build_params(**_args(mine, out)))
+    assert set(run.manifest["fingerprint"]) == {"input", "flows", "nuclear_flows"}
+    arr = zarr.open_array(str(data / "nuclear_flows.zarr"), mode="r+")
+    arr[:, :8, :8] = np.asarray(arr[:, :8, :8])[:, ::-1]
+    refused(_argv(mine, out, "--nuclear-channel", "DAPI", "--membrane-channels", "Membrane", "--niter", str(NITER),
+                  "--patch-size", str(PATCH)),
+            "nuclear_flows", "1 stored object(s) changed: c/0/0/0 (rewritten) since this run was planned")

@@ -92,10 +92,12 @@ def existing_manifest(params: RunParams) -> dict | None:
 
 def take_fingerprints(params: RunParams, volume) -> dict:
     """The fingerprint (:mod:`zseg.storage.fingerprint`) of every store the run will read: the
-    input's array, --flows, --mask, and the model files given as paths."""
+    input's array (``volume``: a volume or a slide), --flows, --nuclear-flows, --mask, and the
+    model files given as paths."""
     stores = {"input": volume.describe()["array"]}
-    if params.flows is not None:
-        stores["flows"] = params.flows
+    for key in ("flows", "nuclear_flows"):
+        if getattr(params, key, None) is not None:
+            stores[key] = getattr(params, key)
     if getattr(params, "mask", None) is not None:
         stores["mask"] = open_volume(params.mask).describe()["array"]
     for key in ("model", "model_ortho"):
@@ -105,13 +107,13 @@ def take_fingerprints(params: RunParams, volume) -> dict:
     return {name: FP.take(uri) for name, uri in stores.items()}
 
 
-def write_fingerprint_tables(run: RunContext, fingerprints: dict) -> None:
+def write_fingerprint_tables(run, fingerprints: dict) -> None:
     for name, (_, table) in fingerprints.items():
         if table is not None:
             FP.write_table(run.path(FINGERPRINT_DIR, f"{name}.zarr"), table)
 
 
-def refuse_changed_inputs(run: RunContext, described: dict | None, advice: str) -> None:
+def refuse_changed_inputs(run, described: dict | None, advice: str) -> None:
     FP.refuse_changes(run.input_changes(described), f"a run must read one input throughout: restore it, or {advice}")
 
 

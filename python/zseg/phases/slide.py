@@ -38,7 +38,15 @@ from zseg.engine import stats as S
 from zseg.errors import UserError
 from zseg.outputs import slide as O
 from zseg.params import SLIDE_ONLY, VOLUME_ONLY, RunParams
-from zseg.phases.plan import EXECUTION_ONLY, check_flow_store, existing_manifest, refuse_unless_resumable
+from zseg.phases.plan import (
+    EXECUTION_ONLY,
+    check_flow_store,
+    existing_manifest,
+    refuse_changed_inputs,
+    refuse_unless_resumable,
+    take_fingerprints,
+    write_fingerprint_tables,
+)
 from zseg.phases.plan import plan as plan_volume
 from zseg.storage import uri as U
 from zseg.storage.arrays import create_array, open_array
@@ -185,11 +193,14 @@ def plan_slide(params: RunParams) -> SlideContext:
         if resumed.get("kind") != "slide":
             raise UserError(f"output {params.output!r} holds a run of a volume; choose a new folder or pass --overwrite.")
         refuse_unless_resumable(params, RunParams.model_validate(resumed["params"]), bool(resumed.get("complete")))
+        refuse_changed_inputs(SlideContext(params.output, resumed), slide.describe(),
+                              "pass --overwrite to start again with them.")
         resumed["params"].update(params.model_dump(mode="json", include=set(EXECUTION_ONLY)))
         write_manifest(params.output, resumed)
         return SlideContext(params.output, resumed)
     patches = measure_patches(slide, nuc, mem, params)
     _check_informative(slide, nuc, mem, params, patches)
+    fingerprints = take_fingerprints(params, slide)
     pixel = slide.pixel_size if slide.pixel_size is not None and slide.unit in (None, "micrometer", "µm", "um") else None
     manifest = {
         "kind": "slide",
@@ -206,12 +217,14 @@ def plan_slide(params: RunParams) -> SlideContext:
                     "total": int(len(patches["is_informative"])),
                     "informative": int(patches["is_informative"].sum()),
                     "empty": int(patches["is_empty"].sum()), "noisy": int(patches["is_noisy"].sum())},
+        "fingerprint": {name: summary for name, (summary, _) in fingerprints.items()},
         "versions": versions(),
         "complete": False,
     }
     O.write_parquet(U.join(params.output, PATCHES), patches)
     write_manifest(params.output, manifest)
     run = SlideContext(params.output, manifest)
+    write_fingerprint_tables(run, fingerprints)
     create_array(run.path(INPUTS), shape=(len(_input_channels(run)), 1, *shape), chunks=(1, 1, *chunk),
                  dtype="float32", zarr_format=params.zarr_format, overwrite=True)
     O.create_layers(run)

@@ -71,6 +71,20 @@ class WorkLayout:
         g = manifest["grid"]
         self.grid = ChunkGrid(tuple(g["shape"]), tuple(g["chunk_shape"]), tuple(g["halo"]))
 
+    def input_changes(self, described: dict | None = None) -> list[str]:
+        """What changed in the stores this run reads since it was planned (each listed again);
+        ``described``: the input as opened now (:meth:`Volume.describe`), to compare too."""
+        problems = []
+        if described is not None:
+            was = self.manifest.get("input") or {}
+            changed = sorted(k for k in described if k in was and was[k] != described[k])
+            if changed:
+                problems.append(f"input {self.params.input!r} changed ({', '.join(changed)})")
+        for name, rec in (self.manifest.get("fingerprint") or {}).items():
+            table = self.path(FINGERPRINT_DIR, f"{name}.zarr") if rec["kind"] == "zarr" else None
+            problems += FP.changes(name, rec, table)
+        return problems
+
     @property
     def work(self) -> str:
         return self.params.work_uri()
@@ -124,20 +138,6 @@ class RunContext(WorkLayout):
                             f"{', '.join(f'{was[k]} -> {now[k]}' for k in changed[:2])}); {FP.Reads.ADVICE}")
         vol.reads = self.reads("input")
         return vol
-
-    def input_changes(self, described: dict | None = None) -> list[str]:
-        """What changed in the stores this run reads since it was planned (each listed again);
-        ``described``: the input as opened now (:meth:`Volume.describe`), to compare too."""
-        problems = []
-        if described is not None:
-            was = self.manifest.get("input") or {}
-            changed = sorted(k for k in described if k in was and was[k] != described[k])
-            if changed:
-                problems.append(f"input {self.params.input!r} changed ({', '.join(changed)})")
-        for name, rec in (self.manifest.get("fingerprint") or {}).items():
-            table = self.path(FINGERPRINT_DIR, f"{name}.zarr") if rec["kind"] == "zarr" else None
-            problems += FP.changes(name, rec, table)
-        return problems
 
     def reads(self, name: str):
         """The check of store ``name`` (input, flows, mask, model) against its fingerprint, or
