@@ -437,4 +437,5 @@ def test_a_cell_enclosed_by_another_is_filled_over_as_cellpose_does_whatever_the
     for i, chunk in enumerate([shape, (8, 16, 16), (11, 20, 13)]):
         labels, report = _segment(volume, tmp_path / f"out{i}", chunk_shape=chunk, niter=200, halo=(24, 28, 28))
         assert report["chunk_exact"], report
+        assert report["filled_over"] == {"cells": 1, "voxels": 123}  # the ball, r <= 3
         np.testing.assert_array_equal(labels, cellpose)

@@ -471,7 +471,8 @@ def report_reduce(run: RunContext) -> dict:
     """Reads every marker; writes the coarse pyramid levels, ``cells.parquet``, ``qc/`` and the
     result into ``run.json`` (marking the run complete), then ``work/report.json``."""
     g = run.grid
-    markers = {ph: _markers(run, ph) for ph in ("percentiles", "follow", "seeds", "masks", "sizes", "quality", "labels")}
+    markers = {ph: _markers(run, ph) for ph in ("percentiles", "follow", "seeds", "masks", "sizes", "holes", "quality",
+                                                 "labels")}
 
     def total(phase: str, key: str) -> int:
         return int(sum(m.get(key, 0) for m in markers[phase]))
@@ -494,6 +495,8 @@ def report_reduce(run: RunContext) -> dict:
     }
     if run.params.exclude_on_edges:
         result["removed_on_edges"] = total("sizes", "on_edges")
+    if STAGES["finalize:holes"].applies(run):  # cells whose voxels the holes of an enclosing cell took
+        result["filled_over"] = {"cells": total("holes", "cells_filled_over"), "voxels": total("holes", "voxels_filled_over")}
     if run.stitching:
         result["stitch"] = U.read_json(run.path(W.STITCH_RESULT))
     if run.plane is not None:
