@@ -196,10 +196,10 @@ class Reads:
     def __init__(self, name: str, recorded: dict, table_uri: str | None):
         self.name, self.recorded, self.table_uri = name, recorded, table_uri
         self._seen: set = set()
-        self._array = None  # the store's zarr array, opened on the first check of objects
+        self._array = self._table = None  # the store's array and its table, opened once
 
-    def __getstate__(self):  # a worker starts afresh: its own checks, its own handle
-        return {**self.__dict__, "_seen": set(), "_array": None}
+    def __getstate__(self):  # a worker starts afresh: its own checks, its own handles
+        return {**self.__dict__, "_seen": set(), "_array": None, "_table": None}
 
     def check(self, ranges) -> None:
         rec = self.recorded
@@ -212,12 +212,12 @@ class Reads:
         if self._array is None:
             if _metadata(rec["uri"]) != rec["metadata"]:
                 raise UserError(f"{what}: its metadata changed since this run was planned; {self.ADVICE}")
-            self._array = _array(rec["uri"])
+            self._array, self._table = _array(rec["uri"]), open_array(self.table_uri)
         spans = [(a // c, max(a // c, -(-b // c))) for (a, b), c in zip(ranges, rec["object_shape"])]
         todo = [p for p in itertools.product(*(range(a, b) for a, b in spans)) if p not in self._seen]
         if not todo:
             return
-        table = np.asarray(open_array(self.table_uri)[(slice(None), *(slice(a, b) for a, b in spans))])
+        table = np.asarray(self._table[(slice(None), *(slice(a, b) for a, b in spans))])
         fs, path = U.filesystem(rec["uri"])
         for pos in todo:
             key = self._array.metadata.encode_chunk_key(pos)

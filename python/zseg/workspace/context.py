@@ -140,12 +140,15 @@ class RunContext(WorkLayout):
         return vol
 
     def reads(self, name: str):
-        """The check of store ``name`` (input, flows, mask, model) against its fingerprint, or
-        None for a run planned without one."""
-        rec = (self.manifest.get("fingerprint") or {}).get(name)
-        if rec is None:
-            return None
-        return FP.Reads(name, rec, self.path(FINGERPRINT_DIR, f"{name}.zarr") if rec["kind"] == "zarr" else None)
+        """The check of store ``name`` (input, flows, mask, model) against its fingerprint (one
+        per context, so each object is checked once per process), or None for a run planned
+        without one."""
+        cache = self.__dict__.setdefault("_reads", {})
+        if name not in cache:
+            rec = (self.manifest.get("fingerprint") or {}).get(name)
+            table = self.path(FINGERPRINT_DIR, f"{name}.zarr") if rec and rec["kind"] == "zarr" else None
+            cache[name] = None if rec is None else FP.Reads(name, rec, table)
+        return cache[name]
 
     @property
     def anisotropy(self) -> float:
