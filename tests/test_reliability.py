@@ -317,7 +317,7 @@ def test_finalize_refuses_while_chunks_are_incomplete_and_lists_them(data, tmp_p
     assert not (Path(out) / "labels.zarr").exists() and not (Path(out) / "work" / "sizes").exists()
     assert "masks" in err[0]
     run_phase(out, "masks")
-    for stage in ("sizes", "number", "labels"):
+    for stage in ("sizes", "holes", "number", "labels"):
         assert main(["finalize", "--run", out, "--stage", stage]) == 0
     capsys.readouterr()
     stages = [n.split(":")[1] for n in _later_finalize_stages(out)]

@@ -41,8 +41,9 @@ NAMED = 3
 
 def _tag(info: dict) -> str:
     for key in ("ETag", "etag", "generation", "md5Hash", "mtime", "LastModified", "created"):
-        if info.get(key) is not None:
-            return f"{key}={info[key]}"
+        value = info.get(key)
+        if value is not None:  # a listing and a stat may give a time as a number or a datetime
+            return f"{key}={value.timestamp() if hasattr(value, 'timestamp') else value}"
     return ""
 
 
