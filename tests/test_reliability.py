@@ -1217,3 +1217,12 @@ def test_the_same_command_after_the_input_changed_says_the_finished_run_is_of_th
     refused(argv(own_data, out), "holds a finished run of the input as it was", f"{key} (rewritten)",
             "pass --overwrite to segment it as it is now")
     verify_fails(out, f"{key} (rewritten) since the run was planned")
+
+
+def test_a_plan_killed_before_its_fingerprint_tables_is_resumed_with_them(own_data, tmp_path):
+    out = tmp_path / "out"
+    _planned_to_seeds(own_data, out)
+    shutil.rmtree(out / "work" / "fingerprint")  # as if killed right after run.json
+    assert main(argv(own_data, out)) == 0
+    assert (out / "work" / "fingerprint" / "input.zarr").exists()
+    assert verify_output(str(out))["ok"]

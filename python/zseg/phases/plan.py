@@ -113,6 +113,17 @@ def write_fingerprint_tables(run, fingerprints: dict) -> None:
             FP.write_table(run.path(FINGERPRINT_DIR, f"{name}.zarr"), table)
 
 
+def restore_fingerprint_tables(run) -> None:
+    """Write the object tables a plan killed after ``run.json`` did not write (the stores are
+    unchanged: :func:`refuse_changed_inputs` passed, so their listing now is the planned one)."""
+    for name, rec in (run.manifest.get("fingerprint") or {}).items():
+        table = run.path(FINGERPRINT_DIR, f"{name}.zarr")
+        if rec["kind"] == "zarr" and not U.exists(table):
+            summary, values = FP.take(rec["uri"])
+            if summary["digest"] == rec["digest"]:
+                FP.write_table(table, values)
+
+
 def refuse_changed_inputs(run, described: dict | None, advice: str) -> None:
     FP.refuse_changes(run.input_changes(described), f"a run must read one input throughout: restore it, or {advice}")
 
@@ -227,6 +238,7 @@ def plan(params: RunParams, *, check_model: bool = False, plane: dict | None = N
             raise UserError(f"output {params.output!r} holds an unfinished run planned by an earlier zseg, whose "
                             "predict ran per chunk (no predict units in run.json); pass --overwrite to start again.")
         log.info("resuming the unfinished run in %s", params.output)
+        restore_fingerprint_tables(resumed)  # killed between run.json and the tables
         if not U.exists(resumed.path("ends.zarr")):  # killed between run.json and ends.zarr
             create_ends(resumed)
         predict.ensure_stores(resumed)
