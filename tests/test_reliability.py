@@ -1167,10 +1167,10 @@ def test_a_full_or_read_only_disk_stops_the_task_with_one_line_and_the_run_resum
             raise OSError(errno_, os.strerror(errno_), str(path))
         return put(path, value, exclusive=exclusive)
 
-    def full_file(path):
+    def full_file(path, **kw):
         if str(path).endswith(store):
             raise OSError(errno_, os.strerror(errno_), str(path))
-        return atomic(path)
+        return atomic(path, **kw)
 
     monkeypatch.setattr(local, "_put", full_put)
     monkeypatch.setattr(U, "atomic_local_file", full_file)

@@ -19,7 +19,7 @@ from zseg.storage.grid import ChunkGrid
 from zseg.storage.volume import open_volume
 from zseg.workspace.context import RunContext, read_manifest, versions, write_manifest
 from zseg.workspace.lock import LOCK
-from zseg.workspace.work import FINGERPRINT_DIR, create_ends
+from zseg.workspace.work import create_ends
 
 log = logging.getLogger(__name__)
 
@@ -94,31 +94,27 @@ def take_fingerprints(params: RunParams, volume) -> dict:
     """The fingerprint (:mod:`zseg.storage.fingerprint`) of every store the run will read: the
     input's array (``volume``: a volume or a slide), --flows, --nuclear-flows, --mask, and the
     model files given as paths."""
-    stores = {"input": volume.describe()["array"]}
-    for key in ("flows", "nuclear_flows"):
-        if getattr(params, key, None) is not None:
-            stores[key] = getattr(params, key)
-    if getattr(params, "mask", None) is not None:
-        stores["mask"] = open_volume(params.mask).describe()["array"]
-    for key in ("model", "model_ortho"):
-        path = getattr(params, key, None)
+    stores = {"input": volume.describe()["array"], "flows": params.flows, "nuclear_flows": params.nuclear_flows,
+              "mask": open_volume(params.mask).describe()["array"] if params.mask is not None else None}
+    for key, path in (("model", params.model), ("model_ortho", params.model_ortho)):
         if path and params.flows is None and U.exists(path) and FP.is_file(path):  # not a built-in's name
             stores[key] = path
+    stores = {name: uri for name, uri in stores.items() if uri is not None}
     return {name: FP.take(uri) for name, uri in stores.items()}
 
 
 def write_fingerprint_tables(run, fingerprints: dict) -> None:
-    for name, (_, table) in fingerprints.items():
+    for name, (summary, table) in fingerprints.items():
         if table is not None:
-            FP.write_table(run.path(FINGERPRINT_DIR, f"{name}.zarr"), table)
+            FP.write_table(run.fingerprint_table(name, summary), table)
 
 
 def restore_fingerprint_tables(run) -> None:
     """Write the object tables a plan killed after ``run.json`` did not write (the stores are
     unchanged: :func:`refuse_changed_inputs` passed, so their listing now is the planned one)."""
     for name, rec in (run.manifest.get("fingerprint") or {}).items():
-        table = run.path(FINGERPRINT_DIR, f"{name}.zarr")
-        if rec["kind"] == "zarr" and not U.exists(table):
+        table = run.fingerprint_table(name, rec)
+        if table is not None and not U.exists(table):
             summary, values = FP.take(rec["uri"])
             if summary["digest"] == rec["digest"]:
                 FP.write_table(table, values)

@@ -80,17 +80,23 @@ def run_device(run: RunContext):
     kind of device, since a CPU and a GPU give trajectories different last bits and a run must
     not mix them. A task on a machine that would decide otherwise is refused.
     """
+    cache = run.__dict__.setdefault("_dynamics_device", [])  # decided once per process
+    if cache:
+        return cache[0]
     here = dynamics_device(run.params.device)
     uri = run.path(W.DYNAMICS_RESULT)
-    if U.create_json(uri, _record(here)):
+    rec = recorded_device(run)  # a read, not a create, once the first task has decided
+    if rec is None and U.create_json(uri, _record(here)):
+        cache.append(here)
         return here
-    was = U.read_json(uri)["device"]
+    was = (rec or U.read_json(uri))["device"]
     if was != _kind(here):
         raise UserError(
             f"this run's trajectories are followed on {was} (decided by its first seeds:follow task: {uri}), but "
             f"this task would follow them on {_kind(here)}, which gives other bits; run seeds:follow with "
             f"--device {was} (on a {'GPU' if was == 'cuda' else 'CPU'} node), or resume with `zseg run` here, which "
             "redoes the seeds.")
+    cache.append(here)
     return here
 
 
@@ -104,6 +110,7 @@ def adopt_device(run: RunContext) -> str | None:
         return None
     forgotten = redo_from(run, "seeds:follow")
     U.remove(run.path(W.DYNAMICS_RESULT))
+    run.__dict__.pop("_dynamics_device", None)  # this process decides again
     return (f"the trajectories of this run were followed on {rec['device']} (on {rec['host']}), this machine follows "
             f"them on {here}: redoing {', '.join(forgotten)}")
 

@@ -26,11 +26,10 @@ import math
 import posixpath
 
 import numpy as np
-import zarr
 
 from zseg.errors import UserError
 from zseg.storage import uri as U
-from zseg.storage.arrays import create_array, open_array, zarr_store
+from zseg.storage.arrays import create_array, open_array
 
 METADATA = ("zarr.json", ".zarray", ".zattrs")
 #: Object-grid positions per axis in one chunk of a fingerprint table.
@@ -66,10 +65,6 @@ def file_stamp(uri: str) -> dict:
     return {"kind": "file", "uri": uri, "size": int(info["size"]), "tag": _tag(info)}
 
 
-def _array(uri: str) -> zarr.Array:
-    return zarr.open_array(store=zarr_store(uri), mode="r")
-
-
 def object_shape(array) -> tuple[int, ...]:
     """The shape of one stored object of ``array``: its shard, or its chunk when unsharded."""
     return tuple(getattr(array, "shards", None) or array.chunks)
@@ -85,11 +80,16 @@ def _metadata(uri: str) -> dict[str, str]:
             if fs.exists(posixpath.join(path, name))}
 
 
-def _table(uri: str, array) -> np.ndarray:
-    """Size and tag hash of every stored object of the array at ``uri``, from one listing."""
+def _listing(uri: str) -> dict[str, dict]:
+    """Every object stored under folder ``uri`` (one listing): its key below ``uri`` -> its info."""
     fs, path = U.filesystem(uri)
     root = path.rstrip("/") + "/"
-    listing = {name[len(root):]: info for name, info in fs.find(path, detail=True).items() if name.startswith(root)}
+    return {name[len(root):]: info for name, info in fs.find(path, detail=True).items() if name.startswith(root)}
+
+
+def _table(uri: str, array) -> np.ndarray:
+    """Size and tag hash of every stored object of the array at ``uri``, from one listing."""
+    listing = _listing(uri)
     grid = _grid(array)
     table = np.full((2, *grid), -1, np.int64)
     table[1] = 0
@@ -110,9 +110,7 @@ def digest(uri: str) -> str:
     if is_file(uri):
         stamp = file_stamp(uri)
         return _sha(f"{stamp['size']} {stamp['tag']}".encode())
-    fs, path = U.filesystem(uri)
-    root = path.rstrip("/") + "/"
-    rows = sorted(f"{name[len(root):]} {info['size']} {_tag(info)}" for name, info in fs.find(path, detail=True).items())
+    rows = sorted(f"{key} {info['size']} {_tag(info)}" for key, info in _listing(uri).items())
     return _sha("\n".join(rows).encode())
 
 
@@ -125,7 +123,7 @@ def take(uri: str) -> tuple[dict, np.ndarray | None]:
     array, its object table (:func:`write_table` stores it)."""
     if is_file(uri):
         return file_stamp(uri), None
-    array = _array(uri)
+    array = open_array(uri)
     table = _table(uri, array)
     summary = {"kind": "zarr", "uri": uri, "metadata": _metadata(uri), "object_shape": list(object_shape(array)),
                "grid": list(table.shape[1:]), "objects": int((table[0] >= 0).sum()),
@@ -160,7 +158,7 @@ def changes(name: str, recorded: dict, table_uri: str | None) -> list[str]:
     changed = sorted(k for k in set(meta) | set(recorded["metadata"]) if meta.get(k) != recorded["metadata"].get(k))
     if changed:
         return [f"{what}: its metadata ({', '.join(changed)}) changed"]
-    array = _array(uri)
+    array = open_array(uri)
     table = _table(uri, array)
     if list(table.shape[1:]) != recorded["grid"]:
         return [f"{what}: its object grid changed ({recorded['grid']} -> {list(table.shape[1:])})"]
@@ -213,7 +211,7 @@ class Reads:
         if self._array is None:
             if _metadata(rec["uri"]) != rec["metadata"]:
                 raise UserError(f"{what}: its metadata changed since this run was planned; {self.ADVICE}")
-            self._array, self._table = _array(rec["uri"]), open_array(self.table_uri)
+            self._array, self._table = open_array(rec["uri"]), open_array(self.table_uri)
         spans = [(a // c, max(a // c, -(-b // c))) for (a, b), c in zip(ranges, rec["object_shape"])]
         todo = [p for p in itertools.product(*(range(a, b) for a, b in spans)) if p not in self._seen]
         if not todo:

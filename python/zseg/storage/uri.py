@@ -92,15 +92,21 @@ def read_bytes(uri: str) -> bytes:
 
 
 @contextlib.contextmanager
-def atomic_local_file(path: str):
+def atomic_local_file(path: str, *, exclusive: bool = False):
     """A local binary file that appears at ``path`` only when complete: written to a temporary
-    name beside it, renamed into place on success, removed on failure. The one copy of this."""
+    name beside it, renamed into place on success, removed on failure. The one copy of this.
+
+    ``exclusive``: put into place only if nothing is at ``path`` (a hard link, which fails if the
+    name exists: of racing writers exactly one wins); ``FileExistsError`` otherwise."""
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
     tmp = f"{path}.{uuid.uuid4().hex}.partial"
     try:
         with open(tmp, "wb") as f:
             yield f
-        os.replace(tmp, path)
+        if exclusive:
+            os.link(tmp, path)
+        else:
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -137,29 +143,24 @@ def create_exclusive(uri: str, data: bytes) -> bool:
     link fails if the name exists); on S3 the upload is conditional (``If-None-Match: *``).
     """
     fs, path = filesystem(uri)
-    if is_remote(str(uri)):
-        try:
-            fs.pipe_file(path, data, mode="create")
-        except FileExistsError:
-            return False
-        return True
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    tmp = f"{path}.{uuid.uuid4().hex}.partial"
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        return True
-    finally:
-        os.remove(tmp)
+        if is_remote(str(uri)):
+            fs.pipe_file(path, data, mode="create")
+        else:
+            with atomic_local_file(path, exclusive=True) as f:
+                f.write(data)
+    except FileExistsError:
+        return False
+    return True
+
+
+def _json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()
 
 
 def create_json(uri: str, obj) -> bool:
     """:func:`create_exclusive` of ``obj`` as JSON."""
-    return create_exclusive(uri, (json.dumps(obj, indent=2) + "\n").encode())
+    return create_exclusive(uri, _json_bytes(obj))
 
 
 def read_json(uri: str):
@@ -167,7 +168,7 @@ def read_json(uri: str):
 
 
 def write_json(uri: str, obj) -> None:
-    write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    write_bytes(uri, _json_bytes(obj))
 
 
 def read_npz(uri: str) -> dict[str, np.ndarray]:

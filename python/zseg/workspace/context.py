@@ -18,9 +18,9 @@ from pydantic import ValidationError
 from zseg import __version__
 from zseg.errors import UserError
 from zseg.params import RunParams
+from zseg.storage import fingerprint as FP
 from zseg.storage import uri as U
 from zseg.storage.grid import ChunkGrid
-from zseg.storage import fingerprint as FP
 from zseg.storage.volume import open_volume
 from zseg.workspace.work import FINGERPRINT_DIR
 
@@ -71,18 +71,25 @@ class WorkLayout:
         g = manifest["grid"]
         self.grid = ChunkGrid(tuple(g["shape"]), tuple(g["chunk_shape"]), tuple(g["halo"]))
 
+    def described_changes(self, described: dict) -> list[str]:
+        """The keys of the input's description (:meth:`Volume.describe`, as opened now) that
+        differ from the one planned with."""
+        was = self.manifest.get("input") or {}
+        return sorted(k for k in described if k in was and was[k] != described[k])
+
+    def fingerprint_table(self, name: str, rec: dict) -> str | None:
+        """Where the object table of store ``name``'s fingerprint ``rec`` lives (zarr stores only)."""
+        return self.path(FINGERPRINT_DIR, f"{name}.zarr") if rec["kind"] == "zarr" else None
+
     def input_changes(self, described: dict | None = None) -> list[str]:
         """What changed in the stores this run reads since it was planned (each listed again);
         ``described``: the input as opened now (:meth:`Volume.describe`), to compare too."""
         problems = []
-        if described is not None:
-            was = self.manifest.get("input") or {}
-            changed = sorted(k for k in described if k in was and was[k] != described[k])
-            if changed:
-                problems.append(f"input {self.params.input!r} changed ({', '.join(changed)})")
+        changed = self.described_changes(described) if described is not None else []
+        if changed:
+            problems.append(f"input {self.params.input!r} changed ({', '.join(changed)})")
         for name, rec in (self.manifest.get("fingerprint") or {}).items():
-            table = self.path(FINGERPRINT_DIR, f"{name}.zarr") if rec["kind"] == "zarr" else None
-            problems += FP.changes(name, rec, table)
+            problems += FP.changes(name, rec, self.fingerprint_table(name, rec))
         return problems
 
     @property
@@ -132,7 +139,7 @@ class RunContext(WorkLayout):
             channel_axis=p.channel_axis, z_axis=p.z_axis,
         )
         was, now = self.manifest.get("input") or {}, vol.describe()
-        changed = sorted(k for k in now if k in was and was[k] != now[k])
+        changed = self.described_changes(now)
         if changed:
             raise UserError(f"input {p.input!r} changed since this run was planned ({', '.join(changed)}: "
                             f"{', '.join(f'{was[k]} -> {now[k]}' for k in changed[:2])}); {FP.Reads.ADVICE}")
@@ -146,8 +153,7 @@ class RunContext(WorkLayout):
         cache = self.__dict__.setdefault("_reads", {})
         if name not in cache:
             rec = (self.manifest.get("fingerprint") or {}).get(name)
-            table = self.path(FINGERPRINT_DIR, f"{name}.zarr") if rec and rec["kind"] == "zarr" else None
-            cache[name] = None if rec is None else FP.Reads(name, rec, table)
+            cache[name] = None if rec is None else FP.Reads(name, rec, self.fingerprint_table(name, rec))
         return cache[name]
 
     @property
