@@ -471,7 +471,7 @@ def test_paint_regions_priority_and_clipping():
     assert out[10, 11] == 7
 
 
-def test_fill_holes_fills_voids_and_keeps_inner_cells():
+def test_fill_holes_fills_voids_over_inner_cells_and_leaves_open_notches():
     lab = np.zeros((12, 12, 12), np.uint32)
     lab[1:11, 1:11, 1:11] = 4  # a hollow cube ...
     lab[3:9, 3:9, 3:9] = 0
@@ -481,16 +481,17 @@ def test_fill_holes_fills_voids_and_keeps_inner_cells():
     before = lab.copy()
     out = D.fill_holes(lab)
     np.testing.assert_array_equal(lab, before)  # input untouched
-    assert (out[4:7, 4:7, 4:7] == 9).all()  # inner cell kept (Cellpose would overwrite it)
-    hole = (before[3:9, 3:9, 3:9] == 0)
-    assert (out[3:9, 3:9, 3:9][hole] == 4).all()
+    assert (out[3:9, 3:9, 3:9] == 4).all()  # the void and the cell in it (Cellpose's fill)
     assert out[1, 5, 5] == 0 and out[1, 1, 1] == 0
-    np.testing.assert_array_equal(out[before != 0], before[before != 0])
-    # 2D ring
+    outside = (before != 0) & (before != 9)
+    np.testing.assert_array_equal(out[outside], before[outside])
+    # 2D: a ring around a pixel of another cell and a void
     ring = np.zeros((7, 7), np.int64)
     ring[1:6, 1:6] = 2
-    ring[3, 3] = 0
-    assert D.fill_holes(ring)[3, 3] == 2
+    ring[2:5, 2:5] = 0
+    ring[3, 3] = 1
+    filled = D.fill_holes(ring)
+    assert (filled[1:6, 1:6] == 2).all() and filled.sum() == 2 * 25
 
 
 def test_inputs_are_not_modified():
@@ -687,7 +688,7 @@ def test_compute_masks_is_reproducible_from_its_steps(cells3d):
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), ndim=st.sampled_from([2, 3]))
 def test_filling_holes_over_enclosed_cells_is_cellposes_fill(seed, ndim):
-    """``fill_holes(absorb=True)`` is Cellpose's ``fill_holes_and_remove_small_masks`` (its fill
+    """``fill_holes`` is Cellpose's ``fill_holes_and_remove_small_masks`` (its fill
     loop: each label in turn fills its holes over whatever they hold) on nested shells, cells
     in holes, voids and cells touching each other."""
     from cellpose.utils import fill_holes_and_remove_small_masks
@@ -705,7 +706,7 @@ def test_filling_holes_over_enclosed_cells_is_cellposes_fill(seed, ndim):
             lab[r <= rng.uniform(0.5, max(0.6, outer - width - 1))] = lab.max() + 1  # something inside it
     lab = fastremap.renumber(lab, preserve_zero=True)[0].astype(np.uint32)  # Cellpose's labels are 1..K
     want = fill_holes_and_remove_small_masks(lab.copy(), min_size=-1)
-    np.testing.assert_array_equal(D.fill_holes(lab, absorb=True), want)
+    np.testing.assert_array_equal(D.fill_holes(lab), want)
 
 
 def test_the_cells_a_hole_fills_over_are_counted_per_enclosing_cell():
@@ -716,5 +717,5 @@ def test_the_cells_a_hole_fills_over_are_counted_per_enclosing_cell():
     lab[0, 0, 0] = 2  # a cell outside it
     over, by, count = D.filled_over(lab, [4, 2])
     assert over.tolist() == [9] and by.tolist() == [4] and count.tolist() == [27]
-    filled = D.fill_holes(lab, absorb=True)
+    filled = D.fill_holes(lab)
     assert (filled[3:9, 3:9, 3:9] == 4).all() and filled[0, 0, 0] == 2

@@ -89,3 +89,54 @@ def test_a_slide_compartment_gives_cellposes_2d_masks_with_flow_check_and_skippi
     want = slide_compartment["want"]
     assert result["flow_check"]["removed"] > 0 and result["skipped_cells"] > 0 and want.max() > 20
     np.testing.assert_array_equal(labels, want)
+
+
+@pytest.fixture(scope="module")
+def ring(tmp_path_factory):
+    """A ring cell holding a small cell (with background around it) and four cells outside, on
+    one plane with exact flows; Cellpose's own 2D masks of those flows, with and without its flow
+    check."""
+    import torch
+    from cellpose import dynamics as CD
+
+    root = tmp_path_factory.mktemp("ring")
+    yy, xx = np.mgrid[:64, :80]
+    truth = np.zeros((64, 80), np.uint32)
+    r = np.hypot(yy - 32, xx - 40)
+    truth[(r <= 14) & (r > 8)] = 1
+    truth[r <= 4] = 2  # inside the ring's hole
+    for i, (cy, cx) in enumerate([(8, 8), (55, 10), (10, 70), (54, 70)]):
+        truth[np.hypot(yy - cy, xx - cx) <= 5] = 3 + i
+    f = flows_from_labels(truth).astype(np.float32)
+    image = create_array(str(root / "image.zarr"), shape=(1, 64, 80), chunks=(1, 64, 80), dtype="uint16")
+    image[...] = (truth > 0)[None].astype(np.uint16) * 1000
+    flows = create_array(str(root / "flows.zarr"), shape=(3, 64, 80), chunks=(3, 64, 80), dtype="float32")
+    flows[...] = f
+    volume_flows = create_array(str(root / "flows4.zarr"), shape=(4, 1, 64, 80), chunks=(4, 1, 64, 80),
+                                dtype="float32")
+    volume_flows[0] = 0  # no dZ on one plane
+    volume_flows[1:, 0] = f
+    want = {t: CD.resize_and_compute_masks(f[:2], f[2], niter=200, do_3D=False, min_size=15, flow_threshold=t,
+                                           device=torch.device("cpu")) for t in (0.0, 0.4)}
+    for w in want.values():  # the small cell went into the ring, which is one cell with its hole filled
+        assert w.max() == 5 and w[32, 40] == w[32, 28] != 0
+    return {"root": root, "want": want, "inner": int((truth == 2).sum())}
+
+
+@pytest.mark.parametrize("chunk", [(1, 64, 80), (1, 24, 24), (1, 37, 50)])
+def test_a_2d_cell_enclosed_by_another_is_filled_over_as_cellpose_does_whatever_the_chunking(ring, tmp_path, chunk):
+    """Cellpose's 2D fill takes the cells a hole holds: decided once by the enclosing cell's owner
+    (finalize:holes, in 2D), for a one-plane image and for a slide compartment with the flow check;
+    Cellpose's own labels (resize_and_compute_masks) for every chunking, IDs 1..N."""
+    root = ring["root"]
+    for name, flows, plane, threshold in (("image", "flows4.zarr", None, 0.0),
+                                          ("slide", "flows.zarr", {"flow_threshold": 0.4}, 0.4)):
+        out = str(tmp_path / name)
+        params = build_params(input=str(root / "image.zarr"), output=out, flows=str(root / flows), diameter=18,
+                              niter=200, chunk_shape=chunk)
+        run_all(plan(params, plane=plane))
+        result = json.loads((tmp_path / name / "run.json").read_text())["result"]
+        assert result["chunk_exact"], result
+        assert result["filled_over"] == {"cells": 1, "voxels": ring["inner"]}, name
+        labels = np.asarray(open_array(os.path.join(out, "labels.zarr", "0"))[...])[0]
+        np.testing.assert_array_equal(labels, ring["want"][threshold], err_msg=name)

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from cellpose import dynamics as CD
 from cellpose import utils
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -18,7 +19,8 @@ from tests.predict_support import blobs, gradient_cpsam, load
 from zseg.cli import main
 from zseg.engine import stitch as ST
 from zseg.engine.cellpose_ref import cellpose_eval_stitch
-from zseg.storage.arrays import open_array
+from zseg.engine.synth import flows_from_labels
+from zseg.storage.arrays import create_array, open_array
 from zseg.storage.omezarr import write_ome_zarr
 
 STRIDE = 1 << 20  # provisional IDs of the test: plane * STRIDE + the plane's own label
@@ -161,6 +163,44 @@ def test_stitch_mode_equals_cellposes_and_is_identical_for_any_chunking(stack, t
     assert masks.max() >= 10
     ap, *_ = average_precision([masks], [labels[0]], threshold=[0.5, 0.9])
     assert ap[0][0] >= 0.99 and ap[0][1] >= 0.99, ap
+
+
+def test_a_2d_mask_enclosed_by_another_in_its_plane_goes_before_stitching_as_in_cellpose(tmp_path):
+    """A tube holding a rod, plane by plane a ring holding a disk, with exact 2D flows: Cellpose
+    fills each plane's ring over the disk before stitching (its 2D masks), so the rod is not a
+    cell. zseg's labels are the same partition as Cellpose's own per-plane masks, stitch3D and
+    final fill (eval's do_3D=False path), for chunkings that cut Z and YX."""
+    shape = (12, 64, 80)
+    yy, xx = np.mgrid[:64, :80]
+    truth = np.zeros(shape, np.uint32)
+    r = np.hypot(yy - 32, xx - 40)
+    for z in range(2, 10):
+        truth[z][(r <= 14) & (r > 8)] = 1
+        truth[z][r <= 4] = 2
+    for i, (cy, cx) in enumerate([(8, 8), (55, 10), (10, 70), (54, 70)]):
+        truth[1 + i:8 + i][:, np.hypot(yy - cy, xx - cx) <= 5] = 3 + i
+    f = np.zeros((4, *shape), np.float32)  # dZ, dY, dX, cellprob: no Z component in stitch mode
+    f[3] = -5
+    for z in range(shape[0]):
+        if truth[z].any():
+            f[1:, z] = flows_from_labels(truth[z])
+    planes = np.stack([CD.resize_and_compute_masks(f[1:3, z], f[3, z], niter=200, do_3D=False, min_size=-1,
+                                                   flow_threshold=0.4, device=torch.device("cpu"))
+                       for z in range(shape[0])])
+    want = utils.fill_holes_and_remove_small_masks(utils.stitch3D(planes, stitch_threshold=0.25), min_size=15)
+    assert len(np.unique(want)) - 1 == 5 and want[5, 32, 40] == want[5, 32, 28] != 0  # the rod went
+    write_ome_zarr(str(tmp_path / "image.ome.zarr"), (truth > 0).astype(np.uint16) * 1000, axes="zyx",
+                   voxel_size=(1.0, 1.0, 1.0))
+    create_array(str(tmp_path / "flows.zarr"), shape=f.shape, chunks=f.shape, dtype="float32")[...] = f
+    for chunk in ("12,64,80", "3,24,24", "5,37,50"):
+        out = tmp_path / chunk.replace(",", "_")
+        assert main(["run", str(tmp_path / "image.ome.zarr"), str(out), "--flows", str(tmp_path / "flows.zarr"),
+                     "--diameter", "18", "--niter", "200", "--chunk-shape", chunk, "--stitch-threshold", "0.25"]) == 0
+        labels = np.asarray(open_array(str(out / "labels.zarr" / "0"))[...])
+        assert json.loads((out / "run.json").read_text())["result"]["chunk_exact"]
+        np.testing.assert_array_equal(labels > 0, want > 0)
+        pairs = set(zip(labels.ravel().tolist(), want.ravel().tolist()))
+        assert len(pairs) == len(np.unique(want)) == len(np.unique(labels)), chunk  # one label for one label
 
 
 @pytest.mark.parametrize("args, words", [

@@ -85,10 +85,10 @@ workflow ZSEG_STAGES {
     ZSEG_MASKS(ch_shards.combine(ZSEG_NUMBER.out.manifest, by: 0))
 
     ZSEG_FINALIZE_SIZES(ch_shards.combine(gather(ZSEG_MASKS.out.manifest), by: 0))
-    ZSEG_FINALIZE_HOLES(ch_shards.combine(gather(ZSEG_FINALIZE_SIZES.out.manifest), by: 0))
-    ZSEG_FINALIZE_EXTENT(gather(ZSEG_FINALIZE_HOLES.out.manifest))
+    ZSEG_FINALIZE_EXTENT(gather(ZSEG_FINALIZE_SIZES.out.manifest))
     ZSEG_FINALIZE_QUALITY(ch_shards.combine(ZSEG_FINALIZE_EXTENT.out.manifest, by: 0))
-    ZSEG_FINALIZE_OVERLAPS(ch_shards.combine(gather(ZSEG_FINALIZE_QUALITY.out.manifest), by: 0))
+    ZSEG_FINALIZE_HOLES(ch_shards.combine(gather(ZSEG_FINALIZE_QUALITY.out.manifest), by: 0))
+    ZSEG_FINALIZE_OVERLAPS(ch_shards.combine(gather(ZSEG_FINALIZE_HOLES.out.manifest), by: 0))
     ZSEG_FINALIZE_STITCH(gather(ZSEG_FINALIZE_OVERLAPS.out.manifest))
     ZSEG_FINALIZE_NUMBER(ZSEG_FINALIZE_STITCH.out.manifest)
     ZSEG_FINALIZE_LABELS(ch_shards.combine(ZSEG_FINALIZE_NUMBER.out.manifest, by: 0))

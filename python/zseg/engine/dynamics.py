@@ -932,22 +932,19 @@ def size_limits(sizes: np.ndarray, min_size: int, max_size: int | None) -> tuple
     return small, large
 
 
-def fill_holes(labels: np.ndarray, *, absorb: bool = False) -> np.ndarray:
-    """Fill the enclosed voids of each label.
+def fill_holes(labels: np.ndarray) -> np.ndarray:
+    """Fill the enclosed voids of each label over whatever lies in them: Cellpose's
+    ``fill_holes_and_remove_small_masks`` fill, in 2D and 3D alike.
 
-    For each label in ascending order, within its bounding box, the voids it encloses
-    (``fill_voids.fill``, true N-D) are filled with the label.
+    For each label in ascending order, within its bounding box (the labels' boxes before any
+    fill), the voids its mask encloses (``fill_voids.fill``, true N-D) as that mask is when its
+    turn comes (after the fills of the labels before it) are filled with the label, so a cell
+    enclosed by another disappears into it.
 
     Parameters
     ----------
     labels : (\\*S) ndarray, int
         Label image, ndim 2 or 3, 0 = background.
-    absorb : bool, keyword-only
-        Cellpose's ``fill_holes_and_remove_small_masks``: a hole is filled over whatever lies in
-        it, so a cell enclosed by another disappears into it (each label's mask is taken as it
-        is when its turn comes, after the fills of the labels before it; boxes are the labels'
-        boxes before any fill). Without it, a void is filled only where it is background, so
-        enclosed cells are kept, and a void enclosed by two nested labels goes to the lower one.
 
     Returns
     -------
@@ -963,28 +960,13 @@ def fill_holes(labels: np.ndarray, *, absorb: bool = False) -> np.ndarray:
     compact, mapping = fastremap.renumber(labels, preserve_zero=True, in_place=False)
     slices = scipy.ndimage.find_objects(compact)
     for old in sorted(int(v) for v in mapping if v != 0):
-        slc = slices[mapping[old] - 1]
-        view = out[slc]
-        if absorb:
-            view[fill_voids.fill(view == old, in_place=False)] = old
-        else:
-            filled = fill_voids.fill(compact[slc] == mapping[old], in_place=False)
-            view[filled & (view == 0)] = old
-    return out
-    compact, mapping = fastremap.renumber(labels, preserve_zero=True, in_place=False)
-    slices = scipy.ndimage.find_objects(compact)
-    for old in sorted(int(v) for v in mapping if v != 0):
-        new = mapping[old]
-        slc = slices[new - 1]
-        msk = compact[slc] == new
-        filled = fill_voids.fill(msk, in_place=False)
-        view = out[slc]
-        view[filled & (view == 0)] = old
+        view = out[slices[mapping[old] - 1]]
+        view[fill_voids.fill(view == old, in_place=False)] = old
     return out
 
 
 def filled_over(labels: np.ndarray, ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """What Cellpose's hole filling (:func:`fill_holes` with ``absorb``) takes from other cells:
+    """What Cellpose's hole filling (:func:`fill_holes`) takes from other cells:
     for each label ``j`` of ``ids`` present in ``labels``, the voids its own mask encloses (in its
     box) and the voxels of other labels in them.
 
@@ -1040,8 +1022,8 @@ def compute_masks(
     priority (count, C-order index) → each foreground voxel takes the painted label at
     its end point → labels with more than ``max_size`` voxels are dropped → (2D, with
     ``flow_threshold``) labels whose flow error exceeds it are dropped → labels with fewer than
-    ``min_size`` voxels are dropped → :func:`fill_holes` (in 3D over the cells the holes hold,
-    as Cellpose fills them, then ``min_size`` again on what is left) → labels renumbered 1..N in
+    ``min_size`` voxels are dropped → :func:`fill_holes` (over the cells the holes hold, as
+    Cellpose fills them, then ``min_size`` again on what is left) → labels renumbered 1..N in
     ascending order. That is Cellpose's order: ``get_masks`` drops the large masks, then
     ``remove_bad_flow_masks``, then ``fill_holes_and_remove_small_masks``.
 
@@ -1124,8 +1106,8 @@ def compute_masks(
         fe_niter, f32 = diffusion_settings(shape, int(boxes.extents().max()) + 2)
         ids, err = flow_errors(labels, dP, niter=fe_niter, float32=f32, boxes=boxes)
         drop[ids[err > flow_threshold].astype(np.intp)] = True
-    labels = fill_holes(_drop(labels, drop), absorb=ndim == 3)
-    if ndim == 3 and min_size > 0:  # Cellpose's second pass: a cell partly filled over may now be too small
+    labels = fill_holes(_drop(labels, drop))
+    if min_size > 0:  # Cellpose's second pass: a cell partly filled over may now be too small
         after = np.bincount(labels.ravel(), minlength=k + 1)
         labels = _drop(labels, (after > 0) & (after < min_size))
     if seed_allowed is not None:

@@ -143,11 +143,12 @@ def extent_reduce(run: RunContext) -> dict:
 
 
 def holes_chunk(run: RunContext, index: int) -> dict:
-    """Cellpose fills each cell's holes over whatever lies in them (a 3D volume run): for each
-    kept cell the chunk owns, the cells its holes take voxels from, decided once for the whole
-    cell over the owner's block (which holds the cell and all it encloses). Writes
-    ``work/holes/cNNNNNNN.npz`` (``over`` loses ``count`` voxels to ``by``); ``finalize:number``
-    drops the cells left empty, or below ``min_size`` (Cellpose's second pass)."""
+    """Cellpose fills each cell's holes over whatever lies in them (a volume in 3D, a slide or
+    any one-plane run in 2D): for each cell the chunk owns that the size limits and the flow
+    check kept, the cells its holes take voxels from, decided once for the whole cell over the
+    owner's block (which holds the cell and all it encloses). Writes ``work/holes/cNNNNNNN.npz``
+    (``over`` loses ``count`` voxels to ``by``); ``finalize:number`` drops the cells left empty,
+    or below ``min_size`` (Cellpose's second pass)."""
     g = run.grid
     mine = U.read_npz(run.chunk_file(W.SIZES_DIR, index))["kept"]
     over = by = count = np.zeros(0, np.int64)
@@ -155,11 +156,9 @@ def holes_chunk(run: RunContext, index: int) -> dict:
         prov = np.asarray(W.masks(run)[g.block(index)])
         ids = fastremap.unique(prov)
         ids = ids[ids != 0].astype(np.int64)
-        kept = np.zeros(len(ids), bool)
-        for sel, d in _by_owner(run, ids, W.SIZES_DIR):
-            kept[sel] = np.isin(ids[sel], d["kept"])
+        kept = _checked(run, ids)
         labels = fastremap.mask_except(prov, ids[kept].tolist()) if kept.any() else np.zeros_like(prov)
-        over, by, count = D.filled_over(labels, mine)
+        over, by, count = D.filled_over(labels[0] if g.shape[0] == 1 else labels, mine)
     U.write_npz(run.chunk_file(W.HOLES_DIR, index), over=over, by=by, count=count)
     return {"cells_filled_over": int(len(np.unique(over))), "voxels_filled_over": int(count.sum())}
 
@@ -233,9 +232,9 @@ def quality_chunk(run: RunContext, index: int) -> dict:
     return {"checked": int(checked), "removed": int(len(bad)), "undecided": int(undecided)}
 
 
-def _plane_masks(run: RunContext, ids: np.ndarray) -> np.ndarray:
+def _checked(run: RunContext, ids: np.ndarray) -> np.ndarray:
     """Which provisional ``ids`` (ascending) the sizes stage kept and the flow check did not
-    remove: in stitch mode, the 2D masks of each plane before stitching."""
+    remove: the cells that fill their holes (in stitch mode, each plane's 2D masks)."""
     out = np.zeros(len(ids), bool)
     for sel, d in _by_owner(run, ids, W.SIZES_DIR):
         out[sel] = np.isin(ids[sel], d["kept"])
@@ -246,7 +245,8 @@ def _plane_masks(run: RunContext, ids: np.ndarray) -> np.ndarray:
 
 
 def _fill_planes(labels: np.ndarray) -> np.ndarray:
-    """Each plane's masks with their holes filled in 2D (Cellpose's 2D masks before stitching)."""
+    """Each plane's masks with their holes filled in 2D over what they hold (Cellpose's 2D masks
+    before stitching: a mask enclosed by another in its plane disappears)."""
     return np.stack([D.fill_holes(p) for p in labels]) if len(labels) else labels
 
 
@@ -260,7 +260,7 @@ def overlaps_chunk(run: RunContext, index: int) -> dict:
     prov = np.asarray(W.masks(run)[(slice(z0, min(z1 + 1, g.shape[0])), *block[1:])])
     ids = fastremap.unique(prov)
     ids = ids[ids != 0].astype(np.int64)
-    kept = ids[_plane_masks(run, ids)]
+    kept = ids[_checked(run, ids)]
     prov = np.where(np.isin(prov, kept), prov, 0)
     planes = _fill_planes(prov)[(slice(None), *g.core_in_block(index)[1:])]
     width = core[2].stop - core[2].start
@@ -383,8 +383,8 @@ def _numbered(run: RunContext, chunk: int, lost: dict[int, int]) -> dict:
     if lost:
         left = p["sizes"] - np.asarray([lost.get(int(k), 0) for k in p["kept"]], np.int64)
         floor = max(int(run.params.min_size), 1)
-        ok = left >= floor
-        p = {**p, "kept": p["kept"][ok], "sizes": p["sizes"][ok], "linear": p["linear"][ok]}
+        ok = left >= floor  # the arrays aligned with "kept" (on a slide, "skip" too)
+        p = {**p, **{k: p[k][ok] for k in ("kept", "sizes", "linear", "skip") if k in p}}
     if run.plane is None:
         return {**p, "skipped": np.zeros(0, np.int64)}
     bad = U.read_npz(run.chunk_file(W.QUALITY_DIR, chunk))["bad"] if flow_check(run) else np.zeros(0, np.int64)
@@ -408,11 +408,10 @@ def _final_ids(run: RunContext, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 
 def _fill(labels: np.ndarray, plane: bool) -> np.ndarray:
-    """Each cell's holes filled; a one-plane run (a 2D image) is filled as the 2D image it is
-    (in 3D, every void of a single plane touches the volume's faces and none would be filled)."""
-    if plane:
-        return D.fill_holes(labels[0])[None]
-    return D.fill_holes(labels, absorb=True)  # Cellpose's 3D filling: over what the holes hold
+    """Each cell's holes filled over what they hold, as Cellpose fills them; a one-plane run (a
+    2D image) is filled as the 2D image it is (in 3D, every void of a single plane touches the
+    volume's faces and none would be filled)."""
+    return D.fill_holes(labels[0])[None] if plane else D.fill_holes(labels)
 
 
 def labels_chunk(run: RunContext, index: int) -> dict:
@@ -432,7 +431,7 @@ def labels_chunk(run: RunContext, index: int) -> dict:
     mapping[0] = 0
     work = np.uint64 if skipped.any() else dtype
     if run.stitching:  # each plane's 2D masks are filled before stitching (Cellpose's order), then relabelled
-        planes = np.where(np.isin(prov, ids[_plane_masks(run, ids)]), prov, 0)
+        planes = np.where(np.isin(prov, ids[_checked(run, ids)]), prov, 0)
         filled = fastremap.remap(_fill_planes(planes), mapping, preserve_missing_labels=False).astype(work, copy=False)
     else:
         filled = _fill(fastremap.remap(prov, mapping, preserve_missing_labels=False).astype(work, copy=False),

@@ -46,9 +46,10 @@ def stitching(run) -> bool:
 
 
 def fills_over(run) -> bool:
-    """A 3D volume run: Cellpose fills each cell's holes over the cells they enclose (decided per
-    whole cell by ``finalize:holes``). Every plane in 2D (a slide, stitch mode) keeps them."""
-    return not getattr(run, "planar", False)
+    """Cellpose fills each cell's holes over the cells they enclose, decided per whole cell by
+    ``finalize:holes`` (in 3D for a volume, in 2D for a slide or a one-plane image). In stitch
+    mode each plane's 2D masks are filled before stitching, in the stages that read them."""
+    return not stitching(run)
 
 
 def flow_check(run) -> bool:
@@ -69,9 +70,9 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("number", "number", "reduce", result=W.NUMBER_RESULT),
     Stage("masks", "masks", "map", marker_dir=W.MASKS_DIR),
     Stage("finalize:sizes", "finalize", "map", marker_dir=W.SIZES_DIR),
-    Stage("finalize:holes", "finalize", "map", marker_dir=W.HOLES_DIR, applies=fills_over),
     Stage("finalize:extent", "finalize", "reduce", result=W.EXTENT_RESULT, applies=flow_check),
     Stage("finalize:quality", "finalize", "map", marker_dir=W.QUALITY_DIR, applies=flow_check),
+    Stage("finalize:holes", "finalize", "map", marker_dir=W.HOLES_DIR, applies=fills_over),
     Stage("finalize:overlaps", "finalize", "map", marker_dir=W.OVERLAPS_DIR, applies=stitching),
     Stage("finalize:stitch", "finalize", "reduce", result=W.STITCH_RESULT, applies=stitching),
     Stage("finalize:number", "finalize", "reduce", result=W.FINAL_NUMBER_RESULT),
