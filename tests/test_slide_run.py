@@ -475,3 +475,50 @@ def test_a_slide_whose_nuclear_flows_changed_is_not_resumed(slide, tmp_path, ref
     refused(_argv(mine, out, "--nuclear-channel", "DAPI", "--membrane-channels", "Membrane", "--niter", str(NITER),
                   "--patch-size", str(PATCH)),
             "nuclear_flows", "1 stored object(s) changed: c/0/0/0 (rewritten) since this run was planned")
+
+
+def test_a_slide_task_reading_a_changed_chunk_is_refused_and_others_are_not(slide, tmp_path, refused):
+    """Each slide task checks the stored objects of the slide under the boxes it reads (one HEAD
+    each, no listing): after one chunk of the slide was rewritten in place, the network-input task
+    of a chunk over it is refused with one line naming the object; another chunk's task runs."""
+    import shutil
+
+    import zarr
+
+    from zseg.cli import main
+    from zseg.phases.slide import plan_slide
+
+    data = tmp_path / "data"
+    shutil.copytree(slide["root"], data)
+    mine = {**slide, "root": data}
+    out = tmp_path / "out"
+    run = plan_slide(build_params(**_args(mine, out, chunk_shape=(64, 64))))
+    arr = zarr.open_array(str(data / "slide.ome.zarr" / "0"), mode="r+")
+    assert arr.chunks == (1, 64, 64)
+    arr[0, 64:128, 64:128] = np.asarray(arr[0, 64:128, 64:128])[::-1]  # the DAPI chunk (1, 1), same size
+    over = 1 * run.grid.grid_shape[1] + 1  # the grid chunk whose core is that chunk
+    assert main(["slide", "--run", str(out), "--stage", "inputs", "--chunks", "0"]) == 0
+    refused(["slide", "--run", str(out), "--stage", "inputs", "--chunks", str(over)],
+            f"input {str(data / 'slide.ome.zarr' / '0')!r}: stored object c/0/1/1 changed since this run was planned")
+
+
+def test_slide_flows_changed_before_the_compartments_are_planned_are_refused(slide, tmp_path, refused):
+    """Each compartment fingerprints the flows it reads when it is planned; flows rewritten
+    between the slide's plan and that moment are refused there, not taken as the run's own."""
+    import shutil
+
+    import zarr
+
+    from zseg.cli import main
+    from zseg.phases.slide import plan_slide
+
+    data = tmp_path / "data"
+    shutil.copytree(slide["root"], data)
+    out = tmp_path / "out"
+    plan_slide(build_params(**_args({**slide, "root": data}, out)))
+    assert main(["slide", "--run", str(out), "--stage", "inputs"]) == 0
+    arr = zarr.open_array(str(data / "flows.zarr"), mode="r+")
+    arr[:, :8, :8] = np.asarray(arr[:, :8, :8])[:, ::-1]
+    refused(["slide", "--run", str(out), "--stage", "compartments"],
+            f"flows {str(data / 'flows.zarr')!r}: 1 stored object(s) changed: c/0/0/0 (", "since this run was planned")
+    assert not (out / "work" / "cells" / "run.json").exists()

@@ -48,6 +48,7 @@ from zseg.phases.plan import (
     write_fingerprint_tables,
 )
 from zseg.phases.plan import plan as plan_volume
+from zseg.storage import fingerprint as FP
 from zseg.storage import uri as U
 from zseg.storage.arrays import create_array, open_array
 from zseg.storage.grid import ChunkGrid, box_origin, grow
@@ -304,7 +305,13 @@ def plan_compartments(run: SlideContext, *, check_model: bool = True) -> list[Ru
         if m is not None and m.get("complete"):
             out.append(RunContext.open(root))
             continue
-        out.append(plan_volume(compartment_params(run, name), check_model=check_model, plane=plane))
+        params = compartment_params(run, name)
+        # the compartment fingerprints its flows anew: they must still be those the slide was planned with
+        store = "flows" if name == "cells" else "nuclear_flows"
+        rec = (run.manifest.get("fingerprint") or {}).get(store)
+        if params.flows is not None and rec is not None:
+            FP.refuse_changes(FP.changes(store, rec, run.fingerprint_table(store, rec)), FP.Reads.ADVICE)
+        out.append(plan_volume(params, check_model=check_model, plane=plane))
     return out
 
 

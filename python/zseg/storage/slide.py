@@ -61,6 +61,9 @@ class Slide(V._Lazy):
     _array_uri: str = field(repr=False)
     _kind: str = field(repr=False)
     _open: dict = field(default_factory=dict, repr=False, compare=False)
+    #: A :class:`zseg.storage.fingerprint.Reads` that checks every box read against the run's
+    #: fingerprint of the store (set by the run that reads it; None: unchecked).
+    reads: object = field(default=None, repr=False, compare=False)
 
     @property
     def nchannels(self) -> int:
@@ -125,8 +128,17 @@ class Slide(V._Lazy):
         chans = list(range(self.nchannels)) if channels is None else [int(c) for c in channels]
         if any(not 0 <= c < self.nchannels for c in chans):
             raise ValueError(f"channels {chans} are not in 0-{self.nchannels - 1}")
+        if self.reads is not None:
+            self.reads.check(self.array_ranges(box, chans))
         data = V.read_selection(self._array(), self._axes, self._array_shape, chans, dict(zip("yx", box)))
         return np.ascontiguousarray(data, dtype=self.dtype)
+
+    def array_ranges(self, box, channels) -> list[tuple[int, int]]:
+        """The ``[start, stop)`` range of each axis of the stored array that reading ``box``
+        (Y, X slices within :attr:`shape`) of ``channels`` touches."""
+        boxes = dict(zip("yx", box))
+        return [(min(channels), max(channels) + 1) if ax == "c" else
+                (boxes[ax].start, boxes[ax].stop) if ax in boxes else (0, 1) for ax in self._axes]
 
     def describe(self) -> dict:
         """A JSON-serialisable summary for ``run.json``; ``channel_names`` are the unique names."""

@@ -77,6 +77,23 @@ class WorkLayout:
         was = self.manifest.get("input") or {}
         return sorted(k for k in described if k in was and was[k] != described[k])
 
+    def refuse_described_changes(self, described: dict) -> None:
+        """Refuse, with one line, an input whose description (as opened now) is not the planned one."""
+        was, changed = self.manifest.get("input") or {}, self.described_changes(described)
+        if changed:
+            raise UserError(f"input {self.params.input!r} changed since this run was planned ({', '.join(changed)}: "
+                            f"{', '.join(f'{was[k]} -> {described[k]}' for k in changed[:2])}); {FP.Reads.ADVICE}")
+
+    def reads(self, name: str):
+        """The check of store ``name`` (input, flows, mask, model) against its fingerprint (one
+        per context, so each object is checked once per process), or None for a run planned
+        without one."""
+        cache = self.__dict__.setdefault("_reads", {})
+        if name not in cache:
+            rec = (self.manifest.get("fingerprint") or {}).get(name)
+            cache[name] = None if rec is None else FP.Reads(name, rec, self.fingerprint_table(name, rec))
+        return cache[name]
+
     def fingerprint_table(self, name: str, rec: dict) -> str | None:
         """Where the object table of store ``name``'s fingerprint ``rec`` lives (zarr stores only)."""
         return self.path(FINGERPRINT_DIR, f"{name}.zarr") if rec["kind"] == "zarr" else None
@@ -138,23 +155,9 @@ class RunContext(WorkLayout):
             p.input, axes=p.axes, level=p.level, channels=p.channels, timepoint=p.timepoint,
             channel_axis=p.channel_axis, z_axis=p.z_axis,
         )
-        was, now = self.manifest.get("input") or {}, vol.describe()
-        changed = self.described_changes(now)
-        if changed:
-            raise UserError(f"input {p.input!r} changed since this run was planned ({', '.join(changed)}: "
-                            f"{', '.join(f'{was[k]} -> {now[k]}' for k in changed[:2])}); {FP.Reads.ADVICE}")
+        self.refuse_described_changes(vol.describe())
         vol.reads = self.reads("input")
         return vol
-
-    def reads(self, name: str):
-        """The check of store ``name`` (input, flows, mask, model) against its fingerprint (one
-        per context, so each object is checked once per process), or None for a run planned
-        without one."""
-        cache = self.__dict__.setdefault("_reads", {})
-        if name not in cache:
-            rec = (self.manifest.get("fingerprint") or {}).get(name)
-            cache[name] = None if rec is None else FP.Reads(name, rec, self.fingerprint_table(name, rec))
-        return cache[name]
 
     @property
     def anisotropy(self) -> float:

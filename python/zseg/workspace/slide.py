@@ -59,8 +59,12 @@ class SlideContext(WorkLayout):
 
     @functools.cached_property
     def slide(self):
+        """The slide, each box read checked against the run's fingerprint of it."""
         p = self.params
-        return open_slide(p.input, axes=p.axes, level=p.level, channel_axis=p.channel_axis)
+        slide = open_slide(p.input, axes=p.axes, level=p.level, channel_axis=p.channel_axis)
+        self.refuse_described_changes(slide.describe())
+        slide.reads = self.reads("input")
+        return slide
 
     @property
     def pixel_size_um(self) -> tuple[float, float]:
