@@ -122,9 +122,9 @@ SLOW = textwrap.dedent('''
     if _slow:
         import zseg.run.tasks as _tasks
         from zseg.storage import uri as _U
-        from zseg.workspace.stages import STAGES as _STAGES
+        from zseg.workspace.stages import SLIDE_STAGES as _SLIDE, STAGES as _STAGES
         _name, _delay, *_file = _slow.split("=")
-        _stage, _delay = _STAGES[_name], float(_delay)
+        _stage, _delay = {**_STAGES, **_SLIDE}[_name], float(_delay)
         if _stage.kind == "map" and _name in _tasks.BATCHES:
             def _batch(run, indices, _fn=_tasks.BATCHES[_name]):
                 for item in _fn(run, indices):
@@ -158,15 +158,16 @@ def _markers(out: Path, stage_dir: str) -> list[int]:
 
 def kill_inside(cmd: list[str], tmp_path: Path, stage: str, ready, *, file: str | None = None, delay: float = 0.25,
                 timeout: float = 180) -> None:
-    """Start ``cmd`` with ``stage`` slowed down (``SLOW``), SIGKILL it once ``ready()`` holds."""
-    from zseg.workspace.stages import STAGES
+    """Start ``cmd`` with ``stage`` (a volume's or a slide's) slowed down (``SLOW``), SIGKILL it
+    once ``ready()`` holds."""
+    from zseg.workspace.stages import SLIDE_STAGES, STAGES
 
     hook = tmp_path / "hook"
     hook.mkdir(exist_ok=True)
     (hook / "sitecustomize.py").write_text(SLOW)
     flag = tmp_path / "flag"
     flag.unlink(missing_ok=True)
-    if STAGES[stage].kind == "reduce":
+    if {**STAGES, **SLIDE_STAGES}[stage].kind == "reduce":
         delay, ready = 60.0, flag.exists
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p),
            "ZSEG_TEST_SLOW": "=".join([stage, str(delay), *([file] if file else [])]), "ZSEG_TEST_FLAG": str(flag)}

@@ -522,3 +522,90 @@ def test_slide_flows_changed_before_the_compartments_are_planned_are_refused(sli
     refused(["slide", "--run", str(out), "--stage", "compartments"],
             f"flows {str(data / 'flows.zarr')!r}: 1 stored object(s) changed: c/0/0/0 (", "since this run was planned")
     assert not (out / "work" / "cells" / "run.json").exists()
+
+
+#: A slide run's own stages, and stages of its compartments' one-plane runs (under work/cells),
+#: each killed by SIGKILL: (stage, the folder of its markers under OUT/work, the file its reduce
+#: is killed before, or None for its result).
+SLIDE_KILLED = [("slide:inputs", "", None), ("slide:compartments", "", None), ("seeds:follow", "cells", None),
+                ("finalize:holes", "cells", None), ("finalize:number", "cells", None), ("match:decide", "", None),
+                ("match:number", "", None), ("slide:layers", "", None), ("slide:report", "", "run.json")]
+
+
+@pytest.fixture(scope="module")
+def slide_done(slide, tmp_path_factory):
+    """An uninterrupted `zseg run` of the slide in 16 chunks: its folder."""
+    from zseg.cli import main
+
+    out = tmp_path_factory.mktemp("slide_done") / "out"
+    assert main(_argv(slide, out, *KILL_ARGS)) == 0
+    return out
+
+
+KILL_ARGS = ("--nuclear-channel", "DAPI", "--membrane-channels", "Membrane", "--niter", str(NITER),
+             "--patch-size", str(PATCH), "--chunk-shape", "64,64")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, under, file", SLIDE_KILLED)
+def test_a_killed_slide_run_resumes_to_identical_layers_and_table(slide, slide_done, tmp_path, stage, under, file):
+    """`zseg run` of a slide killed inside one of its stages (or one of its compartments'), then
+    the same command again: the same layers, table and patch table, byte for byte in value."""
+    import subprocess
+    import sys
+
+    from tests import test_reliability as R
+    from zseg.outputs.verify import verify_output
+    from zseg.workspace.stages import SLIDE_STAGES, STAGES
+
+    st = {**STAGES, **SLIDE_STAGES}[stage]
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "zseg", *_argv(slide, out, *KILL_ARGS)]
+    markers = out / "work" / under if under else out
+    R.kill_inside(cmd, tmp_path, stage, lambda: 2 <= len(R._markers(markers, st.marker_dir)) <= 12, file=file)
+    if st.kind == "map":
+        assert 2 <= len(R._markers(markers, st.marker_dir)) < 16
+    else:
+        assert not (markers / "work" / st.result).exists()
+    assert not json.loads((out / "run.json").read_text())["complete"]
+    again = subprocess.run(cmd, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed" in again.stderr
+    for name in ("cells", "nuclei", "cytoplasm"):
+        np.testing.assert_array_equal(_layer(out, name), _layer(slide_done, name), err_msg=name)
+    _assert_table_equal(_table(out), _table(slide_done))
+    assert pq.read_table(out / "patches.parquet").equals(pq.read_table(slide_done / "patches.parquet"))
+    assert verify_output(str(out))["ok"]
+
+
+def test_verify_checks_a_slide_run_layer_by_layer(slide, slide_done, tmp_path):
+    """`zseg verify` of a slide run: every layer's chunks against the digests its tasks recorded,
+    the first layer's IDs 1..N, the table's rows; an altered chunk of one layer is named with the
+    command that writes it again, and an unfinished slide run lists its missing stages."""
+    import shutil
+
+    import zarr
+
+    from zseg.errors import UserError
+    from zseg.outputs.verify import verify_output
+    from zseg.phases.slide import plan_slide
+
+    out = tmp_path / "out"
+    shutil.copytree(slide_done, out)
+    ok = verify_output(str(out))
+    assert ok["ok"] and ok["digests_checked"] and ok["layers"] == ["cells", "nuclei", "cytoplasm"]
+    arr = zarr.open_array(str(out / "labels.zarr" / "nuclei" / "0"), mode="r+")
+    block = np.asarray(arr[64:128, 64:128])
+    assert block.any()
+    arr[64:128, 64:128] = block[::-1]  # the same IDs, moved: only the digest can tell
+    with pytest.raises(UserError) as e:
+        verify_output(str(out))
+    text = "\n".join(e.value.problems)
+    assert f"{out / 'labels.zarr' / 'nuclei'}/0: 1 chunk(s) differ from what the run wrote (5)" in text, text
+    assert f"zseg slide --run {out} --stage layers --chunks" in text
+    unfinished = tmp_path / "unfinished"
+    plan_slide(build_params(**_args(slide, unfinished, chunk_shape=(64, 64))))
+    with pytest.raises(UserError) as e:
+        verify_output(str(unfinished))
+    text = "\n".join(e.value.problems)
+    assert "the run is not finished" in text and "slide:inputs: 16 of 16 chunk(s) not done" in text, text

@@ -44,8 +44,13 @@ def labels_uri(run) -> str:
     return U.join(run.root, "labels.zarr")
 
 
+#: The layers of each ``--compartment``; the first holds every cell (IDs 1..N, the table's rows).
+LAYERS = {"whole-cell": ("cells",), "nuclear": ("nuclei",), "both": ("cells", "nuclei", "cytoplasm")}
+
+
 def layer_names(run) -> list[str]:
-    names = {"whole-cell": ["cells"], "nuclear": ["nuclei"], "both": ["cells", "nuclei", "cytoplasm"]}[run.compartment]
+    """Every layer of ``labels.zarr``: the compartment's, and the unmatched ones on request."""
+    names = list(LAYERS[run.compartment])
     if run.params.keep_unmatched_layers and run.compartment == "both":
         names += ["cells_unmatched", "nuclei_unmatched"]
     return names

@@ -6,7 +6,9 @@ the shape and an integer type of the run; every chunk of the segmented level rea
 exactly what its task wrote (a CRC-32 and a voxel count per chunk, recorded in ``run.json``
 by the report stage), so a missing, truncated or altered stored object is found; and the label
 IDs are exactly ``1..N`` for the ``N`` cells the run recorded (and the cell table, when there is
-one, has one row per cell). Memory: one chunk and one flag per cell.
+one, has one row per cell). A 2D slide run is checked the same way layer by layer: its first
+layer holds IDs ``1..N`` (one per row of the table), the others a part of them. Memory: one
+chunk and one flag per cell.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ import pyarrow.parquet as pq
 import zarr
 
 from zseg.errors import UserError
+from zseg.outputs.slide import LAYERS
 from zseg.storage import uri as U
 from zseg.storage.arrays import open_array
 from zseg.storage.omezarr import axis_names, ome_attributes
 from zseg.workspace import work as W
 from zseg.workspace.context import MANIFEST, RunContext
+from zseg.workspace.slide import SlideContext, is_slide_run
 from zseg.workspace.progress import chunk_ranges, short_ranges, stage_missing
 from zseg.workspace.stages import applicable, noun, size
 
@@ -102,7 +106,8 @@ def verify_output(root: str) -> dict:
     """
     if not U.exists(U.join(root, MANIFEST)):
         raise UserError(f"{root!r} holds no {MANIFEST}: it is not a zseg output folder (or the run never started).")
-    run = RunContext.open(root)  # a damaged manifest: one line per problem
+    slide = is_slide_run(root)
+    run = SlideContext.open(root) if slide else RunContext.open(root)  # a damaged manifest: one line per problem
     problems: list[str] = [f"{p} since the run was planned." for p in run.input_changes()]
     if not run.manifest.get("complete"):
         lines = [f"{root}: the run is not finished (run.json says complete: false).", *problems]
@@ -117,28 +122,50 @@ def verify_output(root: str) -> dict:
         lines.append("resume it with the same `zseg run` command, or run the stages listed above.")
         raise UserError(*lines)
 
-    result = run.manifest.get("result") or {}
-    ncells = int(result["cells"])
+    ncells = int((run.manifest.get("result") or {})["cells"])
     labels = U.join(run.root, "labels.zarr")
-    paths = _check_ngff(run, labels, problems)
+    if slide:
+        layers = LAYERS[run.compartment]
+        digests = run.manifest.get(DIGESTS) or {}
+        for k, name in enumerate(layers):
+            problems += _check_labels(run, U.join(labels, name), "0", ncells, digests.get(name) or {}, every_id=k == 0,
+                                      what=f"layer {name!r}")
+        problems += _check_table(run, ncells)
+        if problems:
+            raise UserError(*problems)
+        return {"output": run.root, "ok": True, "cells": ncells, "chunks": run.grid.nchunks,
+                "labels": labels, "layers": list(layers), "digests_checked": all(n in digests for n in layers)}
     seg = _segmented_path(run)
+    problems += _check_labels(run, labels, seg, ncells, run.manifest.get(DIGESTS) or {}, every_id=True)
+    problems += _check_table(run, ncells)
+    if problems:
+        raise UserError(*problems)
+    return {"output": run.root, "ok": True, "cells": ncells, "chunks": run.grid.nchunks,
+            "labels": f"{labels}/{seg}", "digests_checked": bool(run.manifest.get(DIGESTS))}
+
+
+def _check_labels(run, labels: str, seg: str, ncells: int, digests: dict, *, every_id: bool,
+                  what: str = "the labels") -> list[str]:
+    """Problems of the label image ``labels`` (an NGFF multiscale) whose full-resolution level is
+    ``seg``: its metadata, shape and type, each chunk against its recorded digest, IDs within
+    ``1..ncells`` (and, with ``every_id``, every one of them present)."""
+    problems: list[str] = []
+    paths = _check_ngff(run, labels, problems)
     if paths and seg not in paths:
         problems.append(f"{labels}: the segmented level {seg!r} is not among the datasets {paths}.")
     try:
         arr = open_array(U.join(labels, seg))
     except UserError as e:
-        raise UserError(*problems, *e.problems) from None
+        return [*problems, *e.problems]
     g = run.grid
     if tuple(arr.shape) != tuple(g.shape):
-        raise UserError(*problems, f"{labels}/{seg}: shape {tuple(arr.shape)} is not the run's {tuple(g.shape)}.")
+        return [*problems, f"{labels}/{seg}: shape {tuple(arr.shape)} is not the run's {tuple(g.shape)}."]
     if arr.dtype.kind != "u" or np.iinfo(arr.dtype).max < ncells:
         problems.append(f"{labels}/{seg}: data type {arr.dtype} cannot hold labels 1..{ncells}.")
-
-    digests = run.manifest.get(DIGESTS) or {}
     crcs, counts = digests.get("crc32"), digests.get("labelled_voxels")
     if not (isinstance(crcs, list) and len(crcs) == g.nchunks and isinstance(counts, list) and len(counts) == g.nchunks):
         crcs = counts = None
-        log.warning("run.json has no per-chunk digests (an older zseg): chunks are read but not compared")
+        log.warning("run.json has no per-chunk digests of %s (an older zseg): chunks are read but not compared", what)
     seen = np.zeros(ncells + 1, dtype=bool)
     beyond, altered, unreadable = set(), [], []
     for i in range(g.nchunks):
@@ -162,20 +189,23 @@ def verify_output(root: str) -> dict:
         problems.append(
             f"{labels}/{seg}: {len(altered)} chunk(s) differ from what the run wrote "
             f"({short_ranges(chunk_ranges(altered))}): a stored chunk is missing or was changed; "
-            f"re-run `zseg finalize --run {run.root} --stage labels --chunks ...` after deleting their markers, "
+            f"re-run `{_writer(run)} --chunks ...` after deleting their markers, "
             "or run again."
         )
     if beyond:
         problems.append(f"{labels}/{seg}: label IDs above the run's {ncells} cells, e.g. {sorted(beyond)[:5]}.")
     absent = np.flatnonzero(~seen[1:]) + 1
-    if len(absent) and not unreadable:
+    if every_id and len(absent) and not unreadable:
         problems.append(f"{labels}/{seg}: {len(absent)} of the IDs 1..{ncells} have no voxel "
                         f"(e.g. {', '.join(map(str, absent[:5]))}); the labels do not match the run's cell count.")
-    problems += _check_table(run, ncells)
-    if problems:
-        raise UserError(*problems)
-    return {"output": run.root, "ok": True, "cells": ncells, "chunks": g.nchunks,
-            "labels": f"{labels}/{seg}", "digests_checked": crcs is not None}
+    return problems
+
+
+def _writer(run) -> str:
+    """The command that writes the labels' chunks of ``run``."""
+    if isinstance(run, SlideContext):
+        return f"zseg slide --run {run.root} --stage layers"
+    return f"zseg finalize --run {run.root} --stage labels"
 
 
 def _check_table(run: RunContext, ncells: int) -> list[str]:

@@ -37,6 +37,7 @@ from zseg.engine import multiplex as MX
 from zseg.engine import stats as S
 from zseg.errors import UserError
 from zseg.outputs import slide as O
+from zseg.outputs.verify import DIGESTS, chunk_digest
 from zseg.params import SLIDE_ONLY, VOLUME_ONLY, RunParams
 from zseg.phases.plan import (
     EXECUTION_ONLY,
@@ -62,8 +63,7 @@ log = logging.getLogger(__name__)
 
 #: The chunk shape of a slide run when --chunk-shape is not given.
 DEFAULT_CHUNK = (2048, 2048)
-#: Layers of each compartment choice, and the table's compartment of each layer.
-LAYERS = {"whole-cell": ("cells",), "nuclear": ("nuclei",), "both": ("cells", "nuclei", "cytoplasm")}
+#: The table's compartment of each layer.
 TABLE_COMPARTMENT = {"cells": "cell", "nuclei": "nucleus", "cytoplasm": "cytoplasm"}
 #: The compartment settings a slide run does not share between its compartments.
 _OWN = ("input", "output", "work", "flows", "axes", "channels", "model", "diameter", "chunk_shape", "halo",
@@ -415,19 +415,24 @@ def chunk_layers(run: SlideContext, index: int) -> dict[str, np.ndarray]:
 
 def layers_chunk(run: SlideContext, index: int) -> dict:
     """Writes the core of every layer (level 0) and, per layer, the statistics of its cells in the
-    core over every channel of the slide (``work/layer_stats/<layer>/cNNNNNNN.parquet``)."""
+    core over every channel of the slide (``work/layer_stats/<layer>/cNNNNNNN.parquet``); its
+    marker holds each layer's count of cells and the digest `zseg verify` compares the stored
+    core with."""
     core = run.grid.core(index)
     layers = chunk_layers(run, index)
     image = run.slide.read(core)  # every channel: the table measures them all
     origin = box_origin(core)
+    written = {}
     for name, data in layers.items():
-        O.open_layer(run, name, mode="r+")[core] = data
+        written[name] = data.astype(np.uint32, copy=False)
+        O.open_layer(run, name, mode="r+")[core] = written[name]
         O.write_stats(O.stats_uri(run, name, index), S.block_stats(data, image, offset=origin))
     if run.params.keep_unmatched_layers and run.compartment == "both":
         for name in ("cells", "nuclei"):
-            O.open_layer(run, f"{name}_unmatched", mode="r+")[core] = \
-                _labels_block(run.compartment_run(name), core).astype(np.uint32)
-    return {name: int(len(B.present_labels(v))) for name, v in layers.items()}
+            written[f"{name}_unmatched"] = _labels_block(run.compartment_run(name), core).astype(np.uint32)
+            O.open_layer(run, f"{name}_unmatched", mode="r+")[core] = written[f"{name}_unmatched"]
+    return {**{name: int(len(B.present_labels(v))) for name, v in layers.items()},
+            DIGESTS: {name: chunk_digest(v) for name, v in written.items()}}
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -442,7 +447,7 @@ def table_passes(run: SlideContext):
     """The cell table in passes of :data:`zseg.outputs.slide.TABLE_ROWS` labels: for each, the
     partial statistics of those labels from every chunk, merged per cell, as table columns
     (:func:`zseg.engine.multiplex.compartment_table`) with the cells' boxes. Memory: one pass."""
-    layers = LAYERS[run.compartment]
+    layers = O.LAYERS[run.compartment]
     nch, dtype = run.slide.nchannels, run.slide.dtype
     uris = {name: [O.stats_uri(run, name, i) for i in range(run.grid.nchunks)] for name in layers}
     total = output_cells(run)
@@ -480,7 +485,14 @@ def report_reduce(run: SlideContext) -> dict:
                         "decided; re-run with a larger --halo", m["undecided"])
     result["chunk_exact"] = bool(exact)
     result["outputs"]["qc"] = O.write_report(run, result, written["areas"])
-    manifest = dict(run.manifest, complete=True, result=result)
+    manifest = dict(run.manifest, complete=True, result=result, **{DIGESTS: _layer_digests(run)})
     write_manifest(run.root, manifest)
     U.write_json(run.path(W.REPORT_RESULT), result)
     return result
+
+
+def _layer_digests(run: SlideContext) -> dict:
+    """Each layer's per-chunk digests from the markers of ``slide:layers``, for ``run.json``."""
+    marks = [U.read_json(run.chunk_file(W.LAYERS_DIR, i, "json")).get(DIGESTS) or {} for i in range(run.grid.nchunks)]
+    return {name: {key: [m[name][key] for m in marks] for key in ("crc32", "labelled_voxels")}
+            for name in O.layer_names(run) if all(name in m for m in marks)}
