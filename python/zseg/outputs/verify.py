@@ -27,8 +27,8 @@ from zseg.storage.arrays import open_array
 from zseg.storage.omezarr import axis_names, ome_attributes
 from zseg.workspace import work as W
 from zseg.workspace.context import MANIFEST, RunContext
-from zseg.workspace.slide import SlideContext, is_slide_run
 from zseg.workspace.progress import chunk_ranges, short_ranges, stage_missing
+from zseg.workspace.slide import SlideContext, is_slide_run
 from zseg.workspace.stages import applicable, noun, size
 
 log = logging.getLogger(__name__)
