@@ -1091,6 +1091,28 @@ def _planned_to_seeds(data, out: Path) -> None:
         run_phase(str(out), phase, stage=stage, reduce=reduce)
 
 
+def test_a_run_planned_by_a_zseg_with_other_stages_is_not_resumed_or_continued(data, tmp_path, refused):
+    """run.json records the stages the run was planned with; a zseg whose stages differ (an
+    upgrade in the middle of a long run: here, one from before finalize:holes) refuses to resume
+    the run or to run any of its tasks, with one line, and writes nothing."""
+    out = tmp_path / "out"
+    _planned_to_seeds(data, out)
+    manifest = json.loads((out / "run.json").read_text())
+    run = RunContext.open(str(out))
+    from zseg.workspace.stages import applicable
+
+    assert manifest["stages"] == [s.name for s in applicable(run)] and "finalize:holes" in manifest["stages"]
+    manifest["stages"].remove("finalize:holes")
+    (out / "run.json").write_text(json.dumps(manifest))
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    words = "holds a run planned by a zseg whose stages differ from this one's (new here: finalize:holes)"
+    refused(argv(data, out), words, "finish it with the zseg that planned it, or pass --overwrite")
+    refused(["seeds", "--run", str(out), "--stage", "find"], words)
+    refused(["number", "--run", str(out)], words)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+    assert main(argv(data, out, "--overwrite")) == 0
+
+
 def test_plan_records_the_fingerprint_of_what_the_run_reads(own_data, tmp_path):
     out = tmp_path / "out"
     _planned_to_seeds(own_data, out)

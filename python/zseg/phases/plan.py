@@ -19,6 +19,7 @@ from zseg.storage.grid import ChunkGrid
 from zseg.storage.volume import open_volume
 from zseg.workspace.context import RunContext, read_manifest, versions, write_manifest
 from zseg.workspace.lock import LOCK
+from zseg.workspace.progress import planned_stages, refuse_other_stages
 from zseg.workspace.work import create_ends
 
 log = logging.getLogger(__name__)
@@ -153,6 +154,7 @@ def _existing_output(params: RunParams, described: dict) -> RunContext | None:
                             f"{'; '.join(changes)} since; pass --overwrite to segment it as it is now, or choose "
                             "a new folder.")
     refuse_unless_resumable(params, old.params, bool(old.manifest.get("complete")))
+    refuse_other_stages(old)
     refuse_changed_inputs(old, described, "pass --overwrite to start again with them.")
     return old
 
@@ -273,6 +275,7 @@ def plan(params: RunParams, *, check_model: bool = False, plane: dict | None = N
         "versions": versions(),
         "complete": False,
     }
+    manifest["stages"] = planned_stages(RunContext(params.output, manifest))
     write_manifest(params.output, manifest)
     run = RunContext(params.output, manifest)
     write_fingerprint_tables(run, fingerprints)

@@ -57,6 +57,7 @@ from zseg.storage.slide import open_slide
 from zseg.storage.volume import open_volume
 from zseg.workspace import work as W
 from zseg.workspace.context import RunContext, read_manifest, versions, write_manifest
+from zseg.workspace.progress import planned_stages, refuse_other_stages
 from zseg.workspace.slide import COMPARTMENT_RUNS, INPUTS, PATCHES, SlideContext
 
 log = logging.getLogger(__name__)
@@ -194,6 +195,7 @@ def plan_slide(params: RunParams) -> SlideContext:
         if resumed.get("kind") != "slide":
             raise UserError(f"output {params.output!r} holds a run of a volume; choose a new folder or pass --overwrite.")
         refuse_unless_resumable(params, RunParams.model_validate(resumed["params"]), bool(resumed.get("complete")))
+        refuse_other_stages(SlideContext(params.output, resumed))
         refuse_changed_inputs(SlideContext(params.output, resumed), slide.describe(),
                               "pass --overwrite to start again with them.")
         resumed["params"].update(params.model_dump(mode="json", include=set(EXECUTION_ONLY)))
@@ -222,6 +224,7 @@ def plan_slide(params: RunParams) -> SlideContext:
         "versions": versions(),
         "complete": False,
     }
+    manifest["stages"] = planned_stages(SlideContext(params.output, manifest))
     O.write_parquet(U.join(params.output, PATCHES), patches)
     write_manifest(params.output, manifest)
     run = SlideContext(params.output, manifest)

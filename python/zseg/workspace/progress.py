@@ -49,14 +49,38 @@ def command_for(run: RunContext, stage) -> str:
     return cmd
 
 
+def planned_stages(run) -> list[str]:
+    """The names of the stages ``run`` has, as this zseg runs them: what ``run.json`` records
+    as ``stages`` when the run is planned."""
+    return [s.name for s in applicable(run)]
+
+
+def refuse_other_stages(run) -> None:
+    """Refuse a run planned by a zseg whose stages differ from this one's (an upgrade in the
+    middle of a long run): its work folder holds the results of other stages, and mixing them
+    could leave cells numbered that a missing stage would have removed."""
+    planned = run.manifest.get("stages")
+    if planned is None:  # planned before runs recorded their stages
+        return
+    now = planned_stages(run)
+    if list(planned) != now:
+        new, gone = [n for n in now if n not in planned], [n for n in planned if n not in now]
+        what = "; ".join(p for p in (f"new here: {', '.join(new)}" if new else "",
+                                     f"gone here: {', '.join(gone)}" if gone else "") if p) or "another order"
+        raise UserError(f"{run.root!r} holds a run planned by a zseg whose stages differ from this one's ({what}); "
+                        "finish it with the zseg that planned it, or pass --overwrite to start again.")
+
+
 def require_complete(run: RunContext, stage) -> None:
-    """Refuse to start ``stage`` while an applicable stage before it is incomplete.
+    """Refuse to start ``stage`` while an applicable stage before it is incomplete (or when the
+    run was planned by a zseg with other stages: :func:`refuse_other_stages`).
 
     Names the first incomplete stage, its missing chunks, and the command that runs them. Only
     the stage just before ``stage`` is listed when all is well: each of its tasks passed this
     same check when it started, and markers are only ever added, so its being complete means
     every stage before it is complete too (one listing per task, however many stages).
     """
+    refuse_other_stages(run)
     stages = applicable(run)
     names = [s.name for s in stages]
     before = stages[: names.index(stage.name)] if stage.name in names else stages
