@@ -883,16 +883,21 @@ def test_soak_twenty_kills_at_random_times_each_resume_to_identical_labels_and_t
     rng = np.random.default_rng(20261206)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "zseg", *argv(data, out)]
-    t0 = time.monotonic()
-    subprocess.run(cmd, capture_output=True, check=True)
-    whole = time.monotonic() - t0  # an uninterrupted run, start-up included
+    whole = float("inf")
+    for _ in range(2):  # the faster of two uninterrupted runs, start-up included (the first warms caches)
+        shutil.rmtree(out, ignore_errors=True)
+        t0 = time.monotonic()
+        subprocess.run(cmd, capture_output=True, check=True)
+        whole = min(whole, time.monotonic() - t0)
     killed = 0
     for cycle in range(20):
         shutil.rmtree(out)
         at = float(rng.uniform(0.1, whole))
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        t0 = time.monotonic()
         try:
             proc.wait(timeout=at)
+            whole = min(whole, time.monotonic() - t0)  # the machine got faster: kill earlier from now on
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
