@@ -45,16 +45,17 @@ def chunk_digest(core_labels: np.ndarray) -> dict:
     return {"crc32": zlib.crc32(data.tobytes()), "labelled_voxels": int(np.count_nonzero(data))}
 
 
+def digest_lists(digests: list) -> dict:
+    """Per-chunk digests (one :func:`chunk_digest` dict per chunk, in order) as ``run.json``
+    keeps them; ``{}`` when a chunk has none."""
+    if any(not d or d.get("crc32") is None for d in digests):
+        return {}
+    return {"crc32": [d["crc32"] for d in digests], "labelled_voxels": [d.get("labelled_voxels") for d in digests]}
+
+
 def gather_digests(run: RunContext, stage_dir: str = W.LABELS_DIR) -> dict:
     """The per-chunk digests from the markers of ``finalize:labels``, for ``run.json``."""
-    crc, count = [], []
-    for i in range(run.grid.nchunks):
-        m = U.read_json(run.chunk_file(stage_dir, i, "json"))
-        crc.append(m.get("crc32"))
-        count.append(m.get("labelled_voxels"))
-    if any(v is None for v in crc):
-        return {}
-    return {"crc32": crc, "labelled_voxels": count}
+    return digest_lists([U.read_json(run.chunk_file(stage_dir, i, "json")) for i in range(run.grid.nchunks)])
 
 
 # -- verify --------------------------------------------------------------------------------------
@@ -124,31 +125,34 @@ def verify_output(root: str) -> dict:
 
     ncells = int((run.manifest.get("result") or {})["cells"])
     labels = U.join(run.root, "labels.zarr")
-    if slide:
+    digests = run.manifest.get(DIGESTS) or {}
+    summary = {"output": run.root, "ok": True, "cells": ncells, "chunks": run.grid.nchunks}
+    if slide:  # (image, its full-resolution level, its digests, every ID present, what it is)
         layers = LAYERS[run.compartment]
-        digests = run.manifest.get(DIGESTS) or {}
-        for k, name in enumerate(layers):
-            problems += _check_labels(run, U.join(labels, name), "0", ncells, digests.get(name) or {}, every_id=k == 0,
-                                      what=f"layer {name!r}")
-        problems += _check_table(run, ncells)
-        if problems:
-            raise UserError(*problems)
-        return {"output": run.root, "ok": True, "cells": ncells, "chunks": run.grid.nchunks,
-                "labels": labels, "layers": list(layers), "digests_checked": all(n in digests for n in layers)}
-    seg = _segmented_path(run)
-    problems += _check_labels(run, labels, seg, ncells, run.manifest.get(DIGESTS) or {}, every_id=True)
+        images = [(U.join(labels, name), "0", digests.get(name) or {}, k == 0, f"layer {name!r}")
+                  for k, name in enumerate(layers)]
+        summary.update(labels=labels, layers=list(layers))
+    else:
+        seg = _segmented_path(run)
+        images = [(labels, seg, digests, True, "the labels")]
+        summary["labels"] = f"{labels}/{seg}"
+    compared = []
+    for uri, seg, chunk_digests, every_id, what in images:
+        found, checked = _check_labels(run, uri, seg, ncells, chunk_digests, every_id=every_id, what=what)
+        problems += found
+        compared.append(checked)
     problems += _check_table(run, ncells)
     if problems:
         raise UserError(*problems)
-    return {"output": run.root, "ok": True, "cells": ncells, "chunks": run.grid.nchunks,
-            "labels": f"{labels}/{seg}", "digests_checked": bool(run.manifest.get(DIGESTS))}
+    return {**summary, "digests_checked": all(compared)}
 
 
 def _check_labels(run, labels: str, seg: str, ncells: int, digests: dict, *, every_id: bool,
-                  what: str = "the labels") -> list[str]:
+                  what: str) -> tuple[list[str], bool]:
     """Problems of the label image ``labels`` (an NGFF multiscale) whose full-resolution level is
     ``seg``: its metadata, shape and type, each chunk against its recorded digest, IDs within
-    ``1..ncells`` (and, with ``every_id``, every one of them present)."""
+    ``1..ncells`` (and, with ``every_id``, every one of them present); and whether the chunks
+    were compared with digests."""
     problems: list[str] = []
     paths = _check_ngff(run, labels, problems)
     if paths and seg not in paths:
@@ -156,10 +160,10 @@ def _check_labels(run, labels: str, seg: str, ncells: int, digests: dict, *, eve
     try:
         arr = open_array(U.join(labels, seg))
     except UserError as e:
-        return [*problems, *e.problems]
+        return [*problems, *e.problems], False
     g = run.grid
     if tuple(arr.shape) != tuple(g.shape):
-        return [*problems, f"{labels}/{seg}: shape {tuple(arr.shape)} is not the run's {tuple(g.shape)}."]
+        return [*problems, f"{labels}/{seg}: shape {tuple(arr.shape)} is not the run's {tuple(g.shape)}."], False
     if arr.dtype.kind != "u" or np.iinfo(arr.dtype).max < ncells:
         problems.append(f"{labels}/{seg}: data type {arr.dtype} cannot hold labels 1..{ncells}.")
     crcs, counts = digests.get("crc32"), digests.get("labelled_voxels")
@@ -198,7 +202,7 @@ def _check_labels(run, labels: str, seg: str, ncells: int, digests: dict, *, eve
     if every_id and len(absent) and not unreadable:
         problems.append(f"{labels}/{seg}: {len(absent)} of the IDs 1..{ncells} have no voxel "
                         f"(e.g. {', '.join(map(str, absent[:5]))}); the labels do not match the run's cell count.")
-    return problems
+    return problems, crcs is not None
 
 
 def _writer(run) -> str:

@@ -275,9 +275,9 @@ def plan(params: RunParams, *, check_model: bool = False, plane: dict | None = N
         "versions": versions(),
         "complete": False,
     }
-    manifest["stages"] = planned_stages(RunContext(params.output, manifest))
-    write_manifest(params.output, manifest)
     run = RunContext(params.output, manifest)
+    manifest["stages"] = planned_stages(run)  # run.manifest is this dict
+    write_manifest(params.output, manifest)
     write_fingerprint_tables(run, fingerprints)
     create_ends(run)
     predict.ensure_stores(run)

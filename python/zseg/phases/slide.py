@@ -37,7 +37,7 @@ from zseg.engine import multiplex as MX
 from zseg.engine import stats as S
 from zseg.errors import UserError
 from zseg.outputs import slide as O
-from zseg.outputs.verify import DIGESTS, chunk_digest
+from zseg.outputs.verify import DIGESTS, chunk_digest, digest_lists
 from zseg.params import SLIDE_ONLY, VOLUME_ONLY, RunParams
 from zseg.phases.plan import (
     EXECUTION_ONLY,
@@ -195,8 +195,9 @@ def plan_slide(params: RunParams) -> SlideContext:
         if resumed.get("kind") != "slide":
             raise UserError(f"output {params.output!r} holds a run of a volume; choose a new folder or pass --overwrite.")
         refuse_unless_resumable(params, RunParams.model_validate(resumed["params"]), bool(resumed.get("complete")))
-        refuse_other_stages(SlideContext(params.output, resumed))
-        refuse_changed_inputs(SlideContext(params.output, resumed), slide.describe(),
+        old = SlideContext(params.output, resumed)
+        refuse_other_stages(old)
+        refuse_changed_inputs(old, slide.describe(),
                               "pass --overwrite to start again with them.")
         resumed["params"].update(params.model_dump(mode="json", include=set(EXECUTION_ONLY)))
         write_manifest(params.output, resumed)
@@ -224,10 +225,10 @@ def plan_slide(params: RunParams) -> SlideContext:
         "versions": versions(),
         "complete": False,
     }
-    manifest["stages"] = planned_stages(SlideContext(params.output, manifest))
+    run = SlideContext(params.output, manifest)
+    manifest["stages"] = planned_stages(run)  # run.manifest is this dict
     O.write_parquet(U.join(params.output, PATCHES), patches)
     write_manifest(params.output, manifest)
-    run = SlideContext(params.output, manifest)
     write_fingerprint_tables(run, fingerprints)
     create_array(run.path(INPUTS), shape=(len(_input_channels(run)), 1, *shape), chunks=(1, 1, *chunk),
                  dtype="float32", zarr_format=params.zarr_format, overwrite=True)
@@ -497,5 +498,5 @@ def report_reduce(run: SlideContext) -> dict:
 def _layer_digests(run: SlideContext) -> dict:
     """Each layer's per-chunk digests from the markers of ``slide:layers``, for ``run.json``."""
     marks = [U.read_json(run.chunk_file(W.LAYERS_DIR, i, "json")).get(DIGESTS) or {} for i in range(run.grid.nchunks)]
-    return {name: {key: [m[name][key] for m in marks] for key in ("crc32", "labelled_voxels")}
-            for name in O.layer_names(run) if all(name in m for m in marks)}
+    lists = {name: digest_lists([m.get(name) for m in marks]) for name in O.layer_names(run)}
+    return {name: d for name, d in lists.items() if d}

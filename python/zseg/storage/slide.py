@@ -136,9 +136,7 @@ class Slide(V._Lazy):
     def array_ranges(self, box, channels) -> list[tuple[int, int]]:
         """The ``[start, stop)`` range of each axis of the stored array that reading ``box``
         (Y, X slices within :attr:`shape`) of ``channels`` touches."""
-        boxes = dict(zip("yx", box))
-        return [(min(channels), max(channels) + 1) if ax == "c" else
-                (boxes[ax].start, boxes[ax].stop) if ax in boxes else (0, 1) for ax in self._axes]
+        return V.selection_ranges(self._axes, channels, dict(zip("yx", box)))
 
     def describe(self) -> dict:
         """A JSON-serialisable summary for ``run.json``; ``channel_names`` are the unique names."""

@@ -157,17 +157,7 @@ class Volume(_Lazy):
         """The ``[start, stop)`` range of each axis of the stored array that reading ``box``
         (Z, Y, X slices within :attr:`shape`) touches."""
         src = self._source
-        boxes = dict(zip("zyx", box))
-        out = []
-        for ax in src.axes:
-            if ax == "c":
-                out.append((min(src.channels), max(src.channels) + 1))
-            elif ax in boxes:
-                out.append((boxes[ax].start, boxes[ax].stop))
-            else:
-                t = src.timepoint if ax == "t" else 0
-                out.append((t, t + 1))
-        return out
+        return selection_ranges(src.axes, src.channels, dict(zip("zyx", box)), timepoint=src.timepoint)
 
     def describe(self) -> dict:
         """A JSON-serialisable summary of the input, for the run manifest."""
@@ -198,6 +188,22 @@ class Volume(_Lazy):
                 array = zarr.open_array(store=zarr_store(src.uri), mode="r")
                 self._open["array"] = CheckedArray(array, src.uri)  # names a damaged chunk
         return self._open["array"]
+
+
+def selection_ranges(axes: str, channels, boxes: dict, *, timepoint: int = 0) -> list[tuple[int, int]]:
+    """The ``[start, stop)`` range of each axis of a stored array with axes ``axes`` that
+    :func:`read_selection` of ``channels`` and ``boxes`` touches (a t axis at ``timepoint``,
+    any other axis at 0)."""
+    out = []
+    for ax in axes:
+        if ax == "c":
+            out.append((min(channels), max(channels) + 1))
+        elif ax in boxes:
+            out.append((boxes[ax].start, boxes[ax].stop))
+        else:
+            t = timepoint if ax == "t" else 0
+            out.append((t, t + 1))
+    return out
 
 
 def read_selection(array, axes: str, shape, channels, boxes: dict, *, timepoint: int = 0) -> np.ndarray:
