@@ -876,6 +876,40 @@ def test_killed_predict_resumes_to_the_same_flows(network_run, tmp_path, stage, 
 
 
 # -- soak: many kills at random times ----------------------------------------------------------------
+def _table_metadata_lost(out: Path) -> None:  # killed after mkdir, before zarr.json
+    (out / "work" / "fingerprint" / "input.zarr" / "zarr.json").unlink()
+
+
+def _table_chunk_lost(out: Path) -> None:  # killed after zarr.json, before the table's chunk
+    shutil.rmtree(out / "work" / "fingerprint" / "input.zarr" / "c")
+
+
+def _ends_metadata_lost(out: Path) -> None:  # killed inside create_ends
+    (out / "work" / "ends.zarr" / "zarr.json").unlink()
+
+
+def _only_a_partial_run_json(out: Path) -> None:  # killed while writing run.json the first time
+    text = (out / "run.json").read_text()
+    shutil.rmtree(out)
+    out.mkdir()
+    (out / "run.json.0123abcd.partial").write_text(text[:100])
+
+
+@pytest.mark.parametrize("damage", [_table_metadata_lost, _table_chunk_lost, _ends_metadata_lost,
+                                    _only_a_partial_run_json],
+                         ids=["table-metadata", "table-chunk", "ends-metadata", "partial-run-json"])
+def test_a_plan_killed_midway_resumes_to_identical_labels(data, reference, tmp_path, damage):
+    """What a plan SIGKILLed midway leaves (the soak test once killed it inside the input's
+    fingerprint table, and the resume said the table 'is not a zarr array'): the same command
+    finishes the plan and the run, identical to the reference."""
+    out = Path(_planned(data, tmp_path))
+    damage(out)
+    assert main(argv(data, out)) == 0
+    np.testing.assert_array_equal(labels_of(out), reference[1])
+    assert same_table(out, reference[0])
+    assert verify_output(str(out))["ok"]
+
+
 @pytest.mark.slow
 def test_soak_twenty_kills_at_random_times_each_resume_to_identical_labels_and_table(data, reference, tmp_path):
     """20 cycles: `zseg run` SIGKILLed at a random moment (anywhere from start-up to the last

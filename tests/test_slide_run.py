@@ -578,6 +578,31 @@ def test_a_killed_slide_run_resumes_to_identical_layers_and_table(slide, slide_d
     assert verify_output(str(out))["ok"]
 
 
+def test_a_slide_plan_killed_midway_resumes_to_identical_layers_and_table(slide, slide_done, tmp_path):
+    """What a slide's plan writes after run.json (the fingerprint tables, the patch table, the
+    inputs store, the label layers), each left half-written as a SIGKILL leaves it: the same
+    command finishes the plan and the run, identical to an uninterrupted one."""
+    import shutil
+
+    from zseg.cli import main
+    from zseg.outputs.verify import verify_output
+
+    out = tmp_path / "out"
+    argv = _argv(slide, out, *KILL_ARGS)
+    assert main(["plan", *argv[1:]]) == 0
+    (out / "work" / "fingerprint" / "input.zarr" / "zarr.json").unlink()
+    shutil.rmtree(out / "work" / "fingerprint" / "flows.zarr" / "c")
+    (out / "patches.parquet").unlink()
+    (out / "work" / "inputs.zarr" / "zarr.json").unlink()
+    (out / "labels.zarr" / "cytoplasm" / "1" / "zarr.json").unlink()
+    assert main(argv) == 0
+    for name in ("cells", "nuclei", "cytoplasm"):
+        np.testing.assert_array_equal(_layer(out, name), _layer(slide_done, name), err_msg=name)
+    _assert_table_equal(_table(out), _table(slide_done))
+    assert pq.read_table(out / "patches.parquet").equals(pq.read_table(slide_done / "patches.parquet"))
+    assert verify_output(str(out))["ok"]
+
+
 def test_verify_checks_a_slide_run_layer_by_layer(slide, slide_done, tmp_path):
     """`zseg verify` of a slide run: every layer's chunks against the digests its tasks recorded,
     the first layer's IDs 1..N, the table's rows; an altered chunk of one layer is named with the

@@ -28,7 +28,7 @@ from zseg.engine import outlines as OL
 from zseg.engine import pyramid as P
 from zseg.outputs import report as R
 from zseg.storage import uri as U
-from zseg.storage.arrays import create_array, open_array
+from zseg.storage.arrays import create_array, is_array, open_array
 from zseg.storage.omezarr import set_ome_attributes
 
 #: Cells per pass of the table: the report merges the partial statistics of this many labels at a
@@ -100,6 +100,13 @@ def create_layers(run) -> None:
             chunks = tuple(min(c, s) for c, s in zip(run.grid.chunk_shape, shape))
             create_array(U.join(uri, name, str(k)), shape=shape, chunks=chunks, dtype="uint32", zarr_format=fmt,
                          overwrite=True, dimension_names=["y", "x"] if fmt == 3 else None)
+
+
+def layers_created(run) -> bool:
+    """Whether :func:`create_layers` finished: every level of every layer is an array."""
+    uri = labels_uri(run)
+    return all(is_array(U.join(uri, name, str(k)))
+               for name in layer_names(run) for k in range(len(level_shapes(run.grid.shape))))
 
 
 def open_layer(run, name: str, level: int = 0, mode: str = "r"):

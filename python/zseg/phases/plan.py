@@ -14,7 +14,7 @@ from zseg.params import RunParams
 from zseg.phases import predict
 from zseg.storage import fingerprint as FP
 from zseg.storage import uri as U
-from zseg.storage.arrays import open_array
+from zseg.storage.arrays import is_array, open_array
 from zseg.storage.grid import ChunkGrid
 from zseg.storage.volume import open_volume
 from zseg.workspace.context import RunContext, read_manifest, versions, write_manifest
@@ -77,7 +77,8 @@ def existing_manifest(params: RunParams) -> dict | None:
     """The ``run.json`` of the output folder, or None when there is a folder to create (missing,
     empty, or deleted for ``--overwrite``); a folder with other contents is refused."""
     out = params.output
-    if not U.exists(out) or not [e for e in U.listdir(out) if e != LOCK]:  # the lock of the run planning it
+    # the lock of the run planning it, and what an atomic write killed midway left, are no run
+    if not U.exists(out) or not [e for e in U.listdir(out) if e != LOCK and not U.is_leftover(e)]:
         return None
     if params.overwrite:
         log.info("--overwrite: deleting the existing output folder %s", out)
@@ -111,11 +112,12 @@ def write_fingerprint_tables(run, fingerprints: dict) -> None:
 
 
 def restore_fingerprint_tables(run) -> None:
-    """Write the object tables a plan killed after ``run.json`` did not write (the stores are
-    unchanged: :func:`refuse_changed_inputs` passed, so their listing now is the planned one)."""
+    """Write again the object tables a plan killed after ``run.json`` did not write whole (the
+    stores are unchanged: :func:`refuse_changed_inputs` passed, so their listing now is the
+    planned one)."""
     for name, rec in (run.manifest.get("fingerprint") or {}).items():
         table = run.fingerprint_table(name, rec)
-        if table is not None and not U.exists(table):
+        if table is not None and not FP.table_holds(table, rec):
             summary, values = FP.take(rec["uri"])
             if summary["digest"] == rec["digest"]:
                 FP.write_table(table, values)
@@ -237,7 +239,7 @@ def plan(params: RunParams, *, check_model: bool = False, plane: dict | None = N
                             "predict ran per chunk (no predict units in run.json); pass --overwrite to start again.")
         log.info("resuming the unfinished run in %s", params.output)
         restore_fingerprint_tables(resumed)  # killed between run.json and the tables
-        if not U.exists(resumed.path("ends.zarr")):  # killed between run.json and ends.zarr
+        if not is_array(resumed.path("ends.zarr")):  # killed between run.json and ends.zarr
             create_ends(resumed)
         predict.ensure_stores(resumed)
         # execution-only settings (device, batch size, ...) are the resuming command's: record

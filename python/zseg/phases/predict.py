@@ -44,7 +44,7 @@ import numpy as np
 
 from zseg.errors import UserError
 from zseg.storage import uri as U
-from zseg.storage.arrays import create_array, open_array
+from zseg.storage.arrays import create_array, is_array, open_array
 from zseg.storage.volume import open_volume
 from zseg.workspace import work as W
 from zseg.workspace.context import RunContext
@@ -209,9 +209,9 @@ def ensure_stores(run: RunContext) -> None:
         return
     g = run.grid
     p = run.params
-    if not U.exists(W.flows_uri(run)):
+    if not is_array(W.flows_uri(run)):  # also a creation killed before its metadata
         _create_flows(run)
-    if p.keep_views and not U.exists(run.path(VIEWS_STORE)):
+    if p.keep_views and not is_array(run.path(VIEWS_STORE)):
         from zseg.engine.views import VIEWS
 
         create_array(

@@ -45,13 +45,14 @@ from zseg.phases.plan import (
     existing_manifest,
     refuse_changed_inputs,
     refuse_unless_resumable,
+    restore_fingerprint_tables,
     take_fingerprints,
     write_fingerprint_tables,
 )
 from zseg.phases.plan import plan as plan_volume
 from zseg.storage import fingerprint as FP
 from zseg.storage import uri as U
-from zseg.storage.arrays import create_array, open_array
+from zseg.storage.arrays import create_array, is_array, open_array
 from zseg.storage.grid import ChunkGrid, box_origin, grow
 from zseg.storage.slide import open_slide
 from zseg.storage.volume import open_volume
@@ -124,6 +125,22 @@ def _patch_blocks(shape, patch_size: int, target: int = 2048):
     for y in range(0, shape[0], step):
         for x in range(0, shape[1], step):
             yield (slice(y, min(y + step, shape[0])), slice(x, min(x + step, shape[1])))
+
+
+def _create_stores(run, slide, patches: dict | None = None) -> None:
+    """What a slide's plan writes after ``run.json`` (the patch table, the inputs store, the label
+    layers), each only where a plan killed midway did not finish it, so that a resume never
+    replaces what a task wrote. ``patches``: the table just measured (None: measured again)."""
+    params, g = run.params, run.grid
+    if not U.exists(U.join(params.output, PATCHES)):
+        if patches is None:
+            patches = measure_patches(slide, run.channels["nuclear"], run.channels["membrane"], params)
+        O.write_parquet(U.join(params.output, PATCHES), patches)
+    if not is_array(run.path(INPUTS)):
+        create_array(run.path(INPUTS), shape=(len(_input_channels(run)), 1, *g.shape), chunks=(1, 1, *g.chunk_shape),
+                     dtype="float32", zarr_format=params.zarr_format, overwrite=True)
+    if not O.layers_created(run):
+        O.create_layers(run)
 
 
 def measure_patches(slide, nuclear: int | None, membrane, params: RunParams) -> dict[str, np.ndarray]:
@@ -201,7 +218,10 @@ def plan_slide(params: RunParams) -> SlideContext:
                               "pass --overwrite to start again with them.")
         resumed["params"].update(params.model_dump(mode="json", include=set(EXECUTION_ONLY)))
         write_manifest(params.output, resumed)
-        return SlideContext(params.output, resumed)
+        run = SlideContext(params.output, resumed)
+        restore_fingerprint_tables(run)  # killed between run.json and the tables
+        _create_stores(run, slide)  # or between run.json and the stores
+        return run
     patches = measure_patches(slide, nuc, mem, params)
     _check_informative(slide, nuc, mem, params, patches)
     fingerprints = take_fingerprints(params, slide)
@@ -227,12 +247,9 @@ def plan_slide(params: RunParams) -> SlideContext:
     }
     run = SlideContext(params.output, manifest)
     manifest["stages"] = planned_stages(run)  # run.manifest is this dict
-    O.write_parquet(U.join(params.output, PATCHES), patches)
-    write_manifest(params.output, manifest)
+    write_manifest(params.output, manifest)  # first: a folder holding anything else is a run
     write_fingerprint_tables(run, fingerprints)
-    create_array(run.path(INPUTS), shape=(len(_input_channels(run)), 1, *shape), chunks=(1, 1, *chunk),
-                 dtype="float32", zarr_format=params.zarr_format, overwrite=True)
-    O.create_layers(run)
+    _create_stores(run, slide, patches)
     log.info("planned slide %s: %s, %d chunks of %s with halo %s, %d of %d patches informative", params.output,
              shape, grid.nchunks, chunk, halo, manifest["patches"]["informative"], manifest["patches"]["total"])
     return run

@@ -51,6 +51,12 @@ def _exists(uri: str) -> bool:
     return fs.exists(path)
 
 
+def is_array(uri: str) -> bool:
+    """Whether ``uri`` holds an array's metadata document: a creation killed before writing it
+    leaves only a folder, which is no array (a resume creates it again)."""
+    return any(_exists(join(str(uri), doc)) for doc in ("zarr.json", ".zarray"))
+
+
 def create_array(
     uri: str,
     *,

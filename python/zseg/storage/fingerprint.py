@@ -29,7 +29,7 @@ import numpy as np
 
 from zseg.errors import UserError
 from zseg.storage import uri as U
-from zseg.storage.arrays import create_array, open_array
+from zseg.storage.arrays import create_array, is_array, open_array
 
 METADATA = ("zarr.json", ".zarray", ".zattrs")
 #: Object-grid positions per axis in one chunk of a fingerprint table.
@@ -132,9 +132,22 @@ def take(uri: str) -> tuple[dict, np.ndarray | None]:
 
 
 def write_table(table_uri: str, table: np.ndarray) -> None:
+    """Store ``table`` at ``table_uri``, replacing what a killed write left there."""
     out = create_array(table_uri, shape=table.shape, chunks=(2, *(min(TABLE_CHUNK, n) for n in table.shape[1:])),
-                       dtype="int64", fill_value=-1)
+                       dtype="int64", fill_value=-1, overwrite=True)
     out[...] = table
+
+
+def table_holds(table_uri: str, recorded: dict) -> bool:
+    """Whether the table at ``table_uri`` is whole and is the one ``recorded`` (its digest): a
+    write killed midway leaves a folder without metadata, or chunks missing."""
+    if not is_array(table_uri):
+        return False
+    try:
+        table = np.asarray(open_array(table_uri)[...])
+    except UserError:  # a damaged chunk
+        return False
+    return list(table.shape[1:]) == recorded["grid"] and _sha(table.tobytes()) == recorded["digest"]
 
 
 def _what(name: str, uri: str) -> str:

@@ -91,6 +91,15 @@ def read_bytes(uri: str) -> bytes:
     return fs.cat_file(path)
 
 
+#: The suffix of an atomic write's temporary file: one a SIGKILL left behind is no content.
+PARTIAL = ".partial"
+
+
+def is_leftover(name: str) -> bool:
+    """Whether entry ``name`` is the temporary file of an atomic write that never finished."""
+    return name.endswith(PARTIAL)
+
+
 @contextlib.contextmanager
 def atomic_local_file(path: str, *, exclusive: bool = False):
     """A local binary file that appears at ``path`` only when complete: written to a temporary
@@ -99,7 +108,7 @@ def atomic_local_file(path: str, *, exclusive: bool = False):
     ``exclusive``: put into place only if nothing is at ``path`` (a hard link, which fails if the
     name exists: of racing writers exactly one wins); ``FileExistsError`` otherwise."""
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    tmp = f"{path}.{uuid.uuid4().hex}.partial"
+    tmp = f"{path}.{uuid.uuid4().hex}{PARTIAL}"
     try:
         with open(tmp, "wb") as f:
             yield f
