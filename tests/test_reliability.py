@@ -217,6 +217,24 @@ def test_killed_stitch_mode_run_resumes_to_identical_labels(data, stitch_referen
     kill_and_resume(data, stitch_reference, tmp_path, stage, None, STITCH)
 
 
+NO_RESAMPLE = ("--no-resample",)
+
+
+@pytest.fixture(scope="module")
+def no_resample_reference(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("noresample") / "out"
+    assert main(argv(data, out, *NO_RESAMPLE)) == 0
+    return out, labels_of(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["seeds:follow", "masks", "masks:own", "masks:resize"])
+def test_killed_no_resample_run_resumes_to_identical_labels(data, no_resample_reference, tmp_path, stage):
+    """A --no-resample run killed in a stage of the network grid or in one of the two that bring
+    the masks back, then resumed."""
+    kill_and_resume(data, no_resample_reference, tmp_path, stage, None, NO_RESAMPLE)
+
+
 def kill_and_resume(data, reference, tmp_path: Path, stage: str, file, extra=()) -> None:
     from zseg.workspace.stages import STAGES
 

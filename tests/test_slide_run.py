@@ -176,6 +176,7 @@ def _argv(slide, out, *extra):
     (["--nuclear-channel", "0", "--membrane-channels", "1", "--chunk-shape", "1,64,64"], "--chunk-shape"),
     (["--nuclear-channel", "0", "--membrane-channels", "1", "--flow3D-smooth", "1"], "--flow3D-smooth"),
     (["--nuclear-channel", "0", "--membrane-channels", "1", "--norm-per-plane"], "--norm-per-plane"),
+    (["--nuclear-channel", "0", "--membrane-channels", "1", "--no-resample"], "--no-resample"),
     (["--nuclear-channel", "DAPI", "--membrane-channels", "1", "--patch-mean-threshold", "1e9"],
      "no informative patch"),
 ])

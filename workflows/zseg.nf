@@ -20,6 +20,8 @@ include { ZSEG_SEEDS_FOLLOW       } from '../modules/local/seeds/follow'
 include { ZSEG_SEEDS_FIND         } from '../modules/local/seeds/find'
 include { ZSEG_NUMBER             } from '../modules/local/number'
 include { ZSEG_MASKS              } from '../modules/local/masks'
+include { ZSEG_MASKS_OWN          } from '../modules/local/masks/own'
+include { ZSEG_MASKS_RESIZE       } from '../modules/local/masks/resize'
 include { ZSEG_FINALIZE_SIZES     } from '../modules/local/finalize/sizes'
 include { ZSEG_FINALIZE_HOLES     } from '../modules/local/finalize/holes'
 include { ZSEG_FINALIZE_EXTENT    } from '../modules/local/finalize/extent'
@@ -83,8 +85,12 @@ workflow ZSEG_STAGES {
     ZSEG_NUMBER(gather(ZSEG_SEEDS_FIND.out.manifest))
 
     ZSEG_MASKS(ch_shards.combine(ZSEG_NUMBER.out.manifest, by: 0))
+    // --no-resample: the masks were made on the network grid (each stage divides its own grid's
+    // chunks into the same count of shards); brought back to the volume's grid here
+    ZSEG_MASKS_OWN(gather(ZSEG_MASKS.out.manifest))
+    ZSEG_MASKS_RESIZE(ch_shards.combine(ZSEG_MASKS_OWN.out.manifest, by: 0))
 
-    ZSEG_FINALIZE_SIZES(ch_shards.combine(gather(ZSEG_MASKS.out.manifest), by: 0))
+    ZSEG_FINALIZE_SIZES(ch_shards.combine(gather(ZSEG_MASKS_RESIZE.out.manifest), by: 0))
     ZSEG_FINALIZE_EXTENT(gather(ZSEG_FINALIZE_SIZES.out.manifest))
     ZSEG_FINALIZE_QUALITY(ch_shards.combine(ZSEG_FINALIZE_EXTENT.out.manifest, by: 0))
     ZSEG_FINALIZE_HOLES(ch_shards.combine(gather(ZSEG_FINALIZE_QUALITY.out.manifest), by: 0))

@@ -283,9 +283,12 @@ def number(run: str = RunOpt, emit: Optional[str] = EmitOpt, session: Optional[s
 
 @app.command()
 def masks(run: str = RunOpt, chunks: Optional[str] = ChunksOpt, shard: Optional[str] = ShardOpt,
+          stage: Optional[str] = typer.Option(
+              None, "--stage", help="--no-resample runs only, after the masks: own (reduce: each seed's owner chunk "
+              "and ID at the volume's scale), then resize (map: the masks resized back to the volume)."),
           emit: Optional[str] = EmitOpt, session: Optional[str] = SessionOpt):
     """Label each core voxel by the seed region its trajectory ends in."""
-    _map_or_reduce("masks", run, chunks, shard, None, False, emit, session)
+    _map_or_reduce("masks", run, chunks, shard, stage, stage == "own", emit, session)
 
 
 @app.command()

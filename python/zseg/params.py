@@ -158,7 +158,9 @@ class RunParams(BaseModel):
     cellprob_threshold: float = 0.0
     """Voxels with cell probability (sum of the three views' logits) above this are followed."""
     niter: int | None = Field(None, ge=1)
-    """Euler steps of flow following; default 200 * diameter / diam_mean as Cellpose (diam_mean 30, or a Cellpose 3 model's own). Long thin cells need more."""
+    """Euler steps of flow following; default 200 * diameter / diam_mean as Cellpose (diam_mean 30, or a Cellpose 3 model's own), 200 with --no-resample. Long thin cells need more."""
+    resample: bool = True
+    """Follow the flows at the volume's own scale (Cellpose's resample=True); --no-resample follows them at the network's scale and resizes the masks back (Cellpose's resample=False: much less time and memory when the network scale is smaller, e.g. a diameter above 30, as Cellpose's 3D documentation advises); 3D segmentation only."""
     stitch_threshold: float = Field(0.0, ge=0, le=1)
     """Cellpose's stitch_threshold: above 0, each Z plane is segmented in 2D (do_3D=False) and masks of neighbouring planes with an IoU above it are stitched into one cell; 0: Cellpose's 3D segmentation."""
     flow3D_smooth: tuple[float, float, float] = (0.0, 0.0, 0.0)
@@ -297,8 +299,7 @@ class RunParams(BaseModel):
     @model_validator(mode="after")
     def _stitch_mode(self):
         if self.stitch_threshold > 0:
-            given = [f"--{n.replace('_', '-')}" for n in STITCH_EXCLUDES
-                     if getattr(self, n) != RunParams.model_fields[n].default]
+            given = [flag_of(n) for n in STITCH_EXCLUDES if getattr(self, n) != RunParams.model_fields[n].default]
             if given:
                 raise ValueError(f"--stitch-threshold segments each plane in 2D, so {', '.join(given)} "
                                  "(3D segmentation only) cannot apply; leave it out or set --stitch-threshold 0")
@@ -318,6 +319,8 @@ class RunParams(BaseModel):
         the value stored in a Cellpose 3 model's weights), scaled with the diameter."""
         if self.niter is not None:
             return self.niter
+        if not self.resample:  # Cellpose: niter_scale = 1 when not resampling
+            return 200
         return max(1, int(200 / (diam_mean / self.diameter)))  # Cellpose's arithmetic: 200 / rescale
 
     def slide_options(self) -> list[str]:
@@ -337,10 +340,17 @@ SLIDE_ONLY = ("compartment", "nuclear_channel", "membrane_channels", "membrane_c
 #: Options of 2D slides that stitch mode (--stitch-threshold) takes as well (its planes are 2D).
 STITCH_TOO = ("flow_threshold",)
 #: Options of Cellpose's 3D segmentation that stitch mode (--stitch-threshold) refuses.
-STITCH_EXCLUDES = ("model_ortho", "flow3D_smooth", "exclude_on_edges")
+STITCH_EXCLUDES = ("model_ortho", "flow3D_smooth", "exclude_on_edges", "resample")
 #: Options of 3D volumes only (refused on a 2D slide).
 VOLUME_ONLY = ("channels", "anisotropy", "flow3D_smooth", "model_ortho", "timepoint", "z_axis", "norm_per_plane",
-               "tile_norm_blocksize", "stitch_threshold")
+               "tile_norm_blocksize", "stitch_threshold", "resample")
+
+def flag_of(name: str) -> str:
+    """The command-line flag that sets RunParams field ``name`` away from its default (``--no-x``
+    for a switch that is on by default)."""
+    flag = name.replace("_", "-")
+    return f"--no-{flag}" if RunParams.model_fields[name].default is True else f"--{flag}"
+
 
 _HINTS = {
     "input": "give the path or s3:// URI of the volume",

@@ -36,12 +36,13 @@ from zseg.outputs import labels as L
 from zseg.outputs import report as R
 from zseg.outputs import table as T
 from zseg.outputs.verify import DIGESTS, chunk_digest, gather_digests
+from zseg.phases.masks import owned_linear
 from zseg.phases.seeds import load_seeds, recorded_device
 from zseg.storage import uri as U
 from zseg.workspace import usage
 from zseg.workspace import work as W
 from zseg.workspace.context import RunContext, write_manifest
-from zseg.workspace.stages import STAGES, flow_check
+from zseg.workspace.stages import STAGES, flow_check, size
 
 log = logging.getLogger(__name__)
 #: Cellpose's ``max_size_fraction``: a 2D mask covering more of its plane is removed (stitch mode).
@@ -62,7 +63,7 @@ def sizes_chunk(run: RunContext, index: int) -> dict:
     edge = np.zeros(hi - lo, bool)
     if hi > lo:
         for c in g.intersecting(g.block(index)):
-            d = U.read_npz(run.chunk_file(W.MASKS_DIR, c))
+            d = U.read_npz(run.chunk_file(W.counts_dir(run), c))
             sel = (d["ids"] > lo) & (d["ids"] <= hi)
             rows = d["ids"][sel] - lo - 1
             np.add.at(sizes, rows, d["counts"][sel])
@@ -84,8 +85,11 @@ def sizes_chunk(run: RunContext, index: int) -> dict:
     keep &= ~small & ~large
     on_edges = keep & edge  # after the size limits, as Cellpose removes edge masks last
     keep &= ~edge
-    seeds = load_seeds(run, index)["seeds"]
-    linear = np.ravel_multi_index(tuple(seeds[keep].T), g.shape) if keep.any() else np.zeros(0, np.int64)
+    if run.resamples:
+        seeds = load_seeds(run, index)["seeds"]
+        linear = np.ravel_multi_index(tuple(seeds[keep].T), g.shape) if keep.any() else np.zeros(0, np.int64)
+    else:  # --no-resample: C order at the network's scale, where the seeds are (monotone in the volume's slabs)
+        linear = owned_linear(run, index)[keep]
     out = dict(kept=(lo + 1 + np.flatnonzero(keep)).astype(np.int64), sizes=sizes[keep], linear=np.asarray(linear, np.int64))
     stats = {"kept": int(keep.sum()), "too_small": int(small.sum()), "too_large": int(large.sum()),
              "empty": int((sizes == 0).sum()), "on_edges": int(on_edges.sum())}
@@ -463,7 +467,8 @@ def _markers(run: RunContext, phase: str) -> list[dict]:
     """Every chunk's marker of ``phase`` (empty when the stage did not run), each read once."""
     if not U.exists(run.chunk_file(phase, 0, "json")):
         return []
-    return [U.read_json(run.chunk_file(phase, i, "json")) for i in range(run.grid.nchunks)]
+    stage = next(s for s in STAGES.values() if s.marker_dir == phase)
+    return [U.read_json(run.chunk_file(phase, i, "json")) for i in range(size(run, stage))]
 
 
 def report_reduce(run: RunContext) -> dict:
@@ -507,6 +512,8 @@ def report_reduce(run: RunContext) -> dict:
     result["chunk_exact"] = exact
     if not exact:
         need = [int(m) + 6 for m in max_step]
+        if not run.resamples:  # trajectories at the network's scale: the halo that covers them in voxels
+            need = [-(-n * s // ns) for n, s, ns in zip(need, g.shape, run.network_grid.shape)]
         if run.stitching:  # planes are segmented apart: no Z halo is ever needed
             need[0] = 0
         if result.get("flow_check", {}).get("undecided", 0):  # the flow check needs each mask and its

@@ -23,7 +23,7 @@ def reduce(run: RunContext) -> dict:
     total = int(offsets[-1])
     g = run.grid
     create_array(
-        run.path("masks.zarr"), shape=g.shape, chunks=g.chunk_shape, dtype=W.id_dtype(total),
+        W.masks_uri(run), shape=g.shape, chunks=g.chunk_shape, dtype=W.id_dtype(total),
         zarr_format=run.params.zarr_format, overwrite=True,
     )
     result = {"offsets": [int(v) for v in offsets], "total": total, "dtype": W.id_dtype(total)}

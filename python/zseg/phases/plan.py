@@ -68,6 +68,10 @@ def _check_flows(params: RunParams, shape, plane: bool = False) -> dict | None:
     if params.flows is None:
         return None
     expected = (len(shape) + 1, *shape)
+    if not params.resample and U.exists(params.flows):  # at the network's scale: its shape is the network's
+        given = open_array(params.flows).shape
+        if len(given) == len(expected) and given[0] == expected[0]:
+            expected = tuple(given)
     if plane and U.exists(params.flows) and len(open_array(params.flows).shape) == 3:  # a slide's (3, Y, X)
         expected = (3, *shape[1:])
     return check_flow_store(params.flows, expected)
@@ -161,6 +165,31 @@ def _existing_output(params: RunParams, described: dict) -> RunContext | None:
     return old
 
 
+def _network_grid(params: RunParams, grid: ChunkGrid, flows: dict | None, predict_rec: dict | None,
+                  anisotropy: float) -> dict:
+    """``--no-resample``: the grid of the stages at the network's scale (``run.json``
+    ``network_grid``). Its shape is Cellpose's network scale (``int(Lz * anisotropy * rescale),
+    int(Ly * rescale), int(Lx * rescale)``), or the given flows' own; its cores have the
+    ``--chunk-shape``; its halo is ``--halo`` brought to that scale, by default 2 x the network's
+    diameter on every axis (a cell is isotropic there)."""
+    if grid.shape[0] == 1:
+        raise UserError("--no-resample: a single z plane is a 2D image, and zseg follows the flows of one at its own "
+                        "scale; leave --no-resample out.")
+    if flows is not None:
+        nshape = tuple(flows["shape"][1:])
+    else:
+        sizes = predict_rec["sizes"]
+        nshape = tuple(predict.make_geometry(params, grid.shape, anisotropy, False, sizes).scaled)
+    if params.halo is not None:
+        halo = tuple(-(-h * n // s) for h, n, s in zip(params.halo, nshape, grid.shape))
+    else:
+        diam_mean = 30.0 if predict_rec is None else float(predict_rec["sizes"]["model"].get("diam_mean") or 30.0)
+        halo = default_halo(diam_mean, 1.0)
+    g = ChunkGrid(nshape, tuple(min(c, n) for c, n in zip(grid.chunk_shape, nshape)), halo)
+    return {"shape": list(g.shape), "chunk_shape": list(g.chunk_shape), "halo": list(g.halo),
+            "grid_shape": list(g.grid_shape), "nchunks": g.nchunks}
+
+
 def _diam_mean(params: RunParams, network: dict | None) -> float:
     """The network's ``diam_mean`` for the default ``niter`` (Cellpose: ``200 / rescale``)."""
     if params.niter is not None or params.flows is not None:
@@ -240,8 +269,8 @@ def plan(params: RunParams, *, check_model: bool = False, plane: dict | None = N
         log.info("resuming the unfinished run in %s", params.output)
         restore_fingerprint_tables(resumed)  # killed between run.json and the tables
         if not is_array(resumed.path("ends.zarr")):  # killed between run.json and ends.zarr
-            create_ends(resumed)
-        predict.ensure_stores(resumed)
+            create_ends(resumed.network_scale())
+        predict.ensure_stores(resumed.network_scale())
         # execution-only settings (device, batch size, ...) are the resuming command's: record
         # them so that every task of the resumed run uses them (e.g. a smaller --batch-size
         # after running out of GPU memory)
@@ -252,6 +281,9 @@ def plan(params: RunParams, *, check_model: bool = False, plane: dict | None = N
             resumed = RunContext(params.output, resumed.manifest)
         return resumed
 
+    predict_rec = (predict.plan_units(params, shape, anisotropy, nchannels=volume.nchannels, plane=planar,
+                                      network=network) if params.flows is None else None)
+    network_grid = None if params.resample else _network_grid(params, grid, flows, predict_rec, anisotropy)
     fingerprints = take_fingerprints(params, volume)
     manifest = {
         "zseg_version": versions()["zseg"],
@@ -269,9 +301,9 @@ def plan(params: RunParams, *, check_model: bool = False, plane: dict | None = N
             "nchunks": grid.nchunks,
         },
         "flows": flows,
+        "network_grid": network_grid,
         "network": network,
-        "predict": (predict.plan_units(params, shape, anisotropy, nchannels=volume.nchannels, plane=planar,
-                                       network=network) if params.flows is None else None),
+        "predict": predict_rec,
         "plane": plane,
         "fingerprint": {name: summary for name, (summary, _) in fingerprints.items()},
         "versions": versions(),
@@ -281,8 +313,8 @@ def plan(params: RunParams, *, check_model: bool = False, plane: dict | None = N
     manifest["stages"] = planned_stages(run)  # run.manifest is this dict
     write_manifest(params.output, manifest)
     write_fingerprint_tables(run, fingerprints)
-    create_ends(run)
-    predict.ensure_stores(run)
+    create_ends(run.network_scale())
+    predict.ensure_stores(run.network_scale())
     log.info(
         "planned %s: volume %s, %d chunks of %s with halo %s",
         params.output, shape, grid.nchunks, grid.chunk_shape, grid.halo,

@@ -194,7 +194,7 @@ def units(run: RunContext):
     if not isinstance(rec, dict) or not isinstance(rec.get("sizes"), dict):
         raise UserError(f"{U.join(run.root, 'run.json')!r} records no predict units; plan the run again "
                         "(--overwrite), or it was edited.")
-    geo = make_geometry(run.params, run.grid.shape, run.anisotropy, run.planar, rec["sizes"])
+    geo = make_geometry(run.params, run.volume_grid.shape, run.anisotropy, run.planar, rec["sizes"])
     out = UN.Units.of(geo, N.PLANE_VIEWS if run.planar else N.VIEWS, int(rec["tiles_per_unit"]))
     if len(out) != rec["units"]:
         raise UserError(f"run.json records {rec['units']} predict units but its parameters give {len(out)}: "
@@ -436,7 +436,8 @@ def process_unit(run: RunContext, index: int) -> dict:
 
 # -- combine ------------------------------------------------------------------------------------
 def combine_chunk(run: RunContext, index: int) -> dict:
-    """The flows of one chunk's core: the sums of the units that reach it, in float32, resized back."""
+    """The flows of one chunk's core: the sums of the units that reach it, in float32, resized back
+    (with ``--no-resample`` a core of the network grid, as summed)."""
     from zseg.engine import units as UN
 
     p = run.params
@@ -450,7 +451,12 @@ def combine_chunk(run: RunContext, index: int) -> dict:
                             f"{run.chunk_file(W.PREDICT_DIR, u, 'json')}.")
         return open_array(uri)[(slice(None), *box)]
 
-    flows, views, meeting = UN.assemble(units(run), core, read, keep_views=p.keep_views)
+    if run.at_network_scale:  # --no-resample: the network-scale samples of the core, as summed
+        us = units(run)
+        meeting = us.meeting(core)
+        flows, views = UN.to_float(UN.combine(us, core, read, UN.channels(p.keep_views)), keep_views=p.keep_views)
+    else:
+        flows, views, meeting = UN.assemble(units(run), core, read, keep_views=p.keep_views)
     open_array(W.flows_uri(run), mode="r+")[(slice(None), *core)] = flows.astype(p.flows_dtype)
     if views is not None:
         open_array(run.path(VIEWS_STORE), mode="r+")[(slice(None), slice(None), *core)] = views.astype(np.float16)

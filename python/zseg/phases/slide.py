@@ -38,7 +38,7 @@ from zseg.engine import stats as S
 from zseg.errors import UserError
 from zseg.outputs import slide as O
 from zseg.outputs.verify import DIGESTS, chunk_digest, digest_lists
-from zseg.params import SLIDE_ONLY, VOLUME_ONLY, RunParams
+from zseg.params import SLIDE_ONLY, VOLUME_ONLY, RunParams, flag_of
 from zseg.phases.plan import (
     EXECUTION_ONLY,
     check_flow_store,
@@ -93,15 +93,15 @@ def is_slide(params: RunParams) -> bool:
 
 
 def _refuse_volume_options(params: RunParams) -> None:
-    given = [n for n in VOLUME_ONLY if getattr(params, n) != RunParams.model_fields[n].default]
+    given = [flag_of(n) for n in VOLUME_ONLY if getattr(params, n) != RunParams.model_fields[n].default]
     if params.chunk_shape is not None and len(params.chunk_shape) != 2:
-        given.append("chunk_shape (a Z size)")
+        given.append("--chunk-shape (a Z size)")
     if params.halo is not None and len(params.halo) != 2:
-        given.append("halo (a Z size)")
+        given.append("--halo (a Z size)")
     if params.mask is not None:
-        given.append("mask")
+        given.append("--mask")
     if given:
-        flags = ", ".join("--" + n.split(" ")[0].replace("_", "-") + n[len(n.split(" ")[0]):] for n in given)
+        flags = ", ".join(given)
         raise UserError(f"{flags}: 3D options do not apply to a 2D slide; choose channels with --nuclear-channel "
                         "and --membrane-channels, and give --chunk-shape and --halo as Y,X.")
 

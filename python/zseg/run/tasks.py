@@ -18,7 +18,7 @@ from zseg.workspace import usage
 from zseg.workspace.context import RunContext
 from zseg.workspace.progress import require_complete
 from zseg.workspace.slide import SlideContext, is_slide_run
-from zseg.workspace.stages import SLIDE_STAGES, STAGES, Stage
+from zseg.workspace.stages import SLIDE_STAGES, STAGES, Stage, context
 
 #: ``fn(run, index) -> stats`` of each map stage, ``fn(run) -> result`` of each reduce.
 FUNCTIONS: dict[str, Callable] = {
@@ -30,6 +30,8 @@ FUNCTIONS: dict[str, Callable] = {
     "seeds:find": seeds.find_chunk,
     "number": number.reduce,
     "masks": masks.process_chunk,
+    "masks:own": masks.own_reduce,
+    "masks:resize": masks.resize_chunk,
     "finalize:sizes": finalize.sizes_chunk,
     "finalize:extent": finalize.extent_reduce,
     "finalize:quality": finalize.quality_chunk,
@@ -78,7 +80,9 @@ def _no_room(e: OSError, where: str) -> BaseException:
 
 
 def run_chunk(run: RunContext, stage: Stage, index: int) -> dict:
-    """Run map stage ``stage`` on chunk ``index``; write its marker; return the marker's stats."""
+    """Run map stage ``stage`` on chunk ``index`` (of the stage's grid: :func:`context`); write its
+    marker; return the marker's stats."""
+    run = context(run, stage)
     try:
         with usage.measure() as used:  # seconds and this task's peak resident memory
             stats = dict(FUNCTIONS[stage.name](run, index) or {})
@@ -118,7 +122,7 @@ def run_reduce(run: RunContext, stage: Stage):
     require_complete(run, stage)
     with usage.measure() as used:
         try:
-            out = FUNCTIONS[stage.name](run)
+            out = FUNCTIONS[stage.name](context(run, stage))
         except OSError as e:
             raise _no_room(e, stage.name) from None
     usage.write_reduce(run, stage.name, used)

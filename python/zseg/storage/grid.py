@@ -158,3 +158,35 @@ def box_origin(box: Box) -> np.ndarray:
 def relative(box: Box, frame: Box) -> Box:
     """``box`` in the coordinates of ``frame`` (both in volume coordinates)."""
     return tuple(slice(b.start - f.start, b.stop - f.start) for b, f in zip(box, frame))
+
+
+# -- two scales (--no-resample: the dynamics at the network's scale, the masks resized back) ----
+def nearest_indices(size: int, source: int, start: int, stop: int) -> np.ndarray:
+    """The source index of each index ``[start, stop)`` of an axis of ``size`` samples resized by
+    nearest neighbour from ``source`` samples, with OpenCV's arithmetic (``INTER_NEAREST``, how
+    Cellpose resizes masks back): ``floor(i * (1 / (size / source)))`` in double precision, at
+    most ``source - 1``."""
+    i = np.arange(start, stop, dtype=np.float64)
+    return np.minimum(np.floor(i * (1.0 / (size / source))).astype(np.int64), source - 1)
+
+
+def nearest_box(box: Box, shape, source_shape) -> Box:
+    """The source samples that :func:`nearest_indices` maps the voxels ``box`` of ``shape`` to."""
+    out = []
+    for sl, n, m in zip(box, shape, source_shape):
+        idx = nearest_indices(n, m, sl.start, sl.stop)
+        out.append(slice(int(idx[0]), int(idx[-1]) + 1))
+    return tuple(out)
+
+
+def owner_voxels(points, shape, source_shape) -> np.ndarray:
+    """The voxel of ``shape`` that owns each source sample ``points`` (``(N, ndim)``): per axis
+    ``floor(k * size / source)``, monotone, so the samples a core of ``shape`` owns form a box
+    (:func:`owned_box`)."""
+    pts = np.asarray(points, dtype=np.int64).reshape(-1, len(shape))
+    return pts * np.asarray(shape, np.int64) // np.asarray(source_shape, np.int64)
+
+
+def owned_box(box: Box, shape, source_shape) -> Box:
+    """The source samples whose owner voxel (:func:`owner_voxels`) lies in ``box``."""
+    return tuple(slice(-(-sl.start * m // n), -(-sl.stop * m // n)) for sl, n, m in zip(box, shape, source_shape))

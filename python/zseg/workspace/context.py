@@ -184,6 +184,56 @@ class RunContext(WorkLayout):
         """Whether every plane is segmented on its own (a slide's one plane, or stitch mode)."""
         return self.plane is not None or self.stitching
 
+    # -- two scales (--no-resample) ----------------------------------------------------------
+    @property
+    def resamples(self) -> bool:
+        """Whether the flows are followed at the volume's scale (Cellpose's ``resample=True``);
+        with ``--no-resample`` the flows, seeds and network-scale masks live on the network grid
+        (``run.json`` ``network_grid``), and ``masks:resize`` brings the masks back."""
+        return bool(self.params.resample)
+
+    @property
+    def at_network_scale(self) -> bool:
+        """Whether this context's grid is the network grid (:meth:`network_scale`)."""
+        return False
+
+    @property
+    def volume_grid(self) -> ChunkGrid:
+        """The grid of the input's voxels, whichever grid this context works on."""
+        return self.grid
+
+    @functools.cached_property
+    def network_grid(self) -> ChunkGrid:
+        """The grid the stages at the network's scale work on: the volume's own without
+        ``--no-resample``."""
+        g = self.manifest.get("network_grid")
+        return self.grid if g is None else ChunkGrid(tuple(g["shape"]), tuple(g["chunk_shape"]), tuple(g["halo"]))
+
+    def network_scale(self) -> "RunContext":
+        """This run as the stages at the network's scale see it (``predict:combine``, ``seeds``,
+        ``number``, ``masks``): the same folder, the network grid. Without ``--no-resample`` the
+        run itself."""
+        if self.resamples:
+            return self
+        return self.__dict__.setdefault("_network", NetworkScale(self.root, self.manifest))
+
+
+class NetworkScale(RunContext):
+    """A ``--no-resample`` run on its network grid (:meth:`RunContext.network_scale`)."""
+
+    def __init__(self, root: str, manifest: dict):
+        super().__init__(root, manifest)
+        self._volume_grid = self.grid
+        self.grid = self.network_grid
+
+    @property
+    def at_network_scale(self) -> bool:
+        return True
+
+    @property
+    def volume_grid(self) -> ChunkGrid:
+        return self._volume_grid
+
 
 def _ints(value, n: int, low: int) -> bool:
     return (isinstance(value, list) and len(value) == n
@@ -232,6 +282,12 @@ def check_manifest(m) -> list[str]:
         problems.append(f"grid.chunk_shape {g['chunk_shape']} is not params.chunk_shape {list(params.chunk_shape)}")
     if params is not None and params.halo is not None and list(params.halo) != g["halo"]:
         problems.append(f"grid.halo {g['halo']} is not params.halo {list(params.halo)}")
+    if params is not None and not params.resample:  # --no-resample: the network grid too
+        ng = m.get("network_grid")
+        if not isinstance(ng, dict) or not all(_ints(ng.get(k), nd, low) for k, low in
+                                               (("shape", 1), ("chunk_shape", 1), ("halo", 0))):
+            problems.append(f"network_grid = {ng!r}: a --no-resample run needs its shape, chunk_shape and halo, "
+                            f"{nd} whole numbers each")
     niter, aniso = m["niter"], m["anisotropy"]
     if not isinstance(niter, int) or isinstance(niter, bool) or niter < 1:
         problems.append(f"niter = {niter!r}: need a whole number >= 1")

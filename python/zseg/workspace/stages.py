@@ -34,10 +34,18 @@ class Stage:
     over: Literal["chunks", "units"] = "chunks"
     """What a map stage's indices count: the chunks of the grid, or the predict units
     (:mod:`zseg.engine.units`, fixed by the volume and the network, never by the chunking)."""
+    network: bool = False
+    """The stage works at the network's scale: with ``--no-resample`` on the network grid
+    (:func:`context`), else on the volume's grid like every other stage."""
 
 
 def _predicts(run) -> bool:
     return run.params.flows is None
+
+
+def resizes(run) -> bool:
+    """A ``--no-resample`` volume run: masks made at the network's scale, resized back."""
+    return not getattr(run, "resamples", True)
 
 
 def stitching(run) -> bool:
@@ -64,11 +72,13 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("percentiles", "percentiles", "map", marker_dir=W.PERCENTILES_DIR),
     Stage("percentiles:reduce", "percentiles", "reduce", result=W.PERCENTILES_RESULT),
     Stage("predict", "predict", "map", marker_dir=W.PREDICT_DIR, applies=_predicts, over="units"),
-    Stage("predict:combine", "predict", "map", marker_dir=W.COMBINE_DIR, applies=_predicts),
-    Stage("seeds:follow", "seeds", "map", marker_dir=W.FOLLOW_DIR),
-    Stage("seeds:find", "seeds", "map", marker_dir=W.SEEDS_DIR),
-    Stage("number", "number", "reduce", result=W.NUMBER_RESULT),
-    Stage("masks", "masks", "map", marker_dir=W.MASKS_DIR),
+    Stage("predict:combine", "predict", "map", marker_dir=W.COMBINE_DIR, applies=_predicts, network=True),
+    Stage("seeds:follow", "seeds", "map", marker_dir=W.FOLLOW_DIR, network=True),
+    Stage("seeds:find", "seeds", "map", marker_dir=W.SEEDS_DIR, network=True),
+    Stage("number", "number", "reduce", result=W.NUMBER_RESULT, network=True),
+    Stage("masks", "masks", "map", marker_dir=W.MASKS_DIR, network=True),
+    Stage("masks:own", "masks", "reduce", result=W.OWN_RESULT, applies=resizes),
+    Stage("masks:resize", "masks", "map", marker_dir=W.RESIZE_DIR, applies=resizes),
     Stage("finalize:sizes", "finalize", "map", marker_dir=W.SIZES_DIR),
     Stage("finalize:extent", "finalize", "reduce", result=W.EXTENT_RESULT, applies=flow_check),
     Stage("finalize:quality", "finalize", "map", marker_dir=W.QUALITY_DIR, applies=flow_check),
@@ -105,9 +115,15 @@ def noun(stage: Stage) -> str:
     return "unit" if stage.over == "units" else "chunk"
 
 
+def context(run, stage: Stage):
+    """The context ``stage``'s tasks work through: the run on its network grid for a stage at
+    the network's scale (the run itself unless ``--no-resample``), else the run."""
+    return run.network_scale() if stage.network and resizes(run) else run
+
+
 def size(run, stage: Stage) -> int:
-    """How many tasks map stage ``stage`` has: the run's chunks, or its predict units."""
-    return run.npredict if stage.over == "units" else run.grid.nchunks
+    """How many tasks map stage ``stage`` has: the chunks of its grid, or the run's predict units."""
+    return run.npredict if stage.over == "units" else context(run, stage).grid.nchunks
 
 
 def applicable(run) -> list[Stage]:

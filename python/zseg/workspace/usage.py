@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from zseg.storage import uri as U
-from zseg.workspace.stages import size, stage_table
+from zseg.workspace.stages import context, size, stage_table
 
 USAGE_DIR = "usage"
 
@@ -86,7 +86,9 @@ def scan(run) -> tuple[dict, np.ndarray, np.ndarray]:
         if stage.kind == "map":
             present = set(U.listdir(run.path(stage.marker_dir)))
             seconds, longest, peak, tasks = 0.0, 0.0, 0.0, 0
-            units = stage.over == "units"  # predict units are not chunks: no per-chunk seconds
+            # predict units, and a --no-resample run's network chunks, are not the volume's chunks:
+            # no per-chunk seconds
+            units = stage.over == "units" or context(run, stage) is not run
             for i in range(size(run, stage)):
                 if f"c{i:07d}.json" not in present:
                     continue

@@ -11,6 +11,11 @@ report all agree on it:
 - ``work/units/uNNNNNNN.zarr``: each predict unit's partial flow sums (int64 fixed point, over
   its reach at network scale), which ``predict:combine`` sums into ``work/flows.zarr``.
 - ``work/masks.zarr``: provisional labels (global seed IDs before size decisions).
+- with ``--no-resample`` the flows, ``ends.zarr`` and the seeds are at the network's scale (on
+  ``run.json``'s ``network_grid``), ``masks`` paints ``work/network_masks.zarr``, ``masks:own``
+  gives each seed an owner chunk of the volume's grid and an ID in that chunk's range
+  (``work/own/cNNNNNNN.npz`` per network chunk, ``work/own.json``), and ``masks:resize`` writes
+  ``work/masks.zarr`` at the volume's scale with those IDs (counts in ``work/resize/``).
 - per-chunk results and markers in ``work/<stage dir>/cNNNNNNN.{npz,json}`` and the reduces'
   results ``work/<name>.json`` (the ``*_DIR`` and ``*_RESULT`` names below).
 """
@@ -33,6 +38,8 @@ COMBINE_DIR = "combine"
 FOLLOW_DIR = "follow"
 SEEDS_DIR = "seeds"
 MASKS_DIR = "masks"
+OWN_DIR = "own"
+RESIZE_DIR = "resize"
 SIZES_DIR = "sizes"
 HOLES_DIR = "holes"
 QUALITY_DIR = "quality"
@@ -50,6 +57,7 @@ COMPARTMENTS_RESULT = "compartments.json"
 # results of the reduce stages
 PERCENTILES_RESULT = "percentiles.json"
 NUMBER_RESULT = "number.json"
+OWN_RESULT = "own.json"
 EXTENT_RESULT = "extent.json"
 STITCH_RESULT = "stitch.json"
 STITCH_TABLE = "stitch.npz"
@@ -141,8 +149,20 @@ def ends(run, mode: str = "r"):
     return open_array(run.path("ends.zarr"), mode=mode)
 
 
+def masks_uri(run) -> str:
+    """The provisional labels of ``run``'s grid: at the network's scale on the network grid of a
+    ``--no-resample`` run, else (and after ``masks:resize``) at the volume's."""
+    return run.path("network_masks.zarr" if getattr(run, "at_network_scale", False) else "masks.zarr")
+
+
 def masks(run, mode: str = "r"):
-    return open_array(run.path("masks.zarr"), mode=mode)
+    return open_array(masks_uri(run), mode=mode)
+
+
+def counts_dir(run) -> str:
+    """Where the voxels per provisional ID of each chunk of the volume's grid are: the ``masks``
+    stage's markers, or ``masks:resize``'s with ``--no-resample``."""
+    return MASKS_DIR if getattr(run, "resamples", True) else RESIZE_DIR
 
 
 def _percentiles(run) -> dict:
@@ -180,8 +200,10 @@ def id_dtype(n: int) -> str:
 
 
 def seed_offsets(run) -> tuple[np.ndarray, str]:
-    """The ``number`` reduce's running total of seeds per chunk, and the provisional ID type."""
-    r = U.read_json(run.path(NUMBER_RESULT))
+    """The running total of seeds per chunk of ``run``'s grid, and the provisional ID type: the
+    ``number`` reduce's, or on the volume's grid of a ``--no-resample`` run ``masks:own``'s."""
+    resized = not getattr(run, "resamples", True) and not getattr(run, "at_network_scale", False)
+    r = U.read_json(run.path(OWN_RESULT if resized else NUMBER_RESULT))
     return np.asarray(r["offsets"], dtype=np.int64), r["dtype"]
 
 
