@@ -203,11 +203,16 @@ def test_killed_run_resumes_to_identical_labels(data, reference, tmp_path, stage
 STITCH = ("--stitch-threshold", "0.25", "--halo", "0,32,32")
 
 
+def _reference_with(data, tmp_path_factory, name: str, extra) -> tuple[Path, np.ndarray]:
+    """An uninterrupted run with the options ``extra``: its folder and labels."""
+    out = tmp_path_factory.mktemp(name) / "out"
+    assert main(argv(data, out, *extra)) == 0
+    return out, labels_of(out)
+
+
 @pytest.fixture(scope="module")
 def stitch_reference(data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("stitch") / "out"
-    assert main(argv(data, out, *STITCH)) == 0
-    return out, labels_of(out)
+    return _reference_with(data, tmp_path_factory, "stitch", STITCH)
 
 
 @pytest.mark.slow
@@ -222,9 +227,7 @@ NO_RESAMPLE = ("--no-resample",)
 
 @pytest.fixture(scope="module")
 def no_resample_reference(data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("noresample") / "out"
-    assert main(argv(data, out, *NO_RESAMPLE)) == 0
-    return out, labels_of(out)
+    return _reference_with(data, tmp_path_factory, "noresample", NO_RESAMPLE)
 
 
 @pytest.mark.slow
