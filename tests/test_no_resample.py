@@ -63,7 +63,7 @@ def test_given_network_scale_flows_give_cellposes_masks_for_any_chunking(net_flo
                      "--chunk-shape", chunk]) == 0
         run = json.loads((out / "run.json").read_text())
         assert run["niter"] == 200  # Cellpose's unscaled default without resampling
-        assert run["network_grid"]["shape"] == list(NET)
+        assert run["network_grid"]["shape"] == list(NET) and run["flows_scale"] == "network"
         labels = _labels(out)
         assert _same_partition(labels, ref), chunk
         if first is None:

@@ -301,6 +301,8 @@ def plan(params: RunParams, *, check_model: bool = False, plane: dict | None = N
             "nchunks": grid.nchunks,
         },
         "flows": flows,
+        # where the flow store's samples lie: resized to the volume, or (--no-resample) at the network's scale
+        "flows_scale": "volume" if network_grid is None else "network",
         "network_grid": network_grid,
         "network": network,
         "predict": predict_rec,
