@@ -148,6 +148,7 @@ def resize_chunk(run: RunContext, index: int) -> dict:
     idx = [nearest_indices(n, m, sl.start, sl.stop) - s.start for sl, n, m, s in zip(core, g.shape, gn.shape, src)]
     net_ids = block[np.ix_(*idx)]
     offsets, _ = W.seed_offsets(net)
+    _, out_dtype = W.seed_offsets(run)  # masks:own's ID type
     uniq = fastremap.unique(net_ids)
     uniq = uniq[uniq != 0].astype(np.int64)
     table = {0: 0}
@@ -156,7 +157,6 @@ def resize_chunk(run: RunContext, index: int) -> dict:
         own = U.read_npz(net.chunk_file(W.OWN_DIR, int(c)))["ids"]
         mine = uniq[chunks == c]
         table.update(zip(mine.tolist(), own[mine - offsets[c] - 1].tolist()))
-    out_dtype = U.read_json(run.path(W.OWN_RESULT))["dtype"]
     labels = fastremap.remap(net_ids.astype(np.int64), table, preserve_missing_labels=False).astype(out_dtype)
     W.masks(run, mode="r+")[core] = labels
     ids, cnt = fastremap.unique(labels, return_counts=True)

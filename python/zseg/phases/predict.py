@@ -451,12 +451,12 @@ def combine_chunk(run: RunContext, index: int) -> dict:
                             f"{run.chunk_file(W.PREDICT_DIR, u, 'json')}.")
         return open_array(uri)[(slice(None), *box)]
 
+    us = units(run)
     if run.at_network_scale:  # --no-resample: the network-scale samples of the core, as summed
-        us = units(run)
         meeting = us.meeting(core)
         flows, views = UN.to_float(UN.combine(us, core, read, UN.channels(p.keep_views)), keep_views=p.keep_views)
     else:
-        flows, views, meeting = UN.assemble(units(run), core, read, keep_views=p.keep_views)
+        flows, views, meeting = UN.assemble(us, core, read, keep_views=p.keep_views)
     open_array(W.flows_uri(run), mode="r+")[(slice(None), *core)] = flows.astype(p.flows_dtype)
     if views is not None:
         open_array(run.path(VIEWS_STORE), mode="r+")[(slice(None), slice(None), *core)] = views.astype(np.float16)

@@ -70,6 +70,8 @@ class WorkLayout:
         self.params.output = self.root
         g = manifest["grid"]
         self.grid = ChunkGrid(tuple(g["shape"]), tuple(g["chunk_shape"]), tuple(g["halo"]))
+        #: the grid of the input's voxels, whichever grid the context works on (:class:`NetworkScale`)
+        self.volume_grid = self.grid
 
     def described_changes(self, described: dict) -> list[str]:
         """The keys of the input's description (:meth:`Volume.describe`, as opened now) that
@@ -192,15 +194,8 @@ class RunContext(WorkLayout):
         (``run.json`` ``network_grid``), and ``masks:resize`` brings the masks back."""
         return bool(self.params.resample)
 
-    @property
-    def at_network_scale(self) -> bool:
-        """Whether this context's grid is the network grid (:meth:`network_scale`)."""
-        return False
-
-    @property
-    def volume_grid(self) -> ChunkGrid:
-        """The grid of the input's voxels, whichever grid this context works on."""
-        return self.grid
+    #: Whether this context's grid is the network grid (:meth:`network_scale`).
+    at_network_scale = False
 
     @functools.cached_property
     def network_grid(self) -> ChunkGrid:
@@ -221,18 +216,11 @@ class RunContext(WorkLayout):
 class NetworkScale(RunContext):
     """A ``--no-resample`` run on its network grid (:meth:`RunContext.network_scale`)."""
 
+    at_network_scale = True
+
     def __init__(self, root: str, manifest: dict):
         super().__init__(root, manifest)
-        self._volume_grid = self.grid
         self.grid = self.network_grid
-
-    @property
-    def at_network_scale(self) -> bool:
-        return True
-
-    @property
-    def volume_grid(self) -> ChunkGrid:
-        return self._volume_grid
 
 
 def _ints(value, n: int, low: int) -> bool:

@@ -152,7 +152,7 @@ def ends(run, mode: str = "r"):
 def masks_uri(run) -> str:
     """The provisional labels of ``run``'s grid: at the network's scale on the network grid of a
     ``--no-resample`` run, else (and after ``masks:resize``) at the volume's."""
-    return run.path("network_masks.zarr" if getattr(run, "at_network_scale", False) else "masks.zarr")
+    return run.path("network_masks.zarr" if run.at_network_scale else "masks.zarr")
 
 
 def masks(run, mode: str = "r"):
@@ -162,7 +162,7 @@ def masks(run, mode: str = "r"):
 def counts_dir(run) -> str:
     """Where the voxels per provisional ID of each chunk of the volume's grid are: the ``masks``
     stage's markers, or ``masks:resize``'s with ``--no-resample``."""
-    return MASKS_DIR if getattr(run, "resamples", True) else RESIZE_DIR
+    return MASKS_DIR if run.resamples else RESIZE_DIR
 
 
 def _percentiles(run) -> dict:
@@ -202,7 +202,7 @@ def id_dtype(n: int) -> str:
 def seed_offsets(run) -> tuple[np.ndarray, str]:
     """The running total of seeds per chunk of ``run``'s grid, and the provisional ID type: the
     ``number`` reduce's, or on the volume's grid of a ``--no-resample`` run ``masks:own``'s."""
-    resized = not getattr(run, "resamples", True) and not getattr(run, "at_network_scale", False)
+    resized = not run.resamples and not run.at_network_scale
     r = U.read_json(run.path(OWN_RESULT if resized else NUMBER_RESULT))
     return np.asarray(r["offsets"], dtype=np.int64), r["dtype"]
 
